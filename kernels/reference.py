@@ -1,0 +1,136 @@
+"""Torch references of the GPU kernels: the CPU path of the engine and the oracle of every kernel test.
+
+Each function has the same signature as its Triton twin in kernels/attention.py or kernels/fused.py.
+They favour obvious correctness over speed: attention loops over sequences and materialises the
+dequantised, head-expanded K/V of each one.
+
+KV layout (one layer's view of the worker's cache):
+    kv_layer: [num_blocks, 2, block_size, num_kv_heads, head_dim], index 0 of dim 1 is K, 1 is V.
+    slot of position p of a sequence = block_table[p // block_size] * block_size + p % block_size.
+    A negative slot means "no token here" (batch padding) and is skipped by every writer.
+FP8 KV: float8_e4m3fn codes in kv_layer plus kv_scales [num_blocks, 2, block_size, num_kv_heads] fp32,
+    per token and head s = max(amax, eps) / 448, value = code * s.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FP8_MAX = 448.0
+FP8_KV_EPS = 1e-8  # keeps an all-zero head from dividing by zero; its codes are then all zero
+
+
+def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V ([T, Hkv, D]) at their slots of the paged cache, in place."""
+    blocks, offsets, keep = _slots(kv_layer, slot_mapping)
+    kv_layer[:, 0][blocks, offsets] = k[keep].to(kv_layer.dtype)
+    kv_layer[:, 1][blocks, offsets] = v[keep].to(kv_layer.dtype)
+
+
+def quantize_fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] -> (e4m3 codes [..., D], fp32 scales [...]): s = max(amax, eps) / 448 over the last dim."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(FP8_KV_EPS) / FP8_MAX
+    # clamp before the cast: an out-of-range torch cast to e4m3 gives NaN
+    codes = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def write_kv_fp8(kv_layer: torch.Tensor, kv_scales: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Quantize the new tokens' K/V per token and head and store codes and scales, in place."""
+    blocks, offsets, keep = _slots(kv_layer, slot_mapping)
+    for index, x in ((0, k), (1, v)):
+        codes, scale = quantize_fp8_per_head(x[keep])
+        kv_layer[:, index][blocks, offsets] = codes
+        kv_scales[:, index][blocks, offsets] = scale
+
+
+def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                    max_query_len: int, max_seq_len: int) -> torch.Tensor:
+    """Causal attention of each sequence's query tokens (its last q_len positions) over its paged K/V."""
+    return _attention(q, kv_layer, None, query_start_loc, seq_lens, block_tables, scale)
+
+
+def paged_attention_fp8(q: torch.Tensor, kv_layer: torch.Tensor, kv_scales: torch.Tensor,
+                        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                        scale: float, max_query_len: int, max_seq_len: int) -> torch.Tensor:
+    """paged_attention over an FP8 cache: K/V dequantized with their per-token-per-head scales."""
+    return _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+    """HF Llama RMSNorm; with a residual, first adds it (rounded to x.dtype, as HF does) and returns both."""
+    new_residual = None
+    if residual is not None:
+        x = (x.float() + residual.float()).to(x.dtype)
+        new_residual = x
+    h = x.float()
+    out = (weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)).to(x.dtype)
+    return out if residual is None else (out, new_residual)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+    """NeoX / HF rotate_half RoPE of q [T, Hq, D] and k [T, Hkv, D] in place; returns (q, k)."""
+    half = q.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()].float()
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    for x in (q, k):
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        x.copy_(rotated.to(x.dtype))
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> silu(x[:, :I]) * x[:, I:], computed in fp32 and rounded once."""
+    inter = x.shape[-1] // 2
+    gate, up = x[..., :inter].float(), x[..., inter:].float()
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def rope_cos_sin_cache(max_positions: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[max_positions, head_dim] fp32: cos of each frequency in the first half, sin in the second."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.arange(max_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).float()
+
+
+def _slots(kv_layer: torch.Tensor, slot_mapping: torch.Tensor):
+    block_size = kv_layer.shape[2]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    slots = slots[keep]
+    return slots // block_size, slots % block_size, keep
+
+
+def _gather(kv_layer, kv_scales, blocks, index, seq_len):
+    heads, dim = kv_layer.shape[3], kv_layer.shape[4]
+    x = kv_layer[blocks, index].reshape(-1, heads, dim)[:seq_len].float()
+    if kv_scales is not None:
+        x = x * kv_scales[blocks, index].reshape(-1, heads)[:seq_len, :, None]
+    return x
+
+
+def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, scale):
+    out = torch.empty_like(q)
+    num_q_heads, num_kv_heads = q.shape[1], kv_layer.shape[3]
+    group = num_q_heads // num_kv_heads
+    block_size = kv_layer.shape[2]
+    starts = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[i], starts[i + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        blocks = block_tables[i, : -(-seq_len // block_size)].long()
+        k = _gather(kv_layer, kv_scales, blocks, 0, seq_len).repeat_interleave(group, dim=1)
+        v = _gather(kv_layer, kv_scales, blocks, 1, seq_len).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * scale
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
