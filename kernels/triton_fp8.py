@@ -1,0 +1,176 @@
+"""FP8 W8A8 on the GPU: the fused per-token activation quantizer (Triton) and the GEMM with the
+scale epilogue. Reference: kernels/fp8.py.
+
+The e4m3 rounding is done in fp32 arithmetic (e4m3_rne) and only then cast, so the cast is exact:
+the hardware cast on sm_89+ is round-to-nearest-even too, but Triton's interpreter (CPU CI) rounds
+ties away from zero, and one code path checked in both places is worth a few ALU ops in a
+memory-bound kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.fp8 import E4M3_MAX
+
+# 1.5 * 2**23: adding and subtracting it rounds an fp32 in [-2**22, 2**22] to an integer, ties to even.
+RINT_MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def exp2_int(e):
+    """2**e as fp32 for an int32 tensor e in the normal range (built from the exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_rne(v):
+    """Round fp32 magnitudes v in [0, 448] to the nearest e4m3 value, ties to even (fp32 result)."""
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    quantum_exp = tl.maximum(e, -6) - 3  # 3 mantissa bits; below 2**-6 the spacing stays 2**-9
+    y = v * exp2_int(-quantum_exp)
+    r = (y + RINT_MAGIC) - RINT_MAGIC
+    return r * exp2_int(quantum_exp)
+
+
+@triton.jit
+def quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c,
+                         BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_PASS: tl.constexpr):
+    """One program per row: amax, s = amax/448 (1 if 0), codes = e4m3(clamp(x/s)). When the row
+    fits one tile (ONE_PASS) it is read once; otherwise the second read is served from L2."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    c_row = codes_ptr + row * stride_c
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+    else:
+        acc = tl.zeros((BLOCK_K,), tl.float32)
+        for kt in range(K_TILES):
+            k0 = kt * BLOCK_K
+            mask = (k0 + offs) < K
+            xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(xk))
+        amax = tl.max(acc, axis=0)
+    s = tl.math.div_rn(amax, 448.0)
+    s = tl.where(s > 0, s, 1.0)
+    tl.store(scale_ptr + row, s)
+    if ONE_PASS:
+        r = e4m3_rne(tl.minimum(tl.abs(tl.math.div_rn(x, s)), 448.0))
+        q = tl.where((x < 0) & (r > 0), -r, r)  # no -0: see kernels/fp8.py
+        tl.store(c_row + offs, q.to(tl.float8e4nv), mask=mask)
+    else:
+        for kt in range(K_TILES):
+            k0 = kt * BLOCK_K
+            mask = (k0 + offs) < K
+            xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            r = e4m3_rne(tl.minimum(tl.abs(tl.math.div_rn(xk, s)), 448.0))
+            q = tl.where((xk < 0) & (r > 0), -r, r)  # no -0: see kernels/fp8.py
+            tl.store(c_row + k0 + offs, q.to(tl.float8e4nv), mask=mask)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU twin of kernels.fp8.quantize_fp8_rows for 2-D x [M, K] (finite input assumed: the check
+    would cost a sync per call; the reference rejects NaN/inf)."""
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    codes = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    one_pass = k <= 8192
+    block_k = triton.next_power_of_2(k) if one_pass else 2048
+    num_warps = 8 if block_k >= 4096 else 4
+    quantize_rows_kernel[(m,)](x, codes, scale, k, x.stride(0), codes.stride(0), BLOCK_K=block_k,
+                               K_TILES=triton.cdiv(k, block_k), ONE_PASS=one_pass, num_warps=num_warps)
+    return codes, scale
+
+
+@triton.jit
+def scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, M, N, K,
+                       stride_am, stride_bn, stride_cm, stride_rs, stride_cs,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       K_TILES: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    """C[M, N] = (A[M, K] @ B[N, K]^T) * row_scale[m] * col_scale[n], fp32 accumulate.
+
+    The K loop count is a constexpr (a model has a handful of K values, so few compilations):
+    Triton's interpreter cannot loop to a run-time bound with numpy 2.
+    A and B are K-contiguous (fp8 or bf16). A scale with stride 0 is one scalar (the NVFP4
+    1/(g_x g_w) factor), read from device memory so no host sync is needed.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row tiles share each B column tile while it is in L2
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_a = tl.minimum(offs_m, M - 1).to(tl.int64)  # clamped rows: in bounds, never stored
+    rows_b = tl.minimum(offs_n, N - 1).to(tl.int64)
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + rows_b[:, None] * stride_bn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kt in range(K_TILES):
+        k0 = kt * BLOCK_K
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = (k0 + offs_k) < K
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
+        acc = tl.dot(a, b.T, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    rs = tl.load(row_scale_ptr + tl.minimum(offs_m, M - 1) * stride_rs)
+    cs = tl.load(col_scale_ptr + tl.minimum(offs_n, N - 1) * stride_cs)
+    out = acc * (rs[:, None] * cs[None, :])
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def scaled_gemm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """(a @ b^T) * row_scale * col_scale^T. a [M, K], b [N, K]; scales hold M (N) values or one."""
+    m, k = a.shape
+    n = b.shape[0]
+    assert a.stride(-1) == 1 and b.stride(-1) == 1 and b.shape[1] == k
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    cfg = dict(config or default_gemm_config(a.dtype, m))
+    block_m, block_n, block_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    rs = row_scale.reshape(-1)
+    cs = col_scale.reshape(-1)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    scaled_gemm_kernel[grid](a, b, out, rs, cs, m, n, k, a.stride(0), b.stride(0), out.stride(0),
+                             0 if rs.numel() == 1 else 1, 0 if cs.numel() == 1 else 1,
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             K_TILES=triton.cdiv(k, block_k), GROUP_M=8,
+                             EVEN_K=(k % block_k == 0), **cfg)
+    return out
+
+
+def default_gemm_config(dtype: torch.dtype, m: int) -> dict:
+    """Tile shapes for Hopper (128x256 tiles, wgmma with 2 consumer warpgroups); 8-bit inputs take
+    twice the K per stage for the same shared memory."""
+    block_k = 128 if dtype.itemsize == 1 else 64
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=block_k, num_warps=8, num_stages=3)
+
+
+def fp8_linear_scaled_mm(x8, s_x, w8, s_w, out_dtype):
+    """cuBLAS rowwise-scaled FP8 GEMM (torch._scaled_mm): w8 [N, K], s_x [M, 1], s_w [N, 1]."""
+    return torch._scaled_mm(x8, w8.t(), scale_a=s_x, scale_b=s_w.t(), out_dtype=out_dtype)
+
+
+def fp8_linear_triton(x8, s_x, w8, s_w, out_dtype):
+    return scaled_gemm(x8, w8, s_x, s_w, out_dtype)
