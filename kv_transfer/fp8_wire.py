@@ -1,0 +1,85 @@
+"""FP8 e4m3 wire format for KV blocks (BRIEF.md, "FP8 KV on the wire").
+
+Per token and per head, over head_dim: s = max(amax, eps) / 448, codes = e4m3(clamp(x / s)),
+K and V separately in every layer. Dequantize: x = float(code) * s.
+
+A wire block is one contiguous byte range so a block stays one NIXL descriptor:
+    [ codes: uint8 (L, 2, bs, H, D), zero-padded to 16 bytes | scales: fp32 (L, 2, bs, H) ]
+Token slots past num_tokens in the request's last block are sent as code 0 / scale 0: their
+cache contents are undefined (possibly NaN bits) and must not poison the decode cache.
+
+Error bound of one round trip in fp32 (e4m3 keeps 3 mantissa bits; its subnormal step is 2^-9):
+    |x - dequantize(quantize(x))| <= |x| / 16 + s / 1024
+"""
+import torch
+
+E4M3_MAX = 448.0
+# Keeps s > 0 for an all-zero token-head; any token-head with amax below eps is tiny anyway.
+FP8_KV_EPS = 1e-6
+_PAD = 16
+
+
+def quantize_kv(x: torch.Tensor, eps: float = FP8_KV_EPS):
+    """x[..., bs, H, D] (any float dtype) -> (codes float8_e4m3fn[..., bs, H, D], scales fp32[..., bs, H])."""
+    xf = x.float()
+    scales = xf.abs().amax(dim=-1).clamp_min(eps) / E4M3_MAX
+    # Clamp before the cast: x / s can round to just above 448, and an overflowing cast to e4m3
+    # is NaN on some torch builds and devices.
+    codes = (xf / scales.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scales
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """codes (float8_e4m3fn or its uint8 bits)[..., D], scales fp32[...] -> dtype[..., D]."""
+    if codes.dtype == torch.uint8:
+        codes = codes.view(torch.float8_e4m3fn)
+    return (codes.float() * scales.unsqueeze(-1).float()).to(dtype)
+
+
+def _code_bytes(block_shape) -> int:
+    num_layers, two, block_size, heads, head_dim = block_shape
+    raw = num_layers * two * block_size * heads * head_dim
+    return (raw + _PAD - 1) // _PAD * _PAD
+
+
+def _scale_bytes(block_shape) -> int:
+    num_layers, two, block_size, heads, _ = block_shape
+    return num_layers * two * block_size * heads * 4
+
+
+def fp8_block_bytes(block_shape) -> int:
+    """Bytes of one wire block for a cache block of shape (L, 2, bs, H, D)."""
+    return _code_bytes(block_shape) + _scale_bytes(block_shape)
+
+
+def pack_fp8_blocks(blocks: torch.Tensor, num_tokens: int, out: torch.Tensor) -> None:
+    """Quantizes blocks[n, L, 2, bs, H, D] into out (uint8 [n, fp8_block_bytes]).
+
+    num_tokens counts the valid tokens of the whole request (the last block may be partial).
+    """
+    n = blocks.shape[0]
+    block_shape = tuple(blocks.shape[1:])
+    block_size = block_shape[2]
+    codes, scales = quantize_kv(blocks)
+    valid_in_last = num_tokens - (n - 1) * block_size
+    codes[-1, :, :, valid_in_last:] = 0
+    scales[-1, :, :, valid_in_last:] = 0
+    code_bytes = _code_bytes(block_shape)
+    raw_code_bytes = codes[0].numel()
+    out[:, :raw_code_bytes].copy_(codes.view(torch.uint8).reshape(n, -1))
+    out[:, raw_code_bytes:code_bytes].zero_()
+    out[:, code_bytes:].copy_(scales.reshape(n, -1).view(torch.uint8))
+
+
+def unpack_fp8_blocks(wire: torch.Tensor, block_shape, dtype: torch.dtype) -> torch.Tensor:
+    """wire (uint8 [n, fp8_block_bytes]) -> dequantized blocks dtype[n, L, 2, bs, H, D]."""
+    n = wire.shape[0]
+    code_bytes = _code_bytes(block_shape)
+    raw_code_bytes = 1
+    for size in block_shape:
+        raw_code_bytes *= size
+    codes = wire[:, :raw_code_bytes].reshape(n, *block_shape)
+    # The scale bytes start at a 16-byte offset inside each row, but rows need not be
+    # fp32-aligned views of the whole buffer; a copy keeps the reinterpretation legal.
+    scales = wire[:, code_bytes:].contiguous().view(torch.float32).reshape(n, *block_shape[:-1])
+    return dequantize_kv(codes, scales, dtype)
