@@ -1,0 +1,130 @@
+"""Attention over the paged KV cache: the batch metadata and the torch (CPU) backend.
+
+KV cache layout, shared by every backend and by kv_transfer: one tensor
+    kv_cache[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+block-major, so one block of every layer is a single contiguous byte range (one transfer
+descriptor per block). Layer l's view is kv_cache[:, l]; index 0 of the next dim is K, 1 is V.
+
+A backend implements `write_kv(kv_layer, k, v, meta)` and `attend(q, kv_layer, meta, scale)`.
+The query tokens of sequence i are the last q_len_i positions of its context (causal), so one
+call serves decode (q_len 1), whole prompts, prompt chunks and prompts behind a cached prefix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [B+1] cumulative query lengths over the flattened batch
+    seq_lens: torch.Tensor  # [B] context length including this step's tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded
+    slot_block: torch.Tensor  # [T] block of each new token
+    slot_offset: torch.Tensor  # [T] offset inside that block
+    max_query_len: int
+    max_seq_len: int
+    # host copies: the torch backend loops over sequences without device syncs
+    q_lens_list: list
+    seq_lens_list: list
+    block_tables_list: list
+    block_size: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        return self.slot_block.long() * self.block_size + self.slot_offset.long()
+
+
+def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
+                   device: torch.device) -> AttentionMetadata:
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    slot_block, slot_offset = [], []
+    for n, ctx, table in zip(q_lens, seq_lens, block_tables):
+        for p in range(ctx - n, ctx):
+            slot_block.append(table[p // block_size])
+            slot_offset.append(p % block_size)
+    width = max(len(t) for t in block_tables)
+    padded = [t + [0] * (width - len(t)) for t in block_tables]
+    return AttentionMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        slot_block=torch.tensor(slot_block, dtype=torch.long, device=device),
+        slot_offset=torch.tensor(slot_offset, dtype=torch.long, device=device),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        q_lens_list=list(q_lens),
+        seq_lens_list=list(seq_lens),
+        block_tables_list=[list(t) for t in block_tables],
+        block_size=block_size,
+    )
+
+
+class TorchAttention:
+    """Reference backend: gathers each sequence's blocks and calls SDPA. Runs anywhere."""
+
+    name = "torch"
+
+    def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        kv_layer[meta.slot_block, 0, meta.slot_offset] = k.to(kv_layer.dtype)
+        kv_layer[meta.slot_block, 1, meta.slot_offset] = v.to(kv_layer.dtype)
+
+    def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.decode_only and len(meta.q_lens_list) > 1:
+            return self._decode_batch(q, kv_layer, meta, scale)
+        out = torch.empty_like(q)
+        start = 0
+        for n, ctx, table in zip(meta.q_lens_list, meta.seq_lens_list, meta.block_tables_list):
+            k, v = _gather(kv_layer, table, ctx, meta.block_size)
+            qi = q[start:start + n].transpose(0, 1)  # [H, n, D]
+            if n == ctx:
+                o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            elif n == 1:
+                o = F.scaled_dot_product_attention(qi, k, v, scale=scale, enable_gqa=True)
+            else:
+                mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+                o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start:start + n] = o.transpose(0, 1)
+            start += n
+        return out
+
+    def _decode_batch(self, q, kv_layer, meta, scale):
+        # one padded SDPA for all decode sequences instead of B small ones
+        B, L = len(meta.seq_lens_list), meta.max_seq_len
+        nblk = -(-L // meta.block_size)
+        tables = meta.block_tables[:, :nblk].long()
+        kv = kv_layer[tables]  # [B, nblk, 2, bs, Hkv, D]
+        k = kv[:, :, 0].flatten(1, 2)[:, :L].transpose(1, 2)  # [B, Hkv, L, D]
+        v = kv[:, :, 1].flatten(1, 2)[:, :L].transpose(1, 2)
+        pos = torch.arange(L, device=q.device)
+        mask = (pos[None, :] < meta.seq_lens[:, None].to(pos.device))[:, None, None, :]  # [B,1,1,L]
+        o = F.scaled_dot_product_attention(q[:, :, None, :].to(k.dtype), k, v, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        return o[:, :, 0, :].to(q.dtype)
+
+
+def _gather(kv_layer: torch.Tensor, table: list[int], ctx: int, block_size: int):
+    nblk = -(-ctx // block_size)
+    blocks = kv_layer[table[:nblk]]  # [nblk, 2, bs, Hkv, D]
+    k = blocks[:, 0].flatten(0, 1)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
+    v = blocks[:, 1].flatten(0, 1)[:ctx].transpose(0, 1)
+    return k, v
+
+
+def get_backend(device: torch.device):
+    """Triton kernels on CUDA when available; the torch reference elsewhere."""
+    if device.type == "cuda":
+        try:
+            from engine.gpu_attention import TritonAttention
+            return TritonAttention()
+        except ImportError:
+            pass
+    return TorchAttention()

@@ -1,0 +1,251 @@
+"""The engine: requests in, token deltas out. One process, one model replica.
+
+    add_request -> Scheduler.schedule -> ModelRunner.execute -> sample -> stop checks -> RequestOutput
+
+Both worker kinds drive this same loop: a prefill worker adds `prefill_only` requests and keeps
+their blocks for export; a decode worker adds requests whose KV it already received.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from engine.block_hash import block_hashes
+from engine.block_manager import BlockManager
+from engine.loader import resolve_model_path
+from engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from engine.sampler import sample
+from engine.sampling_params import InvalidRequest, SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, Status
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.config import EngineConfig
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    new_logprobs: list = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, model: str | None = None, dtype: str = "auto", config: EngineConfig | None = None,
+                 precision: str = "bf16", enable_prefix_caching: bool = False, max_model_len: int | None = None,
+                 progress: bool = True, cache_namespace=None):
+        config = config or EngineConfig()
+        self.config = config
+        self.model_path = resolve_model_path(model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = Tokenizer(self.model_path)
+        self.runner = ModelRunner(self.model_path, self.dtype, self.device, config.block_size, config.num_blocks,
+                                  config.kv_cache_memory_gb, precision=precision, progress=progress)
+        arch = self.runner.arch
+        self.arch = arch
+        self.max_model_len = min(max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+        self.eos_token_ids = set(arch.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Sequence] = {}  # unfinished, plus prefill-only ones holding blocks
+        # blocks computed at another precision must not be shared with these: namespace the hashes
+        self.cache_namespace = cache_namespace if cache_namespace is not None else f"{precision}:{self.dtype}"
+        self.num_computed_tokens_total = 0  # tokens whose KV this engine computed (prefix-cache tests)
+
+    # -- input ------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                 chat: bool = False) -> list[int]:
+        if prompt_token_ids is not None:
+            if prompt is not None:
+                raise InvalidRequest("give either a prompt or prompt_token_ids, not both")
+            ids = list(prompt_token_ids)
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.arch.vocab_size for t in ids):
+                raise InvalidRequest(f"prompt_token_ids must be integers in [0, {self.arch.vocab_size})")
+        else:
+            if prompt is None or not isinstance(prompt, str) or (not prompt and not chat):
+                raise InvalidRequest("prompt is empty")
+            if chat and not prompt.strip():
+                raise InvalidRequest("prompt is empty")
+            try:
+                ids = self.tokenizer.apply_chat_template(prompt) if chat else self.tokenizer.encode(prompt)
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
+        if not ids:
+            raise InvalidRequest("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
+                                 "and at least one token must be generated")
+        return ids
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prefill_only: bool = False, block_table: list[int] | None = None,
+                    num_computed_tokens: int = 0) -> Sequence:
+        """Queue a request. `block_table` + `num_computed_tokens`: KV already present in this
+        engine's cache (transferred in); the blocks become the sequence's own."""
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt has {len(prompt_token_ids)} tokens; context is {self.max_model_len}")
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, prefill_only=prefill_only)
+        if block_table is not None:
+            seq.block_table = list(block_table)
+            seq.num_computed_tokens = seq.num_cached_tokens = num_computed_tokens
+        elif self.block_manager.enable_prefix_caching:
+            seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, self.cache_namespace)
+        seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        self.requests[request_id] = seq
+        if prefill_only and seq.num_pending_tokens <= 0:
+            seq.status = Status.FINISHED
+            seq.finish_reason = "prefilled"
+        else:
+            self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks, whatever state it is in."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq.status == Status.FINISHED:
+            self.scheduler.release_blocks(seq)
+        else:
+            self.scheduler.finish(seq, "abort")
+        return True
+
+    def release(self, request_id: str) -> None:
+        """A finished prefill-only request's blocks are no longer needed (transfer done or lease over)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.release_blocks(seq)
+
+    def reserve_blocks(self, num_tokens: int) -> list[int] | None:
+        """Blocks to receive a transferred prompt's KV; None if the pool is short."""
+        table: list[int] = []
+        return table if self.block_manager.ensure(table, num_tokens) else None
+
+    def free_blocks(self, blocks: list[int]) -> None:
+        self.block_manager.release(blocks)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        if not batch:
+            return outputs
+        sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new))
+                       if not s.prefill_only and s.num_computed_tokens + n == s.num_tokens]
+        logits = self.runner.execute(batch, sample_rows)
+        for seq, n in zip(batch.seqs, batch.num_new):
+            seq.num_computed_tokens += n
+            self.num_computed_tokens_total += n
+            self._cache_full_blocks(seq)
+        if logits is not None:
+            seqs = [batch.seqs[i] for i in sample_rows]
+            tokens, infos = sample(logits, seqs)
+            now = time.monotonic()
+            for seq, tok, info in zip(seqs, tokens, infos):
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                outputs.append(self._append_token(seq, tok, info))
+        for seq in batch.seqs:
+            if seq.prefill_only and seq.num_pending_tokens == 0 and not seq.finished:
+                self.scheduler.finish(seq, "prefilled", keep_blocks=True)
+                outputs.append(RequestOutput(seq.request_id, [], "", True, "prefilled", seq.num_prompt_tokens, 0,
+                                             seq.num_cached_tokens))
+        return outputs
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        if not seq.block_hashes:
+            return
+        full = min(seq.num_computed_tokens // self.config.block_size, len(seq.block_hashes))
+        for i in range(seq.num_hashed_blocks, full):
+            self.block_manager.cache(seq.block_table[i], seq.block_hashes[i])
+        seq.num_hashed_blocks = full
+
+    def _append_token(self, seq: Sequence, tok: int, info) -> RequestOutput:
+        seq.token_ids.append(tok)
+        if info is not None:
+            seq.logprobs.append(info)
+        p = seq.params
+        seq.detok.add([tok])
+        reason = None
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+            reason = "stop"
+        elif p.stop and self._match_stop(seq):
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if seq.stop_text_len is None:
+                seq.detok.flush()
+            self.scheduler.finish(seq, reason)
+            self.requests.pop(seq.request_id, None)
+        text = self._visible_text(seq)
+        new_text = text[seq.num_emitted_chars:]
+        seq.num_emitted_chars = len(text)
+        return RequestOutput(seq.request_id, [tok], new_text, reason is not None, reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.num_cached_tokens, [info] if info else [])
+
+    def _match_stop(self, seq: Sequence) -> bool:
+        text = seq.detok.text
+        longest = max(len(s) for s in seq.params.stop)
+        window_start = max(0, seq.num_emitted_chars - longest)
+        hits = [i for i in (text.find(s, window_start) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.stop_text_len = min(hits)
+            return True
+        return False
+
+    def _visible_text(self, seq: Sequence) -> str:
+        """Text that may be streamed now: while running, a tail that could still grow into a stop
+        string is held back, so a stop string never reaches the client."""
+        text = seq.detok.text
+        if seq.stop_text_len is not None:
+            return text[:seq.stop_text_len]
+        if seq.finished or not seq.params.stop:
+            return text
+        hold = max(len(s) for s in seq.params.stop) - 1
+        return text[:max(len(text) - hold, seq.num_emitted_chars)]
+
+    # -- offline ----------------------------------------------------------------------------------
+    def generate(self, requests: Iterable[tuple[list[int], SamplingParams]], on_output=None) -> list[dict]:
+        """Run requests to completion, batched; results in input order. `on_output(index, output)`
+        sees every delta as it is produced."""
+        ids = []
+        for i, (prompt_ids, params) in enumerate(requests):
+            rid = f"gen-{i}-{time.monotonic_ns()}"
+            self.add_request(rid, prompt_ids, params)
+            ids.append(rid)
+        index = {rid: i for i, rid in enumerate(ids)}
+        results = [{"prompt_token_ids": list(self.requests[rid].token_ids), "token_ids": [], "text": "",
+                     "finish_reason": None} for rid in ids]
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                i = index.get(out.request_id)
+                if i is None:
+                    continue
+                r = results[i]
+                r["token_ids"].extend(out.new_token_ids)
+                r["text"] += out.new_text
+                if out.new_logprobs:
+                    r.setdefault("logprobs", []).extend(out.new_logprobs)
+                if on_output is not None:
+                    on_output(i, out)
+                if out.finished:
+                    r["finish_reason"] = out.finish_reason
+                    r["usage"] = {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
+                                  "cached_tokens": out.num_cached_tokens}
+                    pending.discard(out.request_id)
+        return results
+

@@ -1,0 +1,79 @@
+"""Owns the model weights, the KV cache tensor and the attention backend; turns a ScheduledBatch
+into model inputs and returns the logits of the sequences that sample this step."""
+from __future__ import annotations
+
+import torch
+
+from engine.attention import build_metadata, get_backend
+from engine.loader import load_weights
+from engine.model import DenseLinear, LlamaModel
+from engine.model_config import ModelArch
+from engine.scheduler import ScheduledBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32, bfloat16 or auto, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def linear_factory(precision: str, dtype: torch.dtype, device: torch.device):
+    if precision == "bf16":  # unquantized, at the compute dtype (float32 on the exact CPU path)
+        return lambda w, b: DenseLinear(w.to(device, dtype), None if b is None else b.to(device, dtype))
+    from kernels.quant_linear import make_linear
+
+    return lambda w, b: make_linear(w.to(device), None if b is None else b.to(device), precision, dtype)
+
+
+class ModelRunner:
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, block_size: int,
+                 num_blocks: int | None, kv_cache_memory_gb: float, precision: str = "bf16",
+                 progress: bool = True):
+        self.device, self.dtype, self.block_size, self.precision = device, dtype, block_size, precision
+        arch, weights = load_weights(model_path, dtype, progress=progress)
+        self.arch: ModelArch = arch
+        weights = {k: v.to(device) for k, v in weights.items()}
+        self.model = LlamaModel(arch, weights, linear_factory(precision, dtype, device)).eval()
+        del weights
+        per_block = self.block_bytes
+        self.num_blocks = num_blocks or max(16, int(kv_cache_memory_gb * 2**30) // per_block)
+        self.kv_cache = torch.zeros(self.num_blocks, arch.num_layers, 2, block_size, arch.num_kv_heads,
+                                    arch.head_dim, dtype=dtype, device=device)
+        self.backend = get_backend(device)
+
+    @property
+    def block_bytes(self) -> int:
+        a = self.arch
+        return a.num_layers * 2 * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor | None:
+        """Compute KV for the batch; return [len(sample_rows), vocab] float32 logits of the last
+        token of each sequence index in `sample_rows` (None if none samples)."""
+        ids, pos, q_lens, seq_lens, tables = [], [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            q_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(seq.block_table)
+        meta = build_metadata(q_lens, seq_lens, tables, self.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        if not sample_rows:
+            return None
+        last = torch.tensor(sample_rows, device=self.device)
+        last_tok = meta.query_start_loc[1:].long()[last] - 1
+        return self.model.logits(hidden[last_tok])

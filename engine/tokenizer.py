@@ -1,0 +1,98 @@
+"""Tokenizer and chat template from the checkpoint, and incremental detokenization.
+
+GGUF files carry their tokenizer as metadata; transformers converts it (a few seconds), so the
+converted tokenizer is cached on disk keyed by the file's size and mtime.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from engine.loader import ModelLoadError, resolve_model_path
+
+
+def _cache_dir(gguf_path: str) -> Path:
+    st = os.stat(gguf_path)
+    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+    return root / "tokenizers" / key
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | None):
+        from transformers import AutoTokenizer
+
+        path = resolve_model_path(model_path)
+        try:
+            if os.path.isdir(path):
+                self.hf = AutoTokenizer.from_pretrained(path)
+            else:
+                cache = _cache_dir(path)
+                if (cache / "tokenizer_config.json").exists():
+                    self.hf = AutoTokenizer.from_pretrained(str(cache))
+                else:
+                    d, f = os.path.split(path)
+                    self.hf = AutoTokenizer.from_pretrained(d, gguf_file=f)
+                    try:
+                        self.hf.save_pretrained(str(cache))
+                    except OSError:
+                        pass  # a read-only home only costs the conversion next time
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}") from None
+        self.eos_token_id = self.hf.eos_token_id
+        self.vocab_size = len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=True)
+
+    def apply_chat_template(self, prompt: str | list[dict]) -> list[int]:
+        """A user message (or a message list) rendered with the checkpoint's template + generation prompt."""
+        if self.hf.chat_template is None:
+            raise ValueError("this model has no chat template; send a raw prompt instead")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(ids)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text deltas.
+
+    Text is emitted only up to the last complete character: a byte-level token can end in the middle
+    of a UTF-8 sequence, and decoding that alone gives U+FFFD, so such a tail waits for the next token.
+    Decoding a short window before the new tokens keeps merges (leading spaces) right.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
+        self.tok = tokenizer
+        self.ids = list(prompt_ids[-6:])  # context so the first output token decodes as it would mid-text
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def add(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset:])
+        if full.endswith("\ufffd"):
+            return ""  # an incomplete character: hold it until the next token completes it
+        delta = full[len(prefix):]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """At the end of a sequence: whatever is still held back (a truly broken tail decodes as U+FFFD)."""
+        full = self.tok.decode(self.ids[self.prefix_offset:])
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+        delta = full[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
