@@ -72,14 +72,18 @@ def quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c,
             tl.store(c_row + k0 + offs, q.to(tl.float8e4nv), mask=mask)
 
 
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_rows(x: torch.Tensor, codes: torch.Tensor | None = None,
+                      scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPU twin of kernels.fp8.quantize_fp8_rows for 2-D x [M, K] (finite input assumed: the check
-    would cost a sync per call; the reference rejects NaN/inf)."""
+    would cost a sync per call; the reference rejects NaN/inf). Optional outputs: codes [M, K]
+    e4m3, scale [M, 1] fp32."""
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    codes = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if codes is None:
+        codes = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    if scale is None:
+        scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     one_pass = k <= 8192
     block_k = triton.next_power_of_2(k) if one_pass else 2048
     num_warps = 8 if block_k >= 4096 else 4
@@ -139,12 +143,13 @@ def scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, M, N, 
 
 
 def scaled_gemm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype, config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """(a @ b^T) * row_scale * col_scale^T. a [M, K], b [N, K]; scales hold M (N) values or one."""
     m, k = a.shape
     n = b.shape[0]
     assert a.stride(-1) == 1 and b.stride(-1) == 1 and b.shape[1] == k
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     cfg = dict(config or default_gemm_config(a.dtype, m))
     block_m, block_n, block_k = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     rs = row_scale.reshape(-1)

@@ -91,7 +91,7 @@ def quantize_kernel(x_ptr, amax_bits_ptr, packed_ptr, scale_ptr, folded_ptr, g_p
         tl.store(scale_ptr + rows64[:, None] * (K // 16) + scols[None, :], s.to(tl.float8e4nv), mask=smask)
 
 
-def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool):
+def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool, out: dict | None = None):
     m, k = x.shape
     assert k % BLOCK == 0, "NVFP4 needs K % 16 == 0"
     if x.stride(-1) != 1:
@@ -101,10 +101,14 @@ def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool):
     numel = x.numel()
     amax_block = 4096
     amax_kernel[(triton.cdiv(numel, amax_block),)](x, amax_bits, numel, BLOCK_SIZE=amax_block, num_warps=8)
-    g = torch.empty((), dtype=torch.float32, device=dev)
-    packed = torch.empty((m, k // 2), dtype=torch.uint8, device=dev) if emit_packed else g
-    scale = torch.empty((m, k // 16), dtype=torch.float8_e4m3fn, device=dev) if emit_packed else g
-    folded = torch.empty((m, k), dtype=torch.bfloat16, device=dev) if emit_folded else g
+    out = out or {}
+    g = out.get("g", torch.empty((), dtype=torch.float32, device=dev))
+    if emit_packed:
+        packed = out.get("packed", torch.empty((m, k // 2), dtype=torch.uint8, device=dev))
+        scale = out.get("scale", torch.empty((m, k // 16), dtype=torch.float8_e4m3fn, device=dev))
+    else:
+        packed = scale = g
+    folded = out.get("folded", torch.empty((m, k), dtype=torch.bfloat16, device=dev)) if emit_folded else g
     block_m, block_k = 16, 128
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     quantize_kernel[grid](x, amax_bits, packed, scale, folded, g, m, k, x.stride(0),
@@ -113,15 +117,17 @@ def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool):
     return packed, scale, folded, g
 
 
-def quantize_nvfp4(x: torch.Tensor) -> NVFP4Tensor:
-    """GPU twin of kernels.nvfp4.quantize_nvfp4 for 2-D x (finite input assumed, no host sync)."""
-    packed, scale, _, g = _quantize(x, emit_packed=True, emit_folded=False)
+def quantize_nvfp4(x: torch.Tensor, out: dict | None = None) -> NVFP4Tensor:
+    """GPU twin of kernels.nvfp4.quantize_nvfp4 for 2-D x (finite input assumed, no host sync).
+    `out` may hold preallocated "packed", "scale", "g" tensors."""
+    packed, scale, _, g = _quantize(x, emit_packed=True, emit_folded=False, out=out)
     return NVFP4Tensor(packed, scale, g)
 
 
-def quantize_nvfp4_folded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (T[q]*s_b as bf16 [M, K], g fp32 scalar): the Hopper GEMM operand."""
-    _, _, folded, g = _quantize(x, emit_packed=False, emit_folded=True)
+def quantize_nvfp4_folded(x: torch.Tensor, out: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (T[q]*s_b as bf16 [M, K], g fp32 scalar): the Hopper GEMM operand.
+    `out` may hold preallocated "folded", "g" tensors."""
+    _, _, folded, g = _quantize(x, emit_packed=False, emit_folded=True, out=out)
     return folded, g
 
 
@@ -139,10 +145,10 @@ def hopper_gemm_cublas(x_folded, g_x, w_folded, g_w, out_dtype):
     return (y * alpha).to(out_dtype)
 
 
-def hopper_gemm_triton(x_folded, g_x, w_folded, g_w, out_dtype):
+def hopper_gemm_triton(x_folded, g_x, w_folded, g_w, out_dtype, out=None):
     """Triton bf16 GEMM with 1/(g_x g_w) applied to the fp32 accumulator (one rounding)."""
     alpha = (1.0 / (g_x * g_w)).reshape(1)
-    return scaled_gemm(x_folded, w_folded, alpha, alpha.new_ones(1), out_dtype)
+    return scaled_gemm(x_folded, w_folded, alpha, alpha.new_ones(1), out_dtype, out=out)
 
 
 # ---------------------------------------------------------------- Blackwell (sm_100+) native path
@@ -180,10 +186,11 @@ def blackwell_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, alpha_p
 BLACKWELL_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, NUM_STAGES=3)
 
 
-def blackwell_gemm(qx: NVFP4Tensor, qw: NVFP4Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def blackwell_gemm(qx: NVFP4Tensor, qw: NVFP4Tensor, out_dtype: torch.dtype, out=None) -> torch.Tensor:
     m, n, k = qx.packed.shape[0], qw.packed.shape[0], qx.packed.shape[1] * 2
     assert k % BLACKWELL_TILE["BLOCK_K"] == 0
-    out = torch.empty((m, n), dtype=out_dtype, device=qx.packed.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=qx.packed.device)
     alpha = (1.0 / (qx.global_scale * qw.global_scale)).reshape(1)
     grid = (triton.cdiv(m, BLACKWELL_TILE["BLOCK_M"]), triton.cdiv(n, BLACKWELL_TILE["BLOCK_N"]))
     blackwell_gemm_kernel[grid](qx.packed, qx.block_scale, qw.packed, qw.block_scale, out, alpha, m, n, k,

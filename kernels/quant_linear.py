@@ -1,0 +1,159 @@
+"""Linear layers at a chosen precision: "bf16" (dense), "fp8" (W8A8), "nvfp4" (W4A4).
+
+Weights are quantized once, at construction; activations at every forward. On CPU the layers run
+the torch references (kernels/fp8.py, kernels/nvfp4.py); on CUDA the Triton/library kernels that
+tests/test_quant_kernels_gpu.py checks against those references:
+  fp8   -> fused Triton per-token quantizer + a rowwise-scaled FP8 GEMM (FP8_GEMM picks cuBLAS via
+           torch._scaled_mm or the Triton GEMM with the scale epilogue; see docs/bench/quant.md);
+  nvfp4 -> capability >= 10: packed codes on the block-scaled tensor cores (tl.dot_scaled);
+           below: exact emulation, bf16 GEMM of scale-folded operands (kernels/triton_nvfp4.py).
+Quantized layers keep their buffers' dtypes: a model-wide .to(dtype) moves them between devices
+and nothing else (casting e4m3 codes or fp32 scales would silently change the numerics).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import fp8, nvfp4
+
+PRECISIONS = ("bf16", "fp8", "nvfp4")
+
+# Chosen by benchmarks/bench_quant.py on an H100 (docs/bench/quant.md).
+FP8_GEMM = "scaled_mm"  # or "triton"
+NVFP4_HOPPER_GEMM = "triton"  # or "cublas"
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str, dtype: torch.dtype) -> nn.Module:
+    """weight [out, in], bias [out] or None. `dtype` is the compute dtype of "bf16" (float32 on CPU
+    keeps the exact path) and the dtype the bias is kept in."""
+    if precision == "bf16":
+        return DenseLinear(weight, bias, dtype)
+    if precision == "fp8":
+        return Fp8Linear(weight, bias, dtype)
+    if precision == "nvfp4":
+        return Nvfp4Linear(nvfp4.quantize_nvfp4(weight), bias, dtype)
+    raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _is_blackwell(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
+
+
+class DenseLinear(nn.Module):
+    """Unquantized linear at `dtype`; output in the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """Base of the quantized layers: device moves only (see the module docstring)."""
+
+    def _apply(self, fn, recurse=True):
+        anchor = next(iter(self._buffers.values()))
+        device = fn(torch.empty(0, device=anchor.device)).device
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(device)
+        self.on_device_change()
+        return self
+
+    def on_device_change(self) -> None:
+        pass
+
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Fp8Linear(QuantizedLinear):
+    """W8A8 e4m3: per-output-channel weight scales, per-token activation scales."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        w8, s_w = fp8.quantize_fp8_rows(weight.detach())
+        self.register_buffer("w8", w8.contiguous())
+        self.register_buffer("s_w", s_w.contiguous())  # [out, 1]
+        self.register_buffer("s_w_row", s_w.reshape(1, -1).contiguous())  # [1, out] for _scaled_mm
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _flatten(x)
+        if x2.is_cuda:
+            y = self._forward_cuda(x2, x.dtype)
+        else:
+            x8, s_x = fp8.quantize_fp8_rows(x2)
+            y = fp8.fp8_gemm_reference(x8, s_x, self.w8, self.s_w, x.dtype)
+        return self.add_bias(y).reshape(*x.shape[:-1], -1)
+
+    def _forward_cuda(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        from kernels import triton_fp8
+        x8, s_x = triton_fp8.quantize_fp8_rows(x2)
+        n, k = self.w8.shape
+        # cuBLAS rowwise scaling wants 16-aligned K and N and a bf16 output
+        if FP8_GEMM == "scaled_mm" and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16:
+            return torch._scaled_mm(x8, self.w8.t(), scale_a=s_x, scale_b=self.s_w_row, out_dtype=out_dtype)
+        return triton_fp8.scaled_gemm(x8, self.w8, s_x, self.s_w, out_dtype)
+
+
+class Nvfp4Linear(QuantizedLinear):
+    """W4A4 NVFP4 (16-element blocks, e4m3 block scales, fp32 global scale)."""
+
+    def __init__(self, qw: nvfp4.NVFP4Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("packed", qw.packed.contiguous())
+        self.register_buffer("block_scale", qw.block_scale.contiguous())
+        self.register_buffer("global_scale", qw.global_scale.reshape(()).float())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.on_device_change()
+
+    @classmethod
+    def from_quantized(cls, packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16) -> "Nvfp4Linear":
+        """A pre-quantized checkpoint in this format (encode convention: g = 2688/amax). ModelOpt
+        checkpoints store the decode factor `weight_scale_2` = 1/g: pass 1/weight_scale_2."""
+        return cls(nvfp4.NVFP4Tensor(packed, block_scale.to(torch.float8_e4m3fn), global_scale.float()), bias, dtype)
+
+    @property
+    def qweight(self) -> nvfp4.NVFP4Tensor:
+        return nvfp4.NVFP4Tensor(self.packed, self.block_scale, self.global_scale)
+
+    def on_device_change(self) -> None:
+        # T[q]*s_b is exact in bf16 (<= 6 significant bits): the Hopper GEMM operand, built once.
+        # CPU keeps it in fp32 for the reference matmul. Blackwell reads the packed codes instead.
+        dev = self.packed.device
+        if dev.type == "cuda" and _is_blackwell(dev):
+            self.folded = None
+        else:
+            folded = nvfp4.scaled_values(self.qweight)
+            self.folded = folded.to(torch.bfloat16) if dev.type == "cuda" else folded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _flatten(x)
+        if x2.is_cuda:
+            y = self._forward_cuda(x2, x.dtype)
+        else:
+            qx = nvfp4.quantize_nvfp4(x2)
+            y = ((nvfp4.scaled_values(qx) @ self.folded.t()) * nvfp4.gemm_alpha(qx, self.qweight)).to(x.dtype)
+        return self.add_bias(y).reshape(*x.shape[:-1], -1)
+
+    def _forward_cuda(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        from kernels import triton_nvfp4
+        k = x2.shape[-1]
+        if self.folded is None and k % triton_nvfp4.BLACKWELL_TILE["BLOCK_K"] == 0:
+            return triton_nvfp4.blackwell_gemm(triton_nvfp4.quantize_nvfp4(x2), self.qweight, out_dtype)
+        if self.folded is None:  # Blackwell with an odd K: emulate
+            self.folded = nvfp4.scaled_values(self.qweight).to(torch.bfloat16)
+        x_folded, g_x = triton_nvfp4.quantize_nvfp4_folded(x2)
+        gemm = triton_nvfp4.hopper_gemm_triton if NVFP4_HOPPER_GEMM == "triton" else triton_nvfp4.hopper_gemm_cublas
+        return gemm(x_folded, g_x, self.folded, self.global_scale, out_dtype)
