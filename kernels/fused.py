@@ -38,8 +38,9 @@ def _write_kv_kernel(k_ptr, v_ptr, slot_ptr, kv_ptr, scale_ptr,
         scale_dst = scale_ptr + block * s_sblk + offset * s_spos + heads
         k_scale = tl.maximum(tl.max(tl.abs(k.to(tl.float32)), axis=1), eps) / fp8_max
         v_scale = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=1), eps) / fp8_max
-        k_codes = tl.clamp(k.to(tl.float32) / k_scale[:, None], -fp8_max, fp8_max)
-        v_codes = tl.clamp(v.to(tl.float32) / v_scale[:, None], -fp8_max, fp8_max)
+        # correctly rounded division, as torch's: codes then match the reference bit for bit
+        k_codes = tl.clamp(tl.div_rn(k.to(tl.float32), k_scale[:, None]), -fp8_max, fp8_max)
+        v_codes = tl.clamp(tl.div_rn(v.to(tl.float32), v_scale[:, None]), -fp8_max, fp8_max)
         tl.store(dst, k_codes.to(kv_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + s_kv, v_codes.to(kv_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_dst, k_scale, mask=heads < NUM_HEADS)

@@ -1,0 +1,188 @@
+"""Triton paged attention (kernels/attention.py) against its torch reference (kernels/reference.py).
+
+Every case draws fresh random inputs: ragged sequence lengths on and off block boundaries, prefix
+blocks already in the cache (chunked prefill), scattered physical blocks, block tables padded with an
+index that would fault if read, GQA ratios 1, 4 and 8, and a layer view strided inside a multi-layer
+cache. The same cases run two ways:
+- on CPU under TRITON_INTERPRET=1, in float32, in ONE subprocess (the variable must be set before triton
+  is imported, and must not leak into other tests); the interpreter's bf16 arithmetic is not faithful
+  (its tl.dot multiplies bf16 bit patterns as integers), so it checks the kernels' logic;
+- on a CUDA GPU (gpu-marked), in bf16 at relative error <= 1e-2, and in float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BF16_TOL = 1e-2
+FP32_TOL = 1e-5
+BAD_BLOCK = 1 << 30  # block-table padding: reading it would fault or raise
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out.float()).all():
+        return float("inf")
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def poison_allocator(nbytes: int, device: str) -> None:
+    """Leave NaNs where the next allocation of about this size will likely land, so an output element
+    that a kernel forgets to write shows up as a non-finite value."""
+    buf = torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device=device)
+    buf.fill_(float("nan"))
+    del buf
+
+
+def paged_batch(gen, seq_lens, q_lens, num_kv_heads, group, head_dim, block_size, dtype, device, fp8=False):
+    """A random batch over a paged, two-layer cache; returns the kwargs of paged_attention and the layer."""
+    from kernels import reference
+
+    blocks_needed = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_needed) + 3
+    width = max(blocks_needed) + 2
+    shape = (num_blocks, 2, 2, block_size, num_kv_heads, head_dim)
+    values = torch.randn(shape, generator=gen).to(device)
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(seq_lens), width), BAD_BLOCK, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_needed):
+        tables[i, :n] = perm[used:used + n].int()
+        used += n
+    scales = None
+    if fp8:
+        codes, cache_scales = reference.quantize_fp8_per_head(values)
+        kv_layer, scales = codes[:, 1], cache_scales[:, 1]
+    else:
+        kv_layer = values.to(dtype)[:, 1]  # strided: one layer of the block-major cache
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor(q_lens), 0)
+    q = torch.randn((int(qsl[-1]), num_kv_heads * group, head_dim), generator=gen).to(device, dtype)
+    args = dict(q=q, kv_layer=kv_layer, query_start_loc=qsl.to(device),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                block_tables=tables.to(device), scale=head_dim ** -0.5,
+                max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    return args, scales
+
+
+def _run_attention(args, scales, num_splits=None):
+    from kernels import attention, reference
+
+    extra = {} if num_splits is None else {"num_splits": num_splits}
+    poison_allocator(args["q"].numel() * args["q"].element_size(), args["q"].device.type)
+    if scales is None:
+        out = attention.paged_attention(**args, **extra)
+        ref = reference.paged_attention(**args)
+    else:
+        fp8_args = dict(args, kv_scales=scales)
+        fp8_args = {k: fp8_args[k] for k in ("q", "kv_layer", "kv_scales", "query_start_loc", "seq_lens",
+                                              "block_tables", "scale", "max_query_len", "max_seq_len")}
+        out = attention.paged_attention_fp8(**fp8_args, **extra)
+        ref = reference.paged_attention_fp8(**fp8_args)
+    return rel_err(out, ref)
+
+
+def _shapes(device):
+    """Small shapes for the interpreter, realistic ones (head_dim 128, block 16) on a GPU."""
+    if device == "cpu":
+        return dict(num_kv_heads=2, head_dim=32, block_size=8), 1
+    return dict(num_kv_heads=4, head_dim=128, block_size=16), 8
+
+
+def case_decode(group, fp8=False, num_splits=None):
+    def run(device, dtype, gen):
+        shape, scale_up = _shapes(device)
+        bs = shape["block_size"]
+        seq_lens = [1, bs, bs + 1, 2 * bs, 5 * bs - 3, 9 * bs * scale_up + 5]
+        args, scales = paged_batch(gen, seq_lens, [1] * len(seq_lens), group=group, dtype=dtype, device=device,
+                                   fp8=fp8, **shape)
+        return _run_attention(args, scales, num_splits)
+    return run
+
+
+def case_prefill(group, fp8=False):
+    def run(device, dtype, gen):
+        shape, scale_up = _shapes(device)
+        bs = shape["block_size"]
+        # fresh prompts, chunks after cached prefixes (on and off block boundaries), a decode row mixed in
+        seq_lens = [3 * bs + 5, 4 * bs, 2 * bs + 7 + 40 * scale_up, 6 * bs, 17]
+        q_lens = [3 * bs + 5, 2 * bs, 9 + 40 * scale_up, 1, 17]
+        args, scales = paged_batch(gen, seq_lens, q_lens, group=group, dtype=dtype, device=device, fp8=fp8,
+                                   **shape)
+        return _run_attention(args, scales)
+    return run
+
+
+CASES = {}
+for _g in (1, 4, 8):
+    CASES[f"decode_g{_g}"] = case_decode(_g)
+    CASES[f"decode_g{_g}_nosplit"] = case_decode(_g, num_splits=1)
+    CASES[f"decode_g{_g}_split3"] = case_decode(_g, num_splits=3)
+    CASES[f"prefill_g{_g}"] = case_prefill(_g)
+    CASES[f"decode_fp8_g{_g}"] = case_decode(_g, fp8=True)
+    CASES[f"prefill_fp8_g{_g}"] = case_prefill(_g, fp8=True)
+
+
+def run_cases(device: str, dtype: torch.dtype, names, seed: int) -> dict:
+    results = {}
+    for i, name in enumerate(names):
+        gen = torch.Generator().manual_seed(seed + i)
+        try:
+            results[name] = CASES[name](device, dtype, gen)
+        except Exception as exc:  # reported per case, so one failure does not hide the rest
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """All cases in one TRITON_INTERPRET=1 subprocess: fresh seed each session, failures reproducible."""
+    seed = int.from_bytes(os.urandom(3), "little")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__, str(seed)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_interpreted_float32(interpreted, name):
+    seed, results = interpreted
+    err = results[name]
+    assert isinstance(err, float) and err <= FP32_TOL, f"{name}: {err} (seed {seed})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, BF16_TOL), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gpu(name, dtype, tol):
+    seed = int.from_bytes(os.urandom(3), "little")
+    err = run_cases("cuda", dtype, [name], seed)[name]
+    assert isinstance(err, float) and err <= tol, f"{name} {dtype}: {err} (seed {seed})"
+
+
+def _patch_interpreter_for_numpy2() -> None:
+    """Triton 3.6's interpreter turns a loop bound into an int with int(array), which NumPy >= 2.3 refuses
+    for its 1-element arrays (program ids are shape (1,)); take the element explicitly."""
+    import triton.runtime.interpreter as interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if __name__ == "__main__":  # the interpreter subprocess: print {case: relative error} as JSON
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _patch_interpreter_for_numpy2()
+    print(json.dumps(run_cases("cpu", torch.float32, sorted(CASES), int(sys.argv[1]))))
