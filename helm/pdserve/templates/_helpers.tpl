@@ -107,11 +107,15 @@ ray:
   address: auto
 {{- end -}}
 
-{{/* The config's checksum without the pool sizes, which change live and need no restart. */}}
+{{/* The config's checksum without the pool sizes and their bounds: scaling happens live and
+must not restart the cluster. */}}
 {{- define "pdserve.configChecksum" -}}
 {{- $values := deepCopy .Values -}}
-{{- $_ := set $values.prefill "replicas" 0 -}}
-{{- $_ := set $values.decode "replicas" 0 -}}
+{{- range $role := list "prefill" "decode" -}}
+{{- $_ := set (index $values $role) "replicas" 0 -}}
+{{- $_ := set (index $values $role) "minReplicas" 0 -}}
+{{- $_ := set (index $values $role) "maxReplicas" 0 -}}
+{{- end -}}
 {{- include "pdserve.config" (dict "Values" $values) | sha256sum -}}
 {{- end -}}
 
