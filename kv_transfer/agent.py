@@ -168,12 +168,23 @@ class KVTransferAgent:
         try:
             loaded = self._nixl.add_remote_agent(nixl_md)
         except Exception as exc:
-            raise KVTransferError(f"cannot load NIXL metadata of agent {name!r}: {exc}") from None
+            raise KVTransferError(f"cannot reach agent {name!r} (gone?): loading its NIXL metadata failed: {exc}") from None
         loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
         if loaded != name:
             self._nixl.remove_remote_agent(loaded)
             raise KVTransferError(f"metadata names agent {loaded!r}, the ticket names {name!r}")
         self._remotes[name] = nixl_md
+
+    def _forget_remote(self, name: str) -> None:
+        """Drops a peer that failed us, unless other pulls from it are still in flight; a later
+        ticket from it reloads (and re-connects) from the metadata the ticket carries."""
+        if name not in self._remotes or any(h.source_agent == name for h in self._pulls.values()):
+            return
+        del self._remotes[name]
+        try:
+            self._nixl.remove_remote_agent(name)
+        except Exception:
+            pass
 
     # ---- prefill side ---------------------------------------------------------------------
 
@@ -324,6 +335,7 @@ class KVTransferAgent:
             except Exception as exc:
                 if staging_offset is not None:
                     self._staging_pool.free(staging_offset)
+                self._forget_remote(t.agent)
                 raise KVTransferError(
                     f"cannot READ request {t.request_id!r} from agent {t.agent!r} (gone, or not its blocks): {exc}"
                 ) from None
@@ -352,6 +364,7 @@ class KVTransferAgent:
                     self._fail(handle, "READ did not complete before the exporter's lease deadline")
             elif state == "ERR":
                 self._fail(handle, f"NIXL reported a failed READ from agent {handle.source_agent!r} (gone?)")
+                self._forget_remote(handle.source_agent)
             elif late:
                 self._fail(handle, "READ completed after the lease deadline; the exporter may have reused the blocks")
             else:

@@ -14,8 +14,9 @@ Error bound of one round trip in fp32 (e4m3 keeps 3 mantissa bits; its subnormal
 import torch
 
 E4M3_MAX = 448.0
-# Keeps s > 0 for an all-zero token-head; any token-head with amax below eps is tiny anyway.
-FP8_KV_EPS = 1e-6
+# Keeps s > 0 for an all-zero token-head. Equal to kernels.reference.FP8_KV_EPS (the FP8 KV
+# cache) so wire codes and cache codes of the same KV are the same bytes.
+FP8_KV_EPS = 1e-8
 _PAD = 16
 
 
