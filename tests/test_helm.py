@@ -352,9 +352,9 @@ def test_config_checksum_ignores_pool_sizes_but_not_the_config():
     assert checksum("kvTransfer.dtype=fp8") != base
 
 
-def test_scale_hook_runs_pdserve_scale_after_upgrade():
+def test_scale_hook_runs_pdserve_scale_after_upgrade_and_rollback():
     job = one(objects(rendered("scaled-pools")), "Job")
-    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-upgrade"
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-upgrade,post-rollback"
     commands = {c["name"]: c["command"] for c in job["spec"]["template"]["spec"]["containers"]}
     assert commands == {
         "scale-prefill": ["pdserve", "scale", "prefill", "3", "--server", f"{FULLNAME}:50051"],
