@@ -50,7 +50,12 @@ def _safety_margin(lease_seconds: float) -> float:
 
 
 class PullHandle:
-    """One pull on the decode side. Read-only for callers; the agent updates it in check()."""
+    """One pull on the decode side. Read-only for callers; the agent updates it in check().
+
+    settled: True once NIXL has let go of the READ (always after DONE). After ERROR it stays
+    False only if NIXL could not cancel the READ: it may still write the local blocks, which
+    must then not be reused before close().
+    """
 
     def __init__(self, ticket: TransferTicket, local_block_ids: list, xfer, staging_offset):
         self.request_id = ticket.request_id
@@ -61,6 +66,7 @@ class PullHandle:
         self.state = "PENDING"
         self.error: Optional[str] = None
         self.seconds: Optional[float] = None
+        self.settled = False
         self._ticket = ticket
         self._xfer = xfer
         self._staging_offset = staging_offset
@@ -206,7 +212,8 @@ class KVTransferAgent:
                 staging_offset = self._alloc_staging(n * wire_block_bytes, request_id)
                 started = time.perf_counter()
                 wire = self._staging_view(staging_offset, n, wire_block_bytes)
-                pack_fp8_blocks(self.kv_cache[self._index(ids)], num_tokens, wire)
+                with torch.inference_mode():  # the engine's cache may be an inference tensor
+                    pack_fp8_blocks(self.kv_cache[self._index(ids)], num_tokens, wire)
                 self._stats.stage_seconds += time.perf_counter() - started
                 base = self._staging.data_ptr() + staging_offset
                 addrs = tuple(base + i * wire_block_bytes for i in range(n))
@@ -384,6 +391,7 @@ class KVTransferAgent:
             if handle.state == "PENDING":
                 self._fail(handle, "aborted by the reader")
 
+    @torch.inference_mode()  # the engine's cache may be an inference tensor
     def _land(self, handle: PullHandle) -> None:
         t = handle._ticket
         if handle._staging_offset is not None:
@@ -424,6 +432,7 @@ class KVTransferAgent:
             return False
         if handle._staging_offset is not None:
             self._staging_pool.free(handle._staging_offset)
+        handle.settled = True
         return True
 
     # ---- both sides -----------------------------------------------------------------------

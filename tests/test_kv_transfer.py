@@ -234,6 +234,20 @@ def test_fp8_wire_round_trip(make_agent, dst_dtype):
     assert prefill.stats()["bytes_sent"] == handle.bytes
 
 
+def test_engine_inference_tensors_as_caches(make_agent):
+    # the engine may allocate its cache under torch.inference_mode(); landing writes it in place
+    with torch.inference_mode():
+        src = _cache(4, torch.float32, seed=2)
+        dst = torch.zeros(4, LAYERS, 2, BLOCK, HEADS, DIM, dtype=torch.bfloat16)
+    prefill = make_agent("prefill", src, wire_dtype="fp8")
+    decode = make_agent("decode", dst)
+    handle = decode.pull(prefill.export("inf", [3], BLOCK), [1])
+    assert decode.wait(handle, 5.0) == "DONE", handle.error
+    assert handle.settled
+    codes, scales = quantize_kv(src[3])
+    assert torch.equal(dst[1], dequantize_kv(codes, scales, torch.bfloat16))
+
+
 def test_lease_expires_when_nobody_pulls(make_agent):
     log = []
     src = _cache(4, torch.bfloat16)
