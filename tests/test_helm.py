@@ -4,10 +4,12 @@ manifests. Regenerate the goldens on purpose with PDSERVE_UPDATE_GOLDEN=1.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -360,6 +362,27 @@ def test_scale_hook_runs_pdserve_scale_after_upgrade_and_rollback():
         "scale-prefill": ["pdserve", "scale", "prefill", "3", "--server", f"{FULLNAME}:50051"],
         "scale-decode": ["pdserve", "scale", "decode", "2", "--server", f"{FULLNAME}:50051"],
     }
+
+
+def _chart_commands() -> dict[str, list[str]]:
+    objs = objects(rendered("defaults"))
+    (head,) = one(objs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    job = one(objs, "Job")["spec"]["template"]["spec"]["containers"]
+    return {"serve": shlex.split(head["args"][0].split("exec ", 1)[1]),
+            "scale": job[0]["command"]}
+
+
+@pytest.mark.parametrize("subcommand", ["serve", "scale"])
+def test_the_commands_the_chart_runs_parse_with_the_cli(subcommand):
+    from pdserve.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if subcommand not in sub.choices:
+        pytest.skip(f"`pdserve {subcommand}` is not in the CLI yet")
+    argv = _chart_commands()[subcommand]
+    assert argv[:2] == ["pdserve", subcommand]
+    parser.parse_args(argv[1:])  # argparse exits (fails the test) on an unknown flag
 
 
 # ---- bad values fail at install with a clear message ----------------------------------------
