@@ -139,6 +139,20 @@ def test_core_objects_validate_against_kubernetes_schemas(variant):
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
 
 
+@variants
+def test_ray_pod_templates_validate_as_core_pod_templates(variant):
+    """The CRD embeds a copy of the pod schema; the core one is the authority."""
+    cluster = one(objects(rendered(variant)), "RayCluster")
+    templates = {"head": cluster["spec"]["headGroupSpec"]["template"]}
+    templates.update((g["groupName"], g["template"]) for g in cluster["spec"]["workerGroupSpecs"])
+    for name, template in templates.items():
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
+        try:
+            kubernetes_validate.validate(wrapped, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name} pod template: {'.'.join(map(str, e.path))}: {e.message}")
+
+
 def test_kubernetes_validation_catches_a_bad_object():
     service = copy.deepcopy(one(objects(rendered("defaults")), "Service"))
     service["spec"]["ports"][0]["prot"] = 50051
