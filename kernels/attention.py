@@ -24,7 +24,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_kernel(q_ptr, kv_ptr, scale_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                    s_qt, s_qh, s_blk, s_kv, s_pos, s_head, s_sblk, s_skv, s_spos, s_bt, s_ot, s_oh,
-                   qk_scale, tokens_per_split, num_splits,
+                   qk_scale, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -40,6 +40,9 @@ def _decode_kernel(q_ptr, kv_ptr, scale_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_
     q = tl.load(q_ptr + token * s_qt + q_heads[:, None] * s_qh + dims[None, :], mask=row_mask[:, None], other=0.0)
     compute_dtype = q_ptr.dtype.element_ty
 
+    # each sequence splits its own context evenly (in whole tiles), so one split count serves every
+    # context length: a CUDA graph captured for a batch bucket stays balanced as sequences grow
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -176,9 +179,10 @@ def _prefill_kernel(q_ptr, kv_ptr, scale_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out
 def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float, max_query_len: int, max_seq_len: int, *,
                     num_splits: Optional[int] = None) -> torch.Tensor:
-    """See kernels.reference.paged_attention. Decode (max_query_len == 1) may split the context in
-    `num_splits` pieces (chosen from the batch and max_seq_len when None); under a CUDA graph keep
-    max_seq_len fixed between capture and replay, since the split count is derived from it."""
+    """See kernels.reference.paged_attention. Decode (max_query_len == 1) splits each context in
+    `num_splits` even pieces (when None: from the batch size and max_seq_len); under a CUDA graph
+    capture with the largest max_seq_len the graph will serve: every sequence is split by its own
+    length, so shorter contexts stay balanced."""
     return _attention(q, kv_layer, None, query_start_loc, seq_lens, block_tables, scale, max_query_len,
                       max_seq_len, num_splits)
 
@@ -218,8 +222,6 @@ def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, 
         cfg = _decode_config(head_dim)
         if num_splits is None:
             num_splits = _default_num_splits(batch * num_kv_heads, max_seq_len, cfg["BLOCK_N"], q.device)
-        tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-        num_splits = triton.cdiv(max(max_seq_len, 1), tokens_per_split)
         split = num_splits > 1
         if split:
             part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -228,7 +230,7 @@ def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, 
             part_out = part_lse = out  # never touched
         _decode_kernel[(batch, num_kv_heads, num_splits)](
             q, kv_layer, scales, query_start_loc, seq_lens, block_tables, out, part_out, part_lse,
-            q.stride(0), q.stride(1), *common, qk_scale, tokens_per_split, num_splits,
+            q.stride(0), q.stride(1), *common, qk_scale, num_splits,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             SPLIT=split, FP8=fp8, PRECISION=precision, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
