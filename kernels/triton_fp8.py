@@ -142,9 +142,48 @@ def scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, M, N, 
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def scaled_gemm_tma_kernel(a_desc, b_desc, c_ptr, row_scale_ptr, col_scale_ptr, M, N,
+                           stride_cm, stride_rs, stride_cs,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           K_TILES: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """scaled_gemm_kernel with operand tiles fetched by the tensor-memory accelerator (host
+    descriptors; out-of-range rows and the ragged K tail arrive as zeros)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kt in tl.range(0, K_TILES, num_stages=NUM_STAGES):
+        a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+        b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+        acc = tl.dot(a, b.T, acc)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rs = tl.load(row_scale_ptr + tl.minimum(offs_m, M - 1) * stride_rs)
+    cs = tl.load(col_scale_ptr + tl.minimum(offs_n, N - 1) * stride_cs)
+    out = acc * (rs[:, None] * cs[None, :])
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in tensors)
+
+
 def scaled_gemm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                out_dtype: torch.dtype, config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(a @ b^T) * row_scale * col_scale^T. a [M, K], b [N, K]; scales hold M (N) values or one."""
+                out_dtype: torch.dtype, config: dict | None = None, out: torch.Tensor | None = None,
+                use_tma: bool | None = None) -> torch.Tensor:
+    """(a @ b^T) * row_scale * col_scale^T. a [M, K], b [N, K]; scales hold M (N) values or one.
+    use_tma: None = when the layout allows it."""
     m, k = a.shape
     n = b.shape[0]
     assert a.stride(-1) == 1 and b.stride(-1) == 1 and b.shape[1] == k
@@ -155,11 +194,21 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_s
     rs = row_scale.reshape(-1)
     cs = col_scale.reshape(-1)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    scaled_gemm_kernel[grid](a, b, out, rs, cs, m, n, k, a.stride(0), b.stride(0), out.stride(0),
-                             0 if rs.numel() == 1 else 1, 0 if cs.numel() == 1 else 1,
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                             K_TILES=triton.cdiv(k, block_k), GROUP_M=8,
-                             EVEN_K=(k % block_k == 0), **cfg)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_TILES=triton.cdiv(k, block_k), GROUP_M=8)
+    if use_tma is None:
+        use_tma = tma_ok(a, b)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
+        b_desc = TensorDescriptor.from_tensor(b, [block_n, block_k])
+        stages = cfg.pop("num_stages")
+        scaled_gemm_tma_kernel[grid](a_desc, b_desc, out, rs, cs, m, n, out.stride(0),
+                                     0 if rs.numel() == 1 else 1, 0 if cs.numel() == 1 else 1,
+                                     NUM_STAGES=stages, **common, **cfg)
+    else:
+        scaled_gemm_kernel[grid](a, b, out, rs, cs, m, n, k, a.stride(0), b.stride(0), out.stride(0),
+                                 0 if rs.numel() == 1 else 1, 0 if cs.numel() == 1 else 1,
+                                 EVEN_K=(k % block_k == 0), **common, **cfg)
     return out
 
 

@@ -93,9 +93,9 @@ def check_fp8_gemm(device, m, n, k, out_dtype, seed, config=None, backend="trito
     w8, sw = fp8.quantize_fp8_rows(random_activations(n, k, "cpu", seed=seed + 1) * 0.02)
     ref = fp8.fp8_gemm_reference(x8, sx, w8, sw, torch.float32)
     x8, sx, w8, sw = (t.to(device) for t in (x8, sx, w8, sw))
-    if backend == "triton":
+    if backend.startswith("triton"):
         out = poison_bytes(torch.empty(m, n, dtype=out_dtype, device=device))
-        y = triton_fp8.scaled_gemm(x8, w8, sx, sw, out_dtype, config=config, out=out)
+        y = triton_fp8.scaled_gemm(x8, w8, sx, sw, out_dtype, config=config, out=out, use_tma=backend == "triton_tma")
     else:
         y = triton_fp8.fp8_linear_scaled_mm(x8, sx, w8, sw.reshape(-1, 1), out_dtype)
     tol = 1e-3 if out_dtype == torch.float32 else 1e-2
@@ -109,14 +109,18 @@ def check_nvfp4_hopper_gemm(device, m, n, k, out_dtype, seed, config=None, backe
     from kernels import triton_fp8, triton_nvfp4
     qx = nvfp4.quantize_nvfp4(random_activations(m, k, "cpu", seed=seed))
     qw = nvfp4.quantize_nvfp4(random_activations(n, k, "cpu", seed=seed + 1) * 0.02)
-    ref = nvfp4.nvfp4_gemm_reference(qx, qw)
+    # the literal block-sum form needs M*N*K/16 floats; above ~50M use the matmul form, equal to it
+    # up to fp32 summation order (tests/test_nvfp4.py::test_gemm_forms_agree_with_dequantized_matmul)
+    small = m * n * k // 16 <= 50_000_000
+    ref = nvfp4.nvfp4_gemm_reference(qx, qw) if small else nvfp4.nvfp4_matmul(qx, qw)
     xf = nvfp4.scaled_values(qx).to(operand_dtype).to(device)
     wf = nvfp4.scaled_values(qw).to(operand_dtype).to(device)
     gx, gw = qx.global_scale.to(device), qw.global_scale.to(device)
-    if backend == "triton":
+    if backend.startswith("triton"):
         out = poison_bytes(torch.empty(m, n, dtype=out_dtype, device=device))
         alpha = (1.0 / (gx * gw)).reshape(1)
-        y = triton_fp8.scaled_gemm(xf, wf, alpha, alpha.new_ones(1), out_dtype, config=config, out=out)
+        y = triton_fp8.scaled_gemm(xf, wf, alpha, alpha.new_ones(1), out_dtype, config=config, out=out,
+                                   use_tma=backend == "triton_tma")
     else:
         y = triton_nvfp4.hopper_gemm_cublas(xf, gx, wf, gw, out_dtype)
     tol = 1e-3 if out_dtype == torch.float32 else 1e-2
@@ -134,10 +138,13 @@ INTERP_CHECKS = {
     "nvfp4_quantizer": lambda: check_nvfp4_quantizer("cpu", 19, 160, 3),
     "fp8_gemm": lambda: check_fp8_gemm("cpu", 45, 70, 192, torch.float32, 4, SMALL_TILE_8BIT),
     "fp8_gemm_ragged_k": lambda: check_fp8_gemm("cpu", 33, 40, 80, torch.float32, 5, SMALL_TILE_8BIT),
+    "fp8_gemm_tma": lambda: check_fp8_gemm("cpu", 45, 70, 208, torch.float32, 4, SMALL_TILE_8BIT, "triton_tma"),
     # fp16 operands: the interpreter's bf16 tl.dot is wrong (relative error ~1e10 on plain random
     # bf16 inputs, Triton 3.6), and T[q]*s_b (2**-10 .. 2688, <= 6 bits) is exact in fp16 as well
     "nvfp4_hopper_gemm": lambda: check_nvfp4_hopper_gemm("cpu", 45, 70, 96, torch.float32, 6, SMALL_TILE_16BIT,
                                                          operand_dtype=torch.float16),
+    "nvfp4_hopper_gemm_tma": lambda: check_nvfp4_hopper_gemm("cpu", 45, 70, 96, torch.float32, 6, SMALL_TILE_16BIT,
+                                                             backend="triton_tma", operand_dtype=torch.float16),
 }
 
 
@@ -231,15 +238,16 @@ def test_nvfp4_quantizer_exact(m, k):
     check_nvfp4_quantizer("cuda", m, k, seed=m + k)
 
 
-GEMM_SHAPES = [(1, 4096, 4096), (77, 272, 4112), (512, 6144, 4096), (300, 4096, 14336)]
+GEMM_SHAPES = [(1, 4096, 4096), (77, 272, 4112), (512, 6144, 4096), (300, 1024, 14336)]
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_fp8_gemm_triton(m, n, k, out_dtype):
-    check_fp8_gemm("cuda", m, n, k, out_dtype, seed=m)
+@pytest.mark.parametrize("backend", ["triton", "triton_tma"])
+def test_fp8_gemm_triton(m, n, k, out_dtype, backend):
+    check_fp8_gemm("cuda", m, n, k, out_dtype, seed=m, backend=backend)
 
 
 @pytest.mark.gpu
@@ -253,8 +261,9 @@ def test_fp8_gemm_scaled_mm(m, n, k):
 @gpu
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_nvfp4_hopper_gemm_triton(m, n, k, out_dtype):
-    check_nvfp4_hopper_gemm("cuda", m, n, k, out_dtype, seed=m)
+@pytest.mark.parametrize("backend", ["triton", "triton_tma"])
+def test_nvfp4_hopper_gemm_triton(m, n, k, out_dtype, backend):
+    check_nvfp4_hopper_gemm("cuda", m, n, k, out_dtype, seed=m, backend=backend)
 
 
 @pytest.mark.gpu
