@@ -99,7 +99,7 @@ def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool, out: dict |
     dev = x.device
     amax_bits = torch.zeros(1, dtype=torch.int32, device=dev)
     numel = x.numel()
-    amax_block = 4096
+    amax_block = 8192  # fewer programs, fewer same-address atomics
     amax_kernel[(triton.cdiv(numel, amax_block),)](x, amax_bits, numel, BLOCK_SIZE=amax_block, num_warps=8)
     out = out or {}
     g = out.get("g", torch.empty((), dtype=torch.float32, device=dev))
