@@ -1,0 +1,63 @@
+"""Shared fixtures: the real embedded model, loaded once per test session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# 12 prompts, raw and chat, of different lengths and kinds (the token-exactness set)
+PROMPTS = [
+    ("The capital of France is", False),
+    ("Once upon a time, in a small village by the sea,", False),
+    ("def fibonacci(n):\n    ", False),
+    ("The three primary colors are", False),
+    ("Water boils at a temperature of", False),
+    ("In 1969, the first humans landed on", False),
+    ("What is the tallest mountain in the world?", True),
+    ("Write a haiku about autumn leaves.", True),
+    ("Explain in one sentence what a CPU does.", True),
+    ("List three fruits that are red.", True),
+    ("How do I reverse a list in Python?", True),
+    ("Translate 'good morning' into French.", True),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = os.environ.get("PDSERVE_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
+    has_gpu = torch.cuda.is_available()
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set PDSERVE_SLOW=1 or -m slow"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def engine_f32():
+    from engine.engine import LLMEngine
+
+    return LLMEngine(dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_f32():
+    return _hf_model(torch.float32)
+
+
+def _hf_model(dtype):
+    from transformers import AutoModelForCausalLM
+
+    from engine.loader import default_model_path
+
+    d, f = os.path.split(default_model_path())
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
+    m.generation_config.eos_token_id = None  # compare pure argmax continuations of fixed length
+    return m
+
+
+@pytest.fixture(scope="session")
+def hf_model_factory():
+    return _hf_model
