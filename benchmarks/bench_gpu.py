@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels import attention, fused  # noqa: E402
 from kernels.random_llama import (LLAMA3_8B, LLAMA32_1B, Batch, DecodeGraphs, RandomLlama,  # noqa: E402
-                                  SequenceSlots, greedy_generate, prefill_batch)
+                                  SequenceSlots, greedy_generate, prefill_batch, triton_ops)
 
 MODELS = {"llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA32_1B}
 BLOCK_SIZE = 16
@@ -73,6 +74,63 @@ def gemm_rate(reps: int) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = median_ms(lambda: a @ b, reps)
     return 2 * n ** 3 / (ms * 1e-3)
+
+
+GEMV_CANDIDATES = ((8, 512, 4), (4, 1024, 4), (16, 512, 8), (8, 1024, 8))
+
+
+def tune_gemv(model, copy_bw, reps) -> list[dict]:
+    """Batch-1 projections: cuBLAS vs the Triton GEMV configs; the fastest config goes to fused.GEMV_CONFIGS.
+    Each call reads the next layer's weight, so no weight is served from L2."""
+    layers = model.layers
+    shapes = {"qkv": (lambda l: l.qkv, False), "o": (lambda l: l.o, False), "gate_up": (lambda l: l.gate_up, False),
+              "down+silu": (lambda l: l.down, True)}
+    rows = []
+    for name, (pick, silu) in list(shapes.items()) + [("lm_head", (None, False))]:
+        weights = [model.lm_head] if pick is None else [pick(l) for l in layers]
+        n, k = weights[0].shape
+        x = torch.randn(1, 2 * k if silu else k, device="cuda", dtype=model.dtype)
+        turn = iter(range(10 ** 9))
+
+        def run(fn):
+            return median_ms(lambda: fn(weights[next(turn) % len(weights)]), reps)
+
+        ref = run(lambda w: fused.silu_and_mul(x) @ w.T if silu else x @ w.T)
+        timed = {cfg: run(lambda w, cfg=cfg: fused._gemv(x, w, silu, cfg)) for cfg in GEMV_CANDIDATES}
+        best = min(timed, key=timed.get)
+        fused.GEMV_CONFIGS[(n, k, silu)] = best
+        nbytes = n * k * 2
+        rows.append(dict(proj=name, n=n, k=k, cublas_us=ref * 1e3, triton_us=timed[best] * 1e3, config=best,
+                         cublas_pct_copy_bw=100 * nbytes / (ref * 1e-3) / copy_bw,
+                         triton_pct_copy_bw=100 * nbytes / (timed[best] * 1e-3) / copy_bw))
+        log(f"gemv {name} {n}x{k}: cuBLAS {ref * 1e3:.1f} us ({rows[-1]['cublas_pct_copy_bw']:.0f}%), "
+            f"Triton {timed[best] * 1e3:.1f} us ({rows[-1]['triton_pct_copy_bw']:.0f}%) {best}")
+    return rows
+
+
+PREFILL_CANDIDATES = (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                      dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+                      dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+                      dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
+
+
+def tune_prefill_attention(model, kv_cache, reps, tokens=4096) -> list[dict]:
+    """One layer's causal prefill attention over `tokens` tokens for each tile config; keeps the fastest."""
+    s = model.shape
+    slots = SequenceSlots(1, tokens, BLOCK_SIZE, model.device)
+    q = torch.randn(tokens, s.num_heads, s.head_dim, device="cuda", dtype=model.dtype)
+    qsl = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([tokens], dtype=torch.int32, device="cuda")
+    flops = 2 * s.num_heads * s.head_dim * tokens * (tokens + 1)
+    rows = []
+    for cfg in PREFILL_CANDIDATES:
+        attention.PREFILL_CONFIGS[s.head_dim] = cfg
+        ms = median_ms(lambda: attention.paged_attention(q, kv_cache[:, 0], qsl, lens, slots.tables, s.head_dim ** -0.5,
+                                                         tokens, tokens), reps)
+        rows.append(dict(config=cfg, ms=ms, tflops=flops / (ms * 1e-3) / 1e12))
+        log(f"prefill attention {tokens} tokens {cfg}: {ms:.3f} ms, {rows[-1]['tflops']:.0f} TFLOP/s")
+    attention.PREFILL_CONFIGS[s.head_dim] = min(rows, key=lambda r: r["ms"])["config"]
+    return rows
 
 
 def decode_step_batch(batch: int, context: int, pool_blocks: int, max_blocks: int, device) -> tuple[Batch, bool]:
@@ -281,9 +339,14 @@ def bench_model(name, shape, args, copy_bw, gemm) -> dict:
         chunk.normal_()
     result = dict(model=name, shape=shape.__dict__, kv_pool_blocks=pool_blocks)
     reps = 5 if args.quick else 20
+    attempt(result, "prefill_attention_tiles", lambda: tune_prefill_attention(model, kv_cache, reps))
     attempt(result, "prefill", lambda: bench_prefill(model, kv_cache, gemm, 3 if args.quick else 5, PREFILL_TOKENS))
+    attempt(result, "gemv", lambda: tune_gemv(model, copy_bw, reps))
     attempt(result, "decode", lambda: bench_decode(model, kv_cache, copy_bw, reps, DECODE_BATCHES,
                                                    DECODE_CONTEXTS[:1] if args.quick else DECODE_CONTEXTS))
+    model.ops = triton_ops(fused_decode=False)  # the engine interfaces alone, library GEMMs
+    attempt(result, "decode_interfaces_only", lambda: bench_decode(model, kv_cache, copy_bw, reps, (1, 8), (1024,)))
+    model.ops = triton_ops(fused_decode=True)
     step, _ = decode_step_batch(1, 1024, pool_blocks, 512, model.device)
     attempt(result, "profile_decode_b1_1k_eager", lambda: kernel_profile(lambda: model.forward(step, kv_cache)))
     prompt = prefill_batch([torch.randint(0, shape.vocab, (2048,)).tolist()],
@@ -315,7 +378,8 @@ def markdown(report: dict) -> str:
              f"copy bandwidth (read+write) {report['copy_bw'] / 1e12:.2f} TB/s; bf16 GEMM 8192^3 "
              f"{report['gemm_rate'] / 1e12:.0f} TFLOP/s", ""]
     for m in report["models"]:
-        for key in ("decode", "prefill", "generate", "profile_decode_b1_1k_eager", "profile_prefill_2048"):
+        for key in ("decode", "prefill", "generate", "profile_decode_b1_1k_eager", "profile_prefill_2048", "gemv",
+                    "decode_interfaces_only", "prefill_attention_tiles"):
             if isinstance(m.get(key), str):
                 lines.append(f"{m['model']} {key}: {m.pop(key)}")
         lines += [f"### {m['model']}", "", "| batch | context | eager ms | graph ms | floor ms | % copy bw | graph speedup |",
@@ -324,6 +388,19 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['batch']} | {r['context']} | {r['eager_ms']:.3f} | {r['graph_ms']:.3f} | "
                          f"{r['floor_ms']:.3f} | {r['pct_of_copy_bw']:.1f}{' (aliased KV)' if r['kv_blocks_aliased'] else ''}"
                          f" | {r['graph_speedup']:.2f}x |")
+        if m.get("decode_interfaces_only"):
+            lines += ["", "decode with the engine interfaces only (no GEMV / RoPE+KV-write / SiLU+down fusion):", ""]
+            lines += [f"- batch {r['batch']} ctx {r['context']}: graph {r['graph_ms']:.3f} ms = "
+                      f"{r['pct_of_copy_bw']:.1f}% of copy bw" for r in m["decode_interfaces_only"]]
+        if m.get("gemv"):
+            lines += ["", "| batch-1 projection | N x K | cuBLAS us (% copy bw) | Triton GEMV us (% copy bw) | config |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['proj']} | {r['n']}x{r['k']} | {r['cublas_us']:.1f} ({r['cublas_pct_copy_bw']:.0f}%) | "
+                      f"{r['triton_us']:.1f} ({r['triton_pct_copy_bw']:.0f}%) | {r['config']} |" for r in m["gemv"]]
+        if m.get("prefill_attention_tiles"):
+            lines += ["", "prefill attention alone (4096 tokens, causal, one layer): " + "; ".join(
+                f"{r['config']['BLOCK_M']}x{r['config']['BLOCK_N']} w{r['config']['num_warps']} "
+                f"{r['tflops']:.0f} TFLOP/s" for r in m["prefill_attention_tiles"])]
         lines += ["", "| prefill tokens | ms | tokens/s | TFLOP/s | % of GEMM rate | attention FLOP share |",
                   "|---|---|---|---|---|---|"]
         for r in m.get("prefill", []):

@@ -258,9 +258,15 @@ def _decode_config(head_dim: int) -> dict:
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
+# head_dim -> tile config; benchmarks/bench_gpu.py measures candidates on the GPU and fills this
+PREFILL_CONFIGS: dict[int, dict] = {}
+
+
 def _prefill_config(head_dim: int) -> dict:
     if _interpreted():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if head_dim in PREFILL_CONFIGS:
+        return PREFILL_CONFIGS[head_dim]
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)

@@ -178,3 +178,103 @@ def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.stride(-1) != 1:
             raise ValueError(f"last dim must be contiguous, got strides {t.stride()}")
+
+
+@triton.jit
+def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, slot_ptr, kv_ptr,
+                            s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cache, s_blk, s_kv, s_pos, s_head,
+                            num_q_heads, num_kv_heads, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
+                            HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    dims = tl.arange(0, HALF)[None, :]
+    cos = tl.load(cache_ptr + pos * s_cache + dims)
+    sin = tl.load(cache_ptr + pos * s_cache + HALF + dims)
+    _rotate(q_ptr, token, s_qt, s_qh, cos, sin, num_q_heads, Q_HEADS_PAD, HALF)
+    heads = tl.arange(0, K_HEADS_PAD)[:, None]
+    mask = heads < num_kv_heads
+    k_src = k_ptr + token * s_kt + heads * s_kh + dims
+    k1 = tl.load(k_src, mask=mask).to(tl.float32)
+    k2 = tl.load(k_src + HALF, mask=mask).to(tl.float32)
+    r1 = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty)
+    r2 = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty)
+    tl.store(k_src, r1, mask=mask)
+    tl.store(k_src + HALF, r2, mask=mask)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:  # negative: batch padding
+        dst = kv_ptr + (slot // BLOCK_SIZE) * s_blk + (slot % BLOCK_SIZE) * s_pos + heads * s_head + dims
+        tl.store(dst, r1.to(kv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, r2.to(kv_ptr.dtype.element_ty), mask=mask)
+        v_src = v_ptr + token * s_vt + heads * s_vh + dims
+        tl.store(dst + s_kv, tl.load(v_src, mask=mask).to(kv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + s_kv + HALF, tl.load(v_src + HALF, mask=mask).to(kv_ptr.dtype.element_ty), mask=mask)
+
+
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor):
+    """rotary(q, k) and write_kv(kv_layer, k, v) in one launch (decode issues a few hundred tiny kernels
+    per step, each costing a few microseconds whatever its size)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _check_last_dim_contiguous(q, k, v, kv_layer, cos_sin_cache)
+    if num_tokens:
+        _rotary_write_kv_kernel[(num_tokens,)](
+            q, k, v, positions, cos_sin_cache, slot_mapping, kv_layer,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+            kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), num_q_heads, k.shape[1],
+            Q_HEADS_PAD=triton.next_power_of_2(num_q_heads), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
+            HALF=head_dim // 2, BLOCK_SIZE=kv_layer.shape[2], num_warps=4)
+    return q, k
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, n_rows, s_w, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * s_w
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    # unrolled over K: the weight loads of later chunks issue before earlier sums finish, which is what
+    # keeps enough bytes in flight to stream at memory speed
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        k_mask = k0 + cols < K
+        if SILU_MUL:
+            gate = tl.load(x_ptr + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
+            # rounded to the activation dtype, as the unfused silu_and_mul output is
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + k0 + cols, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + (k0 + cols)[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+# (N, K, silu) -> (BLOCK_N, BLOCK_K, num_warps); benchmarks/bench_gpu.py measures and fills these
+GEMV_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int]] = {}
+GEMV_DEFAULT = (8, 512, 4)
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, config=None) -> torch.Tensor:
+    n_rows, k = weight.shape
+    _check_last_dim_contiguous(x, weight)
+    block_n, block_k, warps = config or GEMV_CONFIGS.get((n_rows, k, silu_mul), GEMV_DEFAULT)
+    out = torch.empty((1, n_rows), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
+        x, weight, out, n_rows, weight.stride(0), K=k, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
+        SILU_MUL=silu_mul, num_warps=warps)
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T: a Triton GEMV streaming the weight when M == 1, else the library GEMM."""
+    if x.shape[0] != 1:
+        return x @ weight.T
+    return _gemv(x, weight, silu_mul=False)
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(x [M, 2K]) @ weight [N, K]^T; when M == 1 the activation is computed inside the GEMV."""
+    if x.shape[0] != 1:
+        return silu_and_mul(x) @ weight.T
+    return _gemv(x, weight, silu_mul=True)

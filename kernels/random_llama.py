@@ -49,14 +49,19 @@ LLAMA32_1B = LlamaShape(num_layers=16, hidden=2048, num_heads=32, num_kv_heads=8
 
 TORCH_OPS = SimpleNamespace(write_kv=reference.write_kv, paged_attention=reference.paged_attention,
                             rms_norm=reference.rms_norm, rotary=reference.rotary,
-                            silu_and_mul=reference.silu_and_mul)
+                            silu_and_mul=reference.silu_and_mul, fused_decode=False)
 
 
-def triton_ops() -> SimpleNamespace:
+def triton_ops(fused_decode: bool = True) -> SimpleNamespace:
+    """The Triton kernels. fused_decode: also the decode-only extras (Triton GEMV at batch 1 with the
+    SiLU fused into the down projection, RoPE fused with the KV write); False keeps to the engine's
+    interfaces plus library GEMMs."""
     from kernels import attention, fused  # imported late: triton reads TRITON_INTERPRET at import
 
     return SimpleNamespace(write_kv=fused.write_kv, paged_attention=attention.paged_attention,
-                           rms_norm=fused.rms_norm, rotary=fused.rotary, silu_and_mul=fused.silu_and_mul)
+                           rms_norm=fused.rms_norm, rotary=fused.rotary, silu_and_mul=fused.silu_and_mul,
+                           rotary_write_kv=fused.rotary_write_kv, linear=fused.linear,
+                           silu_and_mul_linear=fused.silu_and_mul_linear, fused_decode=fused_decode)
 
 
 @dataclass
@@ -107,6 +112,7 @@ class RandomLlama:
     def forward(self, batch: Batch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] (fp32) at batch.logits_indices; writes this step's K/V into kv_cache."""
         s, ops = self.shape, self.ops
+        linear = ops.linear if ops.fused_decode else reference.linear
         num_tokens = batch.input_ids.shape[0]
         q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         hidden = self.embed[batch.input_ids]
@@ -116,20 +122,26 @@ class RandomLlama:
                 x, residual = ops.rms_norm(hidden, layer.input_norm, s.eps), hidden
             else:
                 x, residual = ops.rms_norm(hidden, layer.input_norm, s.eps, residual)
-            qkv = x @ layer.qkv.T
+            qkv = linear(x, layer.qkv)
             q = qkv[:, :q_width].view(num_tokens, s.num_heads, s.head_dim)
             k = qkv[:, q_width:q_width + kv_width].view(num_tokens, s.num_kv_heads, s.head_dim)
             v = qkv[:, q_width + kv_width:].view(num_tokens, s.num_kv_heads, s.head_dim)
-            ops.rotary(q, k, batch.positions, self.cos_sin)
             kv_layer = kv_cache[:, index]
-            ops.write_kv(kv_layer, k, v, batch.slot_mapping)
+            if ops.fused_decode:
+                ops.rotary_write_kv(q, k, v, batch.positions, self.cos_sin, kv_layer, batch.slot_mapping)
+            else:
+                ops.rotary(q, k, batch.positions, self.cos_sin)
+                ops.write_kv(kv_layer, k, v, batch.slot_mapping)
             attn = ops.paged_attention(q, kv_layer, batch.query_start_loc, batch.seq_lens, batch.block_tables,
                                        s.head_dim ** -0.5, batch.max_query_len, batch.max_seq_len)
-            hidden = attn.view(num_tokens, q_width) @ layer.o.T
+            hidden = linear(attn.view(num_tokens, q_width), layer.o)
             x, residual = ops.rms_norm(hidden, layer.post_norm, s.eps, residual)
-            hidden = ops.silu_and_mul(x @ layer.gate_up.T) @ layer.down.T
+            if ops.fused_decode:
+                hidden = ops.silu_and_mul_linear(linear(x, layer.gate_up), layer.down)
+            else:
+                hidden = ops.silu_and_mul(x @ layer.gate_up.T) @ layer.down.T
         x, _ = ops.rms_norm(hidden, self.final_norm, s.eps, residual)
-        return (x[batch.logits_indices] @ self.lm_head.T).float()
+        return linear(x[batch.logits_indices], self.lm_head).float()
 
 
 class SequenceSlots:
@@ -231,7 +243,7 @@ class DecodeGraphs:
         self.seq_lens[n:bucket].fill_(0)
         self.block_tables[:n, :width].copy_(batch.block_tables)
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:n]
+        return self.outputs[bucket][:n].clone()  # the next replay overwrites the static output
 
 
 def greedy_generate(model: RandomLlama, prompts: list[list[int]], max_new_tokens: int, block_size: int = 16,

@@ -91,6 +91,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor):
+    """rotary(q, k) then write_kv(kv_layer, k, v): one pass for the decode step's new tokens."""
+    rotary(q, k, positions, cos_sin_cache)
+    write_kv(kv_layer, k, v, slot_mapping)
+    return q, k
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T."""
+    return x @ weight.T
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul(x [M, 2K]) @ weight [N, K]^T: the MLP's down projection with its activation."""
+    return silu_and_mul(x) @ weight.T
+
+
 def rope_cos_sin_cache(max_positions: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
     """[max_positions, head_dim] fp32: cos of each frequency in the first half, sin in the second."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)

@@ -124,7 +124,48 @@ def case_silu_and_mul(inter: int):
     return run
 
 
+def case_rotary_write_kv(q_heads: int, kv_heads: int):
+    def run(device, dtype, gen):
+        from kernels import fused, reference
+
+        tokens, head_dim, block_size = 9, 64, 16
+        cache = reference.rope_cos_sin_cache(100, head_dim, 10000.0).to(device)
+        positions = torch.randint(0, 100, (tokens,), generator=gen).to(device)
+        slots = torch.randperm(4 * block_size, generator=gen)[:tokens]
+        slots[2] = -1
+        qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(device, dtype)
+        outs = []
+        for fn in (fused.rotary_write_kv, reference.rotary_write_kv):
+            x = qkv.clone()
+            q = x[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
+            k = x[:, q_heads * head_dim: (q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+            v = x[:, (q_heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+            _, kv_layer = poisoned_cache((4, 2, block_size, kv_heads, head_dim), dtype, device)
+            fn(q, k, v, positions, cache, kv_layer, slots.to(device))
+            outs.append((x, kv_layer.float().nan_to_num(12345.0)))
+        (x, kv), (ref_x, ref_kv) = outs
+        return max(rel_err(x, ref_x), rel_err(kv, ref_kv))
+    return run
+
+
+def case_linear(rows: int, n: int, k: int, silu: bool):
+    def run(device, dtype, gen):
+        from kernels import fused, reference
+
+        x = torch.randn(rows, 2 * k if silu else k, generator=gen).to(device, dtype)
+        w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device, dtype)
+        fn, ref = ((fused.silu_and_mul_linear, reference.silu_and_mul_linear) if silu
+                   else (fused.linear, reference.linear))
+        return rel_err(fn(x, w), ref(x, w))
+    return run
+
+
 CASES = {
+    "rotary_write_kv_g1": case_rotary_write_kv(2, 2),
+    "rotary_write_kv_g8": case_rotary_write_kv(8, 1),
+    "gemv_ragged": case_linear(1, 37, 700, silu=False),
+    "gemv_silu_ragged": case_linear(1, 45, 300, silu=True),
+    "gemv_multiple_rows_falls_back": case_linear(3, 40, 64, silu=True),
     "write_kv": case_write_kv(),
     "write_kv_fp8": case_write_kv_fp8(),
     "rms_norm_h96": case_rms_norm(False, 96),
