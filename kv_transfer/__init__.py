@@ -1,6 +1,6 @@
 """KV blocks between prefill and decode workers over NIXL (UCX), optionally as FP8 e4m3 on the wire.
 
-NIXL is required; nothing else is substituted when it is missing (see nixl_loader).
+NIXL is required; nothing else is substituted when it is missing (see transport.py).
 """
 from .agent import KVTransferAgent, PullHandle, WIRE_DTYPES
 from .errors import KVTransferBusy, KVTransferError

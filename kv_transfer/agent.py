@@ -17,7 +17,8 @@ Invariants
 - Thread safety: every public method holds one internal lock (NIXL itself runs unsynchronized),
   so an agent may be shared by threads. on_release runs in the thread calling poll() or
   close(), outside the lock, so it may call back into the agent. No threads are started here
-  beyond NIXL's own progress thread.
+  beyond NIXL's own UCX progress thread (see transport.py), which serves the peers' READs
+  without the owner's help; poll() only collects notifications and expiries.
 """
 import logging
 import secrets
@@ -25,7 +26,6 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import msgpack
 import torch
 
@@ -33,10 +33,10 @@ from .errors import KVTransferBusy, KVTransferError
 from .fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
 from .layout import KVLayout
 from .lease import Lease, LeaseTable
-from .nixl_loader import load_nixl
 from .staging import StagingPool
 from .stats import TransferStats
 from .ticket import TransferTicket
+from .transport import NixlTransport
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,6 @@ class KVTransferAgent:
             raise KVTransferError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         if lease_seconds <= 0:
             raise KVTransferError("lease_seconds must be positive")
-        nixl_agent, nixl_agent_config = load_nixl()
         self.name = name
         self.layout = KVLayout.of(kv_cache)
         self.kv_cache = kv_cache
@@ -116,19 +115,16 @@ class KVTransferAgent:
         self._remotes = {}  # agent name -> loaded NIXL metadata
         self._stats = TransferStats()
         self._closed = False
+        self._nixl = NixlTransport(name)
         try:
-            self._nixl = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
-        except Exception as exc:
-            raise KVTransferError(f"cannot create NIXL agent {name!r}: {exc}") from exc
-        if "UCX" not in self._nixl.backends:
-            raise KVTransferError("NIXL is installed but its UCX plugin is missing; no transport is available")
-        try:
-            self._registrations = [self._nixl.register_memory(kv_cache)]
-            if capacity:
-                self._registrations.append(self._nixl.register_memory(self._staging))
+            self._registrations = [
+                self._nixl.register(t.data_ptr(), t.numel() * t.element_size(), self._mem, self._device_id)
+                for t in (kv_cache, self._staging)
+                if t.numel()
+            ]
         except Exception as exc:
             raise KVTransferError(f"NIXL could not register the KV cache of {name!r}: {exc}") from exc
-        self._nixl_md = self._nixl.get_agent_metadata()
+        self._nixl_md = self._nixl.metadata()
 
     # ---- metadata -------------------------------------------------------------------------
 
@@ -169,15 +165,14 @@ class KVTransferAgent:
         if self._remotes.get(name) == nixl_md:
             return
         if name in self._remotes:  # the peer restarted under the same name
-            self._nixl.remove_remote_agent(name)
+            self._nixl.remove_remote(name)
             del self._remotes[name]
         try:
-            loaded = self._nixl.add_remote_agent(nixl_md)
+            loaded = self._nixl.load_remote(nixl_md)
         except Exception as exc:
             raise KVTransferError(f"cannot reach agent {name!r} (gone?): loading its NIXL metadata failed: {exc}") from None
-        loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
         if loaded != name:
-            self._nixl.remove_remote_agent(loaded)
+            self._nixl.remove_remote(loaded)
             raise KVTransferError(f"metadata names agent {loaded!r}, the ticket names {name!r}")
         self._remotes[name] = nixl_md
 
@@ -188,7 +183,7 @@ class KVTransferAgent:
             return
         del self._remotes[name]
         try:
-            self._nixl.remove_remote_agent(name)
+            self._nixl.remove_remote(name)
         except Exception:
             pass
 
@@ -276,7 +271,7 @@ class KVTransferAgent:
 
     def _take_notifications(self) -> list:
         released = []
-        for messages in self._nixl.get_new_notifs().values():
+        for messages in self._nixl.notifications().values():
             for message in messages:
                 aborted = message.startswith(_ABORT)
                 lease = self._leases.pop_token(message[len(_ABORT):] if aborted else message)
@@ -335,10 +330,8 @@ class KVTransferAgent:
                 base = self._staging.data_ptr() + staging_offset
                 local_addrs = [base + i * t.wire_block_bytes for i in range(len(ids))]
             try:
-                local = self._descs(local_addrs, t.wire_block_bytes, self._mem, self._device_id)
-                remote = self._descs(t.addrs, t.wire_block_bytes, t.mem, t.device_id)
-                xfer = self._nixl.initialize_xfer("READ", local, remote, t.agent, t.token)
-                state = self._nixl.transfer(xfer)
+                xfer = self._nixl.read(local_addrs, t.addrs, t.wire_block_bytes, (self._mem, self._device_id),
+                                       (t.mem, t.device_id), t.agent, t.token)
             except Exception as exc:
                 if staging_offset is not None:
                     self._staging_pool.free(staging_offset)
@@ -349,9 +342,6 @@ class KVTransferAgent:
             handle = PullHandle(t, ids, xfer, staging_offset)
             self._stats.pulls += 1
             self._pulls[id(handle)] = handle
-            if state == "ERR":
-                self._fail(handle, "NIXL refused to post the READ")
-                raise KVTransferError(f"cannot READ request {t.request_id!r} from agent {t.agent!r}: {handle.error}")
             return handle
 
     def check(self, handle: PullHandle) -> str:
@@ -361,7 +351,7 @@ class KVTransferAgent:
             if handle.state != "PENDING":
                 return handle.state
             try:
-                state = self._nixl.check_xfer_state(handle._xfer)
+                state = self._nixl.state(handle._xfer)
             except Exception as exc:
                 state = "ERR"
                 log.warning("check_xfer_state for %r raised %s", handle.request_id, exc)
@@ -415,7 +405,7 @@ class KVTransferAgent:
         self._stats.record("pull", handle.request_id, "error", 0, handle.seconds)
         if released:  # nothing touches the exporter's blocks any more: let it free them now
             try:
-                self._nixl.send_notif(handle.source_agent, _ABORT + handle._ticket.token)
+                self._nixl.notify(handle.source_agent, _ABORT + handle._ticket.token)
             except Exception:
                 pass  # the exporter is gone or unreachable; its lease expires on its own
 
@@ -425,7 +415,7 @@ class KVTransferAgent:
         handle.seconds = time.perf_counter() - handle._started
         self._pulls.pop(id(handle), None)
         try:
-            handle._xfer.release()
+            self._nixl.release(handle._xfer)
         except Exception:
             # A READ NIXL cannot cancel may still write the staging range: keep both until close().
             self._stuck.append(handle._xfer)
@@ -465,18 +455,18 @@ class KVTransferAgent:
             self._closed = True
             for xfer in self._stuck:
                 try:
-                    xfer.release()
+                    self._nixl.release(xfer)
                 except Exception:
                     log.warning("NIXL transfer %r could not be released at close", xfer)
             for name in list(self._remotes):
                 try:
-                    self._nixl.remove_remote_agent(name)
+                    self._nixl.remove_remote(name)
                 except Exception:
                     pass
             for registration in self._registrations:
-                self._nixl.deregister_memory(registration)
+                self._nixl.deregister(registration)
             self._remotes.clear()
-            self._nixl = None
+            self._nixl.close()
         return self._deliver(released)
 
     def __enter__(self):
@@ -518,10 +508,3 @@ class KVTransferAgent:
 
     def _staging_view(self, offset: int, n: int, wire_block_bytes: int) -> torch.Tensor:
         return self._staging[offset : offset + n * wire_block_bytes].view(n, wire_block_bytes)
-
-    def _descs(self, addrs, nbytes: int, mem: str, device_id: int):
-        table = np.empty((len(addrs), 3), dtype=np.uint64)
-        table[:, 0] = addrs
-        table[:, 1] = nbytes
-        table[:, 2] = device_id
-        return self._nixl.get_xfer_descs(table, mem)

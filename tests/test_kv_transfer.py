@@ -41,7 +41,9 @@ def test_fp8_round_trip_within_bound():
     g = torch.Generator().manual_seed(0)
     # per-token magnitudes from 1e-4 to 1e3 so both normal and subnormal codes occur
     x = torch.randn(3, 5, 16, 4, 64, generator=g) * torch.logspace(-4, 3, 16).view(1, 1, 16, 1, 1)
+    original = x.clone()
     codes, scales = quantize_kv(x)
+    assert torch.equal(x, original)  # fp32 input: the in-place steps must work on a copy
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == x.shape
     assert scales.dtype == torch.float32 and scales.shape == x.shape[:-1]
     back = dequantize_kv(codes, scales, torch.float32)
@@ -402,12 +404,12 @@ def test_staging_pool_limits(make_agent):
 
 
 def test_missing_nixl_is_named(monkeypatch):
-    from kv_transfer.nixl_loader import load_nixl
+    from kv_transfer.transport import load_nixl_bindings
 
     monkeypatch.setitem(sys.modules, "nixl._api", None)  # None in sys.modules makes import fail
     monkeypatch.setitem(sys.modules, "nixl_cu12._api", None)
     with pytest.raises(KVTransferError, match="NIXL is not installed.*pip install nixl-cu12"):
-        load_nixl()
+        load_nixl_bindings()
 
 
 # ---- across processes -------------------------------------------------------------------
