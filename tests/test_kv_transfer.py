@@ -326,6 +326,52 @@ def test_many_requests_each_released_exactly_once(make_agent):
     assert prefill.stats()["bytes_sent"] == decode.stats()["bytes_received"] == 16 * 2 * src[0].numel() * 2
 
 
+def test_reader_abort_releases_exactly_once(make_agent):
+    log = []
+    src = _cache(4, torch.float32)
+    prefill = make_agent("prefill", src, wire_dtype="fp8", on_release=lambda r, why: log.append(why))
+    decode = make_agent("decode", torch.zeros_like(src))
+    handle = decode.pull(prefill.export("gone", [0, 1], 2 * BLOCK), [2, 3])
+    decode.abort(handle)  # the READ may already have finished: both messages then reach the exporter
+    assert handle.state == "ERROR" and handle.error == "aborted by the reader" and handle.settled
+    assert decode.check(handle) == "ERROR"
+    released = _poll_until(prefill, 1)
+    assert len(released) == 1 and released[0][1] in ("done", "cancelled")
+    time.sleep(0.05)
+    assert prefill.poll() == [] and len(log) == 1
+    assert decode.stats()["staging_bytes_in_use"] == 0 and prefill.stats()["staging_bytes_in_use"] == 0
+
+
+def test_restarted_peer_with_the_same_name_is_reloaded():
+    name = f"prefill-{uuid.uuid4().hex[:8]}"
+    dst = torch.zeros(4, LAYERS, 2, BLOCK, HEADS, DIM)
+    with KVTransferAgent(f"decode-{name}", dst) as decode:
+        for seed in (1, 2):
+            src = _cache(4, torch.float32, seed=seed)
+            with KVTransferAgent(name, src) as prefill:
+                assert decode.add_peer(prefill.metadata()) == name
+                handle = decode.pull(prefill.export("same", [3], 1), [0])
+                assert decode.wait(handle, 5.0) == "DONE", handle.error
+                assert torch.equal(dst[0], src[3])
+
+
+def test_idle_agents_do_not_spin():
+    import resource
+
+    caches = [_cache(4, torch.bfloat16) for _ in range(2)]
+    agents = [KVTransferAgent(f"idle{i}-{uuid.uuid4().hex[:8]}", c) for i, c in enumerate(caches)]
+    try:
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+        time.sleep(0.5)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        # nixl_agent's default progress thread would burn ~1 core per agent here
+        assert cpu / (time.monotonic() - start) < 0.5
+    finally:
+        for agent in agents:
+            agent.close()
+
+
 def test_mismatched_layout_is_refused(make_agent):
     src = _cache(4, torch.bfloat16)
     prefill = make_agent("prefill", src)
