@@ -172,7 +172,8 @@ class KVTransferAgent:
         except Exception as exc:
             raise KVTransferError(f"cannot reach agent {name!r} (gone?): loading its NIXL metadata failed: {exc}") from None
         if loaded != name:
-            self._nixl.remove_remote(loaded)
+            if loaded not in self._remotes:  # never unload a peer other pulls rely on
+                self._nixl.remove_remote(loaded)
             raise KVTransferError(f"metadata names agent {loaded!r}, the ticket names {name!r}")
         self._remotes[name] = nixl_md
 
@@ -207,8 +208,12 @@ class KVTransferAgent:
                 staging_offset = self._alloc_staging(n * wire_block_bytes, request_id)
                 started = time.perf_counter()
                 wire = self._staging_view(staging_offset, n, wire_block_bytes)
-                with torch.inference_mode():  # the engine's cache may be an inference tensor
-                    pack_fp8_blocks(self.kv_cache[self._index(ids)], num_tokens, wire)
+                try:
+                    with torch.inference_mode():  # the engine's cache may be an inference tensor
+                        pack_fp8_blocks(self.kv_cache[self._index(ids)], num_tokens, wire)
+                except BaseException:
+                    self._staging_pool.free(staging_offset)
+                    raise
                 self._stats.stage_seconds += time.perf_counter() - started
                 base = self._staging.data_ptr() + staging_offset
                 addrs = tuple(base + i * wire_block_bytes for i in range(n))
