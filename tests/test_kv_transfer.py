@@ -121,6 +121,29 @@ def test_fp8_pack_unpack_zeroes_the_partial_tail():
     assert ((got - valid).abs() <= _bound(valid, scales)).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_wire_on_gpu_is_the_cpu_bytes():
+    # values spanning normal, subnormal and clamp-overshoot cases; GPU casts must match the CPU
+    g = torch.Generator().manual_seed(4)
+    blocks = torch.randn(5, LAYERS, 2, BLOCK, HEADS, 64, generator=g) * torch.logspace(-6, 4, 64)
+    blocks[1, 0, 0, 0, 0] = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        x = blocks.to(dtype)
+        codes, scales = quantize_kv(x)
+        gcodes, gscales = quantize_kv(x.cuda())
+        assert torch.equal(gcodes.view(torch.uint8).cpu(), codes.view(torch.uint8))
+        assert torch.equal(gscales.cpu(), scales)
+        shape = tuple(x.shape[1:])
+        wire = torch.empty(5, fp8_block_bytes(shape), dtype=torch.uint8)
+        gwire = wire.cuda()
+        pack_fp8_blocks(x, 4 * BLOCK + 1, wire)
+        pack_fp8_blocks(x.cuda(), 4 * BLOCK + 1, gwire)
+        assert torch.equal(gwire.cpu(), wire)
+        for out in (torch.float32, torch.bfloat16):
+            assert torch.equal(unpack_fp8_blocks(gwire, shape, out).cpu(), unpack_fp8_blocks(wire, shape, out))
+
+
 # ---- agents -----------------------------------------------------------------------------
 
 
