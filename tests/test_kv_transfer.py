@@ -276,12 +276,12 @@ def test_engine_inference_tensors_as_caches(make_agent):
 def test_lease_expires_when_nobody_pulls(make_agent):
     log = []
     src = _cache(4, torch.bfloat16)
-    prefill = make_agent("prefill", src, wire_dtype="fp8", lease_seconds=0.3,
+    prefill = make_agent("prefill", src, wire_dtype="fp8", lease_seconds=1.0,
                          on_release=lambda r, why: log.append((r, why)))
     decode = make_agent("decode", torch.zeros_like(src))
     ticket = prefill.export("lonely", [1, 2], BLOCK + 1)
     assert prefill.poll() == [] and prefill.held() == ["lonely"]
-    time.sleep(0.35)
+    time.sleep(1.0)
     assert prefill.poll() == [("lonely", "expired")]
     assert prefill.poll() == [] and log == [("lonely", "expired")]
     stats = prefill.stats()
@@ -295,10 +295,10 @@ def test_lease_expires_when_nobody_pulls(make_agent):
 def test_reader_refuses_completion_after_the_deadline(make_agent):
     src = _cache(4, torch.float32)
     dst = torch.zeros_like(src)
-    prefill = make_agent("prefill", src, lease_seconds=0.4)
+    prefill = make_agent("prefill", src, lease_seconds=1.0)
     decode = make_agent("decode", dst)
     handle = decode.pull(prefill.export("slow", [0], 1), [2])
-    time.sleep(0.4)  # the READ finished long ago, but nobody looked before the deadline
+    time.sleep(1.0)  # the READ finished long ago, but nobody looked before the deadline
     assert decode.check(handle) == "ERROR"
     assert "deadline" in handle.error
     assert decode.stats()["pulls_failed"] == 1 and decode.stats()["bytes_received"] == 0
