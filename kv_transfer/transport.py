@@ -9,6 +9,10 @@ idle, 0.2 ms per 1 MiB READ. So the agent is built from the same bindings `nixl_
 A progress thread is needed at all because, over UCX's TCP/shared-memory transports, a READ
 only completes while the exporting side progresses its worker; without one the exporter would
 have to call poll() throughout every transfer.
+
+No UCX_* variable is set here: UCX's defaults work for agents in one process and across
+processes of one host (checked with the tests); UCX_TLS=sm,self alone fails on this host ("no
+active messages transport ... no peer failure handler"), so never narrow it to that.
 """
 import importlib
 

@@ -395,6 +395,36 @@ def test_idle_agents_do_not_spin():
             agent.close()
 
 
+def test_poll_from_another_thread(make_agent):
+    import threading
+
+    log = []
+    src = _cache(48, torch.bfloat16, seed=6)
+    dst = torch.zeros(48, LAYERS, 2, BLOCK, HEADS, DIM, dtype=torch.bfloat16)
+    prefill = make_agent("prefill", src, wire_dtype="fp8", on_release=lambda r, why: log.append((r, why)))
+    decode = make_agent("decode", dst)
+    stop = threading.Event()
+
+    def poller():
+        while not stop.is_set():
+            prefill.poll()
+
+    thread = threading.Thread(target=poller)
+    thread.start()
+    try:
+        for i in range(24):
+            handle = decode.pull(prefill.export(f"t{i}", [2 * i, 2 * i + 1], 2 * BLOCK), [47 - 2 * i, 46 - 2 * i])
+            assert decode.wait(handle, 5.0) == "DONE", handle.error
+        deadline = time.monotonic() + 5
+        while len(log) < 24 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        thread.join()
+    assert sorted(log) == sorted((f"t{i}", "done") for i in range(24))
+    assert prefill.stats()["staging_bytes_in_use"] == 0 and prefill.held() == []
+
+
 def test_mismatched_layout_is_refused(make_agent):
     src = _cache(4, torch.bfloat16)
     prefill = make_agent("prefill", src)
