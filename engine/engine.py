@@ -42,6 +42,7 @@ class LLMEngine:
                  progress: bool = True, cache_namespace=None):
         config = config or EngineConfig()
         self.config = config
+        self.precision = precision
         self.model_path = resolve_model_path(model)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -58,6 +59,17 @@ class LLMEngine:
         # blocks computed at another precision must not be shared with these: namespace the hashes
         self.cache_namespace = cache_namespace if cache_namespace is not None else f"{precision}:{self.dtype}"
         self.num_computed_tokens_total = 0  # tokens whose KV this engine computed (prefix-cache tests)
+
+    @classmethod
+    def from_config(cls, config, role: str, progress: bool = False) -> "LLMEngine":
+        """The engine of one pool (`role` prefill or decode) of a cluster config."""
+        from engine.precision import resolve_precision
+
+        econf = config.pool_engine(role)
+        precision = resolve_precision(getattr(config, role).precision, role, resolve_device(econf.device))
+        return cls(config.model.path, config.model.dtype, econf, precision=precision,
+                   enable_prefix_caching=role == "prefill", max_model_len=config.model.max_model_len,
+                   progress=progress)
 
     # -- input ------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,

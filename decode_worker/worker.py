@@ -1,0 +1,76 @@
+"""Decode worker: pulls a request's prompt KV through kv_transfer into its own cache, admits the
+request once the KV has arrived, recomputes the last prompt token in its own precision (so the
+first output token comes from the decode path) and decodes in continuous batches, streaming.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from engine.block_manager import NoFreeBlocks
+from engine.sampling_params import SamplingParams
+from engine.worker_base import WorkerBase
+
+
+class DecodeWorker(WorkerBase):
+    role = "decode"
+
+    def __init__(self, config: dict, name: str):
+        super().__init__(config, name)
+        self.agent = self._make_agent()
+        self.pulls: dict[str, object] = {}  # request id -> PullHandle while its KV is in flight
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict, prefill: dict):
+        """Async generator of output deltas (dicts); ends after the finished one or on abort."""
+        sp = SamplingParams.from_dict(params)
+        kw = {}
+        if prefill.get("ticket") is not None:
+            kw = await self._receive(request_id, prefill["ticket"], prefill["num_tokens"])
+        q = await self.aengine.add(request_id, prompt_token_ids, sp, **kw)
+        cached = prefill.get("num_cached_tokens", 0)
+        while True:
+            out = await q.get()
+            if out is None:
+                return
+            yield {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished,
+                   "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
+                   "completion_tokens": out.num_output_tokens, "cached_tokens": cached,
+                   "logprobs": out.new_logprobs}
+            if out.finished:
+                return
+
+    async def _receive(self, request_id: str, ticket: bytes, num_tokens: int) -> dict:
+        blocks = await self.aengine.call(self.engine.reserve_blocks, num_tokens)
+        if blocks is None:
+            raise NoFreeBlocks(f"decode worker {self.name} has no room for {num_tokens} tokens of KV")
+        handle = None
+        self.pulls[request_id] = None
+        try:
+            async with self.aengine.lock:
+                handle = self.agent.pull(ticket, blocks)
+            while True:
+                async with self.aengine.lock:
+                    state = self.agent.check(handle)
+                if state == "DONE":
+                    break
+                if state == "ERROR":
+                    raise RuntimeError(f"KV transfer for {request_id} failed: {handle.error}")
+                if request_id not in self.pulls:
+                    raise asyncio.CancelledError(f"request {request_id} aborted during its KV transfer")
+                await asyncio.sleep(0.0005)
+        except BaseException:
+            self.pulls.pop(request_id, None)
+            async with self.aengine.lock:
+                if handle is not None and not handle.settled:
+                    self.agent.abort(handle)
+                if handle is None or handle.settled:
+                    self.engine.free_blocks(blocks)
+                # else NIXL may still write these blocks: they stay out of the pool until close()
+            raise
+        self.pulls.pop(request_id, None)
+        return {"block_table": blocks, "num_computed_tokens": num_tokens}
+
+    async def abort(self, request_id: str) -> bool:
+        if request_id in self.pulls:
+            del self.pulls[request_id]  # the pull loop sees it gone, stops the READ and frees the blocks
+            return True
+        return await self.aengine.abort(request_id)

@@ -1,0 +1,91 @@
+"""An asyncio front for LLMEngine: one background task steps the engine in a worker thread
+whenever it has work and routes each output to its request's queue.
+
+Invariant: the engine is touched only under `self.lock`, so the event loop can take requests
+and aborts while a step runs in the thread; a queue receives None when its request is aborted.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+from engine.engine import LLMEngine
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, idle_hook: Optional[Callable[[], None]] = None,
+                 idle_interval: float = 0.05):
+        self.engine = engine
+        self.lock = asyncio.Lock()
+        self.queues: dict[str, asyncio.Queue] = {}
+        self._work = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self._idle_hook = idle_hook  # runs under the lock between steps (e.g. KV transfer polling)
+        self._idle_interval = idle_interval
+        self.steps = 0
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def add(self, request_id: str, prompt_token_ids: list[int], params, **kw) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        async with self.lock:
+            self.engine.add_request(request_id, prompt_token_ids, params, **kw)
+            self.queues[request_id] = q
+            seq = self.engine.requests[request_id]
+            if seq.finished:  # nothing to compute (a 1-token prompt on a prefill worker)
+                from engine.engine import RequestOutput
+
+                q.put_nowait(RequestOutput(request_id, [], "", True, seq.finish_reason, seq.num_prompt_tokens))
+                self.queues.pop(request_id)
+        self._work.set()
+        return q
+
+    async def abort(self, request_id: str) -> bool:
+        async with self.lock:
+            found = self.engine.abort(request_id)
+        q = self.queues.pop(request_id, None)
+        if q is not None:
+            q.put_nowait(None)
+        return found
+
+    async def call(self, fn, *args):
+        """Run fn(*args) on the engine's state, between steps."""
+        async with self.lock:
+            return fn(*args)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.engine.has_unfinished():
+                self._work.clear()
+                try:
+                    await asyncio.wait_for(self._work.wait(), self._idle_interval)
+                except asyncio.TimeoutError:
+                    pass
+                if self._idle_hook is not None:
+                    async with self.lock:
+                        self._idle_hook()
+                continue
+            async with self.lock:
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                self.steps += 1
+                if self._idle_hook is not None:
+                    self._idle_hook()
+            for out in outputs:
+                q = self.queues.get(out.request_id)
+                if q is not None:
+                    q.put_nowait(out)
+                    if out.finished:
+                        del self.queues[out.request_id]
+            await asyncio.sleep(0)  # let request handlers run between steps
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {
+            "num_waiting": len(e.scheduler.waiting),
+            "num_running": len(e.scheduler.running),
+            "kv_cache_usage": e.block_manager.usage,
+            "num_free_blocks": e.block_manager.num_free,
+            "num_blocks": e.block_manager.num_blocks,
+            "steps": self.steps,
+        }

@@ -1,0 +1,68 @@
+"""What both worker kinds share: an engine at the pool's precision, a KV transfer agent on its
+cache, the async loop, and the stats the router balances on. Ray actor classes wrap this."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.engine import LLMEngine
+from pdserve.config import Config, from_dict
+
+
+class WorkerBase:
+    role = ""
+
+    def __init__(self, config: dict, name: str):
+        self.config: Config = from_dict(Config, config, "").validate()
+        self.name = name
+        if torch.get_num_threads() > 1 and "OMP_NUM_THREADS" in os.environ:
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self.engine = LLMEngine.from_config(self.config, self.role)
+        self.aengine: AsyncEngine | None = None
+        self.agent = None
+        self.draining = False
+
+    def _make_agent(self, on_release=None):
+        from kv_transfer import KVTransferAgent
+
+        kt = self.config.kv_transfer
+        return KVTransferAgent(self.name, self.engine.runner.kv_cache, wire_dtype=kt.dtype,
+                               lease_seconds=kt.lease_seconds, on_release=on_release,
+                               staging_blocks=min(self.engine.runner.num_blocks, 1024))
+
+    async def start(self) -> dict:
+        """Called once by the router after construction; returns what the router needs to know."""
+        if self.aengine is None:
+            self.aengine = AsyncEngine(self.engine, idle_hook=self._poll)
+        return self.info()
+
+    def _poll(self) -> None:
+        if self.agent is not None:
+            self.agent.poll()
+
+    def info(self) -> dict:
+        e = self.engine
+        return {"name": self.name, "role": self.role, "precision": e.precision, "dtype": str(e.dtype),
+                "num_blocks": e.block_manager.num_blocks, "block_size": e.config.block_size,
+                "pid": os.getpid()}
+
+    async def stats(self) -> dict:
+        s = self.aengine.stats() if self.aengine else {}
+        if self.agent is not None:
+            s["kv_transfer"] = self.agent.stats()
+        s["name"] = self.name
+        s["role"] = self.role
+        s["draining"] = self.draining
+        s["num_requests"] = len(self.engine.requests)
+        return s
+
+    async def drain(self) -> None:
+        self.draining = True
+
+    async def check_no_leaks(self) -> dict:
+        """Blocks referenced by no request: the pool should be all free once idle."""
+        bm = self.engine.block_manager
+        return {"num_free": bm.num_free, "num_blocks": bm.num_blocks,
+                "held": sum(1 for rc in bm.refcount if rc), "requests": list(self.engine.requests)}

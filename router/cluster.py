@@ -1,0 +1,140 @@
+"""The worker pools on Ray: start (or join) Ray, create prefill and decode actors, grow and shrink
+each pool at run time (removal drains: no new requests, in-flight ones finish, then the actor exits).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from pdserve.config import Config
+from router.pool import Pool, Worker
+
+log = logging.getLogger("pdserve.cluster")
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def init_ray(config: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+                        "TOKENIZERS_PARALLELISM": "false"}}
+    if config.ray.address:
+        ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True)
+        return
+    need = config.prefill.num_cpus * max(config.prefill.replicas, 1) + config.decode.num_cpus * max(config.decode.replicas, 1)
+    num_cpus = config.ray.num_cpus or max(int(need + 0.999) + 2, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level=logging.WARNING)
+
+
+def _actor_class(role: str):
+    import ray
+
+    if role == "prefill":
+        from prefill_worker.worker import PrefillWorker as cls
+    else:
+        from decode_worker.worker import DecodeWorker as cls
+    return ray.remote(cls)
+
+
+class Cluster:
+    def __init__(self, config: Config):
+        self.config = config
+        policy = "round_robin" if config.router.policy == "round_robin" else "least_loaded"
+        self.pools = {"prefill": Pool("prefill", policy), "decode": Pool("decode", policy)}
+        self._counter = 0
+        self._tasks: set = set()
+        self.scale_events: list[tuple[str, int, int]] = []
+        self._scale_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        init_ray(self.config)
+        await asyncio.gather(self._add("prefill", self.config.prefill.replicas),
+                             self._add("decode", self.config.decode.replicas))
+
+    async def _add(self, role: str, n: int) -> list[Worker]:
+        import ray
+
+        pool_cfg = getattr(self.config, role)
+        cls = _actor_class(role)
+        new = []
+        for _ in range(n):
+            self._counter += 1
+            name = f"{role}-{self._counter}-{secrets.token_hex(3)}"
+            actor = cls.options(num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus,
+                                resources=pool_cfg.resources or None, max_concurrency=1000,
+                                name=name, lifetime=None).remote(self.config.to_dict(), name)
+            w = Worker(name, role, actor)
+            self.pools[role].workers[name] = w
+            new.append(w)
+        results = await asyncio.gather(*(w.actor.start.remote() for w in new), return_exceptions=True)
+        for w, r in zip(new, results):
+            if isinstance(r, BaseException):
+                log.error("worker %s failed to start: %s", w.name, r)
+                self.pools[role].workers.pop(w.name, None)
+                ray.kill(w.actor)
+            else:
+                w.info = r
+                w.state = "ready"
+        return [w for w in new if w.state == "ready"]
+
+    async def scale(self, role: str, replicas: int) -> int:
+        """Set a pool's size; returns the previous size. Removal drains the least loaded workers."""
+        if role not in self.pools:
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        if replicas < 0:
+            raise ValueError("replicas must be >= 0")
+        async with self._scale_lock:
+            pool = self.pools[role]
+            prev = len(pool.active())
+            if replicas > prev:
+                await self._add(role, replicas - prev)
+            elif replicas < prev:
+                victims = sorted(pool.active(), key=lambda w: w.inflight)[:prev - replicas]
+                for w in victims:
+                    w.state = "draining"
+                    t = asyncio.get_running_loop().create_task(self._retire(w))
+                    self._tasks.add(t)
+                    t.add_done_callback(self._tasks.discard)
+            self.scale_events.append((role, prev, replicas))
+            return prev
+
+    async def _retire(self, w: Worker) -> None:
+        import ray
+
+        try:
+            await w.actor.drain.remote()
+        except Exception:
+            pass
+        while w.inflight > 0:
+            await asyncio.sleep(0.05)
+        # leases held for in-flight transfers have settled once inflight is 0 on the router side
+        self.pools[w.role].workers.pop(w.name, None)
+        ray.kill(w.actor, no_restart=True)
+
+    async def refresh_stats(self) -> None:
+        workers = [w for p in self.pools.values() for w in p.workers.values() if w.state != "starting"]
+        results = await asyncio.gather(*(w.actor.stats.remote() for w in workers), return_exceptions=True)
+        for w, r in zip(workers, results):
+            if isinstance(r, BaseException):
+                log.warning("worker %s is not answering: %s", w.name, r)
+                if w.state == "ready":
+                    w.state = "draining"  # a dead actor takes no new requests
+            else:
+                w.stats = r
+
+    async def shutdown(self) -> None:
+        import ray
+
+        for p in self.pools.values():
+            for w in list(p.workers.values()):
+                try:
+                    ray.kill(w.actor, no_restart=True)
+                except Exception:
+                    pass
+            p.workers.clear()
