@@ -150,6 +150,47 @@ def gemm_paths(m: int, n: int, k: int) -> dict:
     return {name: [(lambda f=f, i=i: f(i)) for i in range(ROT)] for name, f in paths.items()}
 
 
+def bench_variants(log) -> list[dict]:
+    """Kernel settings worth choosing between, at the shapes where they matter most."""
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tiles = [dict(BLOCK_M=16, BLOCK_K=128, num_warps=4), dict(BLOCK_M=16, BLOCK_K=128, num_warps=8),
+             dict(BLOCK_M=8, BLOCK_K=128, num_warps=4), dict(BLOCK_M=32, BLOCK_K=128, num_warps=8),
+             dict(BLOCK_M=32, BLOCK_K=256, num_warps=8)]
+    for m, k in ((2048, 4096), (8192, 4096), (8192, 14336)):
+        xs = [torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(ROT)]
+        for tile in tiles:
+            ms = graph_time_ms([lambda x=x, t=tile: triton_nvfp4.quantize_nvfp4_folded(x, tile=t) for x in xs])
+            rows.append({"what": "nvfp4 quantizer", "M": m, "K": k, "setting": tile, "us": ms * 1e3,
+                         "GBps": m * k * 6 / ms / 1e6})
+        ms = graph_time_ms([lambda x=x: triton_fp8.quantize_fp8_rows(x) for x in xs])
+        rows.append({"what": "fp8 quantizer", "M": m, "K": k, "setting": "default", "us": ms * 1e3,
+                     "GBps": m * k * 3 / ms / 1e6})
+        for n in (4096,):
+            ws = [(torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16) for _ in range(ROT)]
+            w8 = [triton_fp8.quantize_fp8_rows(w) for w in ws]
+            x8 = [triton_fp8.quantize_fp8_rows(x) for x in xs]
+            for promote in (None, 128, 32):  # None: Triton's sm_90 default, never promote (not fp32-exact)
+                cfg = dict(triton_fp8.default_gemm_config(torch.float8_e4m3fn, m), IMPRECISE_K=promote)
+                ms = graph_time_ms([lambda i=i, c=cfg: triton_fp8.scaled_gemm(x8[i][0], w8[i][0], x8[i][1], w8[i][1],
+                                                                            torch.bfloat16, config=c)
+                                    for i in range(ROT)])
+                rows.append({"what": "fp8 Triton GEMM, promote every", "M": m, "K": k, "N": n, "setting": promote or "never",
+                             "us": ms * 1e3, "TFLOPs": 2 * m * n * k / ms / 1e9})
+        for row in rows[-(len(tiles) + 4):]:
+            log(json.dumps(row))
+        del xs
+        torch.cuda.empty_cache()
+    best = {}
+    for row in rows:
+        if row["what"] == "nvfp4 quantizer":
+            key = json.dumps(row["setting"], sort_keys=True)
+            best[key] = best.get(key, 0.0) + math.log(row["us"])
+    triton_nvfp4.QUANT_TILE = json.loads(min(best, key=best.get))
+    log(json.dumps({"nvfp4 QUANT_TILE chosen": triton_nvfp4.QUANT_TILE}))
+    return rows
+
+
 def bench_gemms(log) -> list[dict]:
     rows = []
     for m in TOKENS:
@@ -239,16 +280,29 @@ def pick_elementwise():
 
 
 def make_forward(layers, precision, rms_norm, rotary, silu_mul, cache):
-    mods = [{name: make_linear(lw[name], None, precision, torch.bfloat16) for name in ("qkv", "o", "gate_up", "down")}
+    """precision "fp8_fused": fp8 layers fed by the producers with the quantizer fused in (RMSNorm
+    before qkv and gate_up, SiLU*up before down; o's input still goes through the plain quantizer)."""
+    fused = precision == "fp8_fused"
+    layer_precision = "fp8" if fused else precision
+    mods = [{name: make_linear(lw[name], None, layer_precision, torch.bfloat16) for name in ("qkv", "o", "gate_up", "down")}
             | {"norm1": lw["norm1"], "norm2": lw["norm2"]} for lw in layers]
     q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+
+    def norm_linear(x, norm_w, linear):
+        if fused:
+            return linear.forward_quantized(*triton_fp8.rms_norm_quant_fp8(x, norm_w, 1e-5), torch.bfloat16)
+        return linear(rms_norm(x, norm_w, 1e-5))
+
+    def mlp_down(gate_up, linear):
+        if fused:
+            return linear.forward_quantized(*triton_fp8.silu_mul_quant_fp8(gate_up), torch.bfloat16)
+        return linear(silu_mul(gate_up))
 
     def forward(x, pos):
         t = x.shape[0]
         res = x
         for lm in mods:
-            h = rms_norm(res, lm["norm1"], 1e-5)
-            qkv = lm["qkv"](h)
+            qkv = norm_linear(res, lm["norm1"], lm["qkv"])
             q = qkv[:, :q_size].view(t, HEADS, HEAD_DIM)
             k = qkv[:, q_size:q_size + kv_size].view(t, KV_HEADS, HEAD_DIM)
             v = qkv[:, q_size + kv_size:].view(t, KV_HEADS, HEAD_DIM)
@@ -259,8 +313,7 @@ def make_forward(layers, precision, rms_norm, rotary, silu_mul, cache):
                 v.repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0), is_causal=True)
             attn = attn.squeeze(0).transpose(0, 1).reshape(t, q_size)
             res = res + lm["o"](attn)
-            h = rms_norm(res, lm["norm2"], 1e-5)
-            res = res + lm["down"](silu_mul(lm["gate_up"](h)))
+            res = res + mlp_down(norm_linear(res, lm["norm2"], lm["gate_up"]), lm["down"])
         return res
 
     return forward, mods
@@ -276,10 +329,12 @@ def bench_prefill(log, num_layers: int) -> tuple[list[dict], str]:
     cache = torch.cat((ang.cos(), ang.sin()), dim=-1).contiguous()
     rows = []
     outputs = {}
-    for precision in ("bf16", "fp8", "nvfp4"):
+    inputs = {t: [torch.randn(t, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2)]
+              for t in TOKENS}  # the same inputs for every precision
+    for precision in ("bf16", "fp8", "fp8_fused", "nvfp4"):
         forward, mods = make_forward(layers, precision, rms_norm, rotary, silu_mul, cache)
         for t in TOKENS:
-            xs = [torch.randn(t, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2)]
+            xs = inputs[t]
             pos = torch.arange(t, device="cuda")
             row = {"precision": precision, "tokens": t, "layers": num_layers}
             try:
@@ -308,7 +363,7 @@ def bench_prefill(log, num_layers: int) -> tuple[list[dict], str]:
     return rows, which
 
 
-def markdown(env, ceil, gemms, prefill, which) -> str:
+def markdown(env, ceil, gemms, prefill, which, variants=()) -> str:
     lines = [f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
              f"{env['date']}", "",
              f"Ceilings measured in the same run: copy {ceil['copy_TBps']:.2f} TB/s (read + write), "
@@ -340,6 +395,12 @@ def markdown(env, ceil, gemms, prefill, which) -> str:
         lines.append(f"| {r['precision']} | {r['tokens']} | {r['graph_ms']:.2f} | {r['graph_tok_s']:.0f} | "
                      f"{r.get('graph_x', 1):.2f} | {r['eager_ms']:.2f} | {r['eager_tok_s']:.0f} | "
                      f"{r.get('eager_x', 1):.2f} | {r.get('rel_err_vs_bf16', 0):.3f} |")
+    if variants:
+        lines += ["", "### Kernel settings compared (graph-replayed, rotated inputs)", "",
+                  "| what | M | K | N | setting | us | GB/s or TFLOP/s |", "|---|---|---|---|---|---|---|"]
+        for v in variants:
+            rate = f"{v['GBps']:.0f} GB/s" if "GBps" in v else f"{v['TFLOPs']:.0f} TFLOP/s"
+            lines.append(f"| {v['what']} | {v['M']} | {v['K']} | {v.get('N', '')} | {v['setting']} | {v['us']:.1f} | {rate} |")
     errors = [f"- M={r['M']} {r['shape']} {k[:-6]}: {v}" for r in gemms for k, v in r.items() if k.endswith("_error")]
     if errors:
         lines += ["", "Errors:", *errors]
@@ -366,13 +427,15 @@ def main():
     log(json.dumps(env))
     ceil = ceilings()
     log(json.dumps(ceil))
+    variants = [] if args.skip_gemm else bench_variants(log)
     gemms = [] if args.skip_gemm else bench_gemms(log)
     if gemms:
         log(json.dumps(choose_backends(gemms)))
     prefill, which = bench_prefill(log, args.layers)
-    md = markdown(env, ceil, gemms, prefill, which)
+    md = markdown(env, ceil, gemms, prefill, which, variants)
     (out / "bench_quant.json").write_text(json.dumps({"env": env, "ceilings": ceil, "gemm": gemms,
-                                                      "prefill": prefill, "elementwise": which}, indent=1))
+                                                      "prefill": prefill, "elementwise": which,
+                                                      "variants": variants}, indent=1))
     (out / "bench_quant.md").write_text(md)
     print(md)
     log("done")

@@ -92,18 +92,27 @@ class Fp8Linear(QuantizedLinear):
         if x2.is_cuda:
             y = self._forward_cuda(x2, x.dtype)
         else:
-            x8, s_x = fp8.quantize_fp8_rows(x2)
-            y = fp8.fp8_gemm_reference(x8, s_x, self.w8, self.s_w, x.dtype)
-        return self.add_bias(y).reshape(*x.shape[:-1], -1)
+            y = self.forward_quantized(*fp8.quantize_fp8_rows(x2), x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
 
     def _forward_cuda(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         from kernels import triton_fp8
         x8, s_x = triton_fp8.quantize_fp8_rows(x2)
+        return self.forward_quantized(x8, s_x, out_dtype)
+
+    def forward_quantized(self, x8: torch.Tensor, s_x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The GEMM on activations already quantized per token (x8 [M, in] e4m3, s_x [M, 1] fp32),
+        e.g. by a producer with the quantizer fused in (kernels/triton_fp8.rms_norm_quant_fp8)."""
+        if not x8.is_cuda:
+            return self.add_bias(fp8.fp8_gemm_reference(x8, s_x, self.w8, self.s_w, out_dtype))
+        from kernels import triton_fp8
         n, k = self.w8.shape
         # cuBLAS rowwise scaling wants 16-aligned K and N and a bf16 output
         if FP8_GEMM == "scaled_mm" and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16:
-            return torch._scaled_mm(x8, self.w8.t(), scale_a=s_x, scale_b=self.s_w_row, out_dtype=out_dtype)
-        return triton_fp8.scaled_gemm(x8, self.w8, s_x, self.s_w, out_dtype)
+            y = torch._scaled_mm(x8, self.w8.t(), scale_a=s_x, scale_b=self.s_w_row, out_dtype=out_dtype)
+        else:
+            y = triton_fp8.scaled_gemm(x8, self.w8, s_x, self.s_w, out_dtype)
+        return self.add_bias(y)
 
 
 class Nvfp4Linear(QuantizedLinear):

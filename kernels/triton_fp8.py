@@ -35,6 +35,23 @@ def e4m3_rne(v):
 
 
 @triton.jit
+def fp8_codes(x, s):
+    """e4m3 codes of fp32 x at scale s: e4m3_rne(clamp(x/s)), no -0 (see kernels/fp8.py)."""
+    r = e4m3_rne(tl.minimum(tl.abs(tl.math.div_rn(x, s)), 448.0))
+    return tl.where((x < 0) & (r > 0), -r, r).to(tl.float8e4nv)
+
+
+@triton.jit
+def store_fp8_row(x, mask, offs, c_row, scale_ptr, row):
+    """Quantize one row held in registers (fp32, masked lanes 0) and store codes and scale."""
+    amax = tl.max(tl.abs(x), axis=0)
+    s = tl.math.div_rn(amax, 448.0)
+    s = tl.where(s > 0, s, 1.0)
+    tl.store(scale_ptr + row, s)
+    tl.store(c_row + offs, fp8_codes(x, s), mask=mask)
+
+
+@triton.jit
 def quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c,
                          BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_PASS: tl.constexpr):
     """One program per row: amax, s = amax/448 (1 if 0), codes = e4m3(clamp(x/s)). When the row
@@ -46,7 +63,7 @@ def quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c,
     if ONE_PASS:
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
+        store_fp8_row(x, mask, offs, c_row, scale_ptr, row)
     else:
         acc = tl.zeros((BLOCK_K,), tl.float32)
         for kt in range(K_TILES):
@@ -54,22 +71,34 @@ def quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c,
             mask = (k0 + offs) < K
             xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
             acc = tl.maximum(acc, tl.abs(xk))
-        amax = tl.max(acc, axis=0)
-    s = tl.math.div_rn(amax, 448.0)
-    s = tl.where(s > 0, s, 1.0)
-    tl.store(scale_ptr + row, s)
-    if ONE_PASS:
-        r = e4m3_rne(tl.minimum(tl.abs(tl.math.div_rn(x, s)), 448.0))
-        q = tl.where((x < 0) & (r > 0), -r, r)  # no -0: see kernels/fp8.py
-        tl.store(c_row + offs, q.to(tl.float8e4nv), mask=mask)
-    else:
+        s = tl.math.div_rn(tl.max(acc, axis=0), 448.0)
+        s = tl.where(s > 0, s, 1.0)
+        tl.store(scale_ptr + row, s)
         for kt in range(K_TILES):
             k0 = kt * BLOCK_K
             mask = (k0 + offs) < K
             xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            r = e4m3_rne(tl.minimum(tl.abs(tl.math.div_rn(xk, s)), 448.0))
-            q = tl.where((xk < 0) & (r > 0), -r, r)  # no -0: see kernels/fp8.py
-            tl.store(c_row + k0 + offs, q.to(tl.float8e4nv), mask=mask)
+            tl.store(c_row + k0 + offs, fp8_codes(xk, s), mask=mask)
+
+
+# rows up to this many elements are quantized from registers in one read
+FP8_ONE_PASS_MAX = 16384
+
+
+def row_launch(k: int) -> dict:
+    one_pass = k <= FP8_ONE_PASS_MAX
+    block_k = triton.next_power_of_2(k) if one_pass else 2048
+    # about 32 fp32 values per thread at most
+    num_warps = min(max(block_k // 1024, 4), 16)
+    return dict(BLOCK_K=block_k, K_TILES=triton.cdiv(k, block_k), ONE_PASS=one_pass, num_warps=num_warps)
+
+
+def _outputs(m, k, device, codes, scale):
+    if codes is None:
+        codes = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=device)
+    if scale is None:
+        scale = torch.empty((m, 1), dtype=torch.float32, device=device)
+    return codes, scale
 
 
 def quantize_fp8_rows(x: torch.Tensor, codes: torch.Tensor | None = None,
@@ -80,15 +109,62 @@ def quantize_fp8_rows(x: torch.Tensor, codes: torch.Tensor | None = None,
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if codes is None:
-        codes = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    if scale is None:
-        scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    one_pass = k <= 8192
-    block_k = triton.next_power_of_2(k) if one_pass else 2048
-    num_warps = 8 if block_k >= 4096 else 4
-    quantize_rows_kernel[(m,)](x, codes, scale, k, x.stride(0), codes.stride(0), BLOCK_K=block_k,
-                               K_TILES=triton.cdiv(k, block_k), ONE_PASS=one_pass, num_warps=num_warps)
+    codes, scale = _outputs(m, k, x.device, codes, scale)
+    quantize_rows_kernel[(m,)](x, codes, scale, k, x.stride(0), codes.stride(0), **row_launch(k))
+    return codes, scale
+
+
+# ---------------------------------------------------------------- quantizers fused into their producer
+# The activation quantizer costs a read and a write of the activation; fusing it into the kernel
+# that produces the activation (RMSNorm before qkv and gate_up, SiLU*up before down) removes the
+# producer's bf16 write and the quantizer's read. The producer's arithmetic is kernels/fused.py's
+# (same expressions, same block and warp count, so the same rounding), then fp8_codes.
+
+@triton.jit
+def rms_norm_quant_kernel(x_ptr, w_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, eps, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    h = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
+    normed = (h * rstd).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    out = (w.to(tl.float32) * normed.to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    store_fp8_row(out, mask, offs, codes_ptr + row * stride_c, scale_ptr, row)
+
+
+@triton.jit
+def silu_mul_quant_kernel(x_ptr, codes_ptr, scale_ptr, INTER, stride_x, stride_c, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < INTER
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + INTER + offs, mask=mask, other=0.0).to(tl.float32)
+    h = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    store_fp8_row(h, mask, offs, codes_ptr + row * stride_c, scale_ptr, row)
+
+
+def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, codes=None, scale=None):
+    """fp8 rows of rms_norm(x) * weight (rounded to x.dtype first, as the unfused pair does)."""
+    m, k = x.shape
+    assert x.stride(-1) == 1 and k <= FP8_ONE_PASS_MAX
+    codes, scale = _outputs(m, k, x.device, codes, scale)
+    block = triton.next_power_of_2(k)
+    rms_norm_quant_kernel[(m,)](x, weight, codes, scale, k, x.stride(0), codes.stride(0), eps, BLOCK_K=block,
+                                num_warps=min(max(block // 256, 1), 16))
+    return codes, scale
+
+
+def silu_mul_quant_fp8(x: torch.Tensor, codes=None, scale=None):
+    """fp8 rows of silu(x[:, :I]) * x[:, I:] (rounded to x.dtype first, as the unfused pair does)."""
+    m, width = x.shape
+    inter = width // 2
+    assert x.stride(-1) == 1 and inter <= FP8_ONE_PASS_MAX
+    codes, scale = _outputs(m, inter, x.device, codes, scale)
+    block = triton.next_power_of_2(inter)
+    silu_mul_quant_kernel[(m,)](x, codes, scale, inter, x.stride(0), codes.stride(0), BLOCK_K=block,
+                                num_warps=min(max(block // 1024, 4), 16))
     return codes, scale
 
 
@@ -96,9 +172,14 @@ def quantize_fp8_rows(x: torch.Tensor, codes: torch.Tensor | None = None,
 def scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, M, N, K,
                        stride_am, stride_bn, stride_cm, stride_rs, stride_cs,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       K_TILES: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                       K_TILES: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                       IMPRECISE_K: tl.constexpr):
     """C[M, N] = (A[M, K] @ B[N, K]^T) * row_scale[m] * col_scale[n], fp32 accumulate.
 
+    IMPRECISE_K (8-bit inputs): Hopper's fp8 tensor cores keep fewer accumulator bits than fp32
+    (measured here: relative error 2e-3 over K = 4096 when left to accumulate throughout, Triton's
+    sm_90 default); adding the MMA partial sum into the fp32 accumulator every IMPRECISE_K
+    elements restores fp32 accumulation.
     The K loop count is a constexpr (a model has a handful of K values, so few compilations):
     Triton's interpreter cannot loop to a run-time bound with numpy 2.
     A and B are K-contiguous (fp8 or bf16). A scale with stride 0 is one scalar (the NVFP4
@@ -131,7 +212,7 @@ def scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, M, N, 
             kmask = (k0 + offs_k) < K
             a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
-        acc = tl.dot(a, b.T, acc)
+        acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=IMPRECISE_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -146,7 +227,8 @@ def scaled_gemm_kernel(a_ptr, b_ptr, c_ptr, row_scale_ptr, col_scale_ptr, M, N, 
 def scaled_gemm_tma_kernel(a_desc, b_desc, c_ptr, row_scale_ptr, col_scale_ptr, M, N,
                            stride_cm, stride_rs, stride_cs,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           K_TILES: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+                           K_TILES: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr,
+                           IMPRECISE_K: tl.constexpr):
     """scaled_gemm_kernel with operand tiles fetched by the tensor-memory accelerator (host
     descriptors; out-of-range rows and the ragged K tail arrive as zeros)."""
     pid = tl.program_id(0)
@@ -162,7 +244,7 @@ def scaled_gemm_tma_kernel(a_desc, b_desc, c_ptr, row_scale_ptr, col_scale_ptr, 
     for kt in tl.range(0, K_TILES, num_stages=NUM_STAGES):
         a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
         b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
-        acc = tl.dot(a, b.T, acc)
+        acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=IMPRECISE_K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -194,7 +276,10 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_s
     rs = row_scale.reshape(-1)
     cs = col_scale.reshape(-1)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_TILES=triton.cdiv(k, block_k), GROUP_M=8)
+    imprecise_k = cfg.pop("IMPRECISE_K", FP8_PROMOTE_EVERY)
+    imprecise_k = imprecise_k if a.dtype.itemsize == 1 else None
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_TILES=triton.cdiv(k, block_k), GROUP_M=8,
+                  IMPRECISE_K=None if imprecise_k is None else min(imprecise_k, block_k))
     if use_tma is None:
         use_tma = tma_ok(a, b)
     if use_tma:
@@ -210,6 +295,10 @@ def scaled_gemm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_s
                                  0 if rs.numel() == 1 else 1, 0 if cs.numel() == 1 else 1,
                                  EVEN_K=(k % block_k == 0), **common, **cfg)
     return out
+
+
+# fp8 MMA partial sums go into the fp32 accumulator after this many K elements (<= BLOCK_K)
+FP8_PROMOTE_EVERY = 128
 
 
 def default_gemm_config(dtype: torch.dtype, m: int) -> dict:

@@ -48,8 +48,9 @@ def e2m1_rne(v):
 def quantize_kernel(x_ptr, amax_bits_ptr, packed_ptr, scale_ptr, folded_ptr, g_ptr, M, K, stride_x,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                     EMIT_PACKED: tl.constexpr, EMIT_FOLDED: tl.constexpr):
-    """Quantize a [BLOCK_M, BLOCK_K] tile. EMIT_PACKED writes codes (2 per byte) and e4m3 block
-    scales; EMIT_FOLDED writes T[q]*s_b as bf16 (exact), the operand of the Hopper GEMM."""
+    """Quantize a [BLOCK_M, BLOCK_K] tile, addressed as [BLOCK_M, blocks, 16] so each block's amax
+    and scale stay in the layout of its elements. EMIT_PACKED writes codes (2 per byte) and e4m3
+    block scales; EMIT_FOLDED writes T[q]*s_b as bf16 (exact), the operand of the Hopper GEMM."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     amax = tl.load(amax_bits_ptr).to(tl.float32, bitcast=True)
@@ -58,27 +59,26 @@ def quantize_kernel(x_ptr, amax_bits_ptr, packed_ptr, scale_ptr, folded_ptr, g_p
     if pid_m == 0 and pid_k == 0:
         tl.store(g_ptr, g)
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
     NB: tl.constexpr = BLOCK_K // 16
-    xb = tl.reshape(x, (BLOCK_M, NB, 16))
-    amax_b = tl.max(tl.abs(xb), axis=2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    blocks = pid_k * NB + tl.arange(0, NB)
+    cols = blocks[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+    mask = (rows[:, None, None] < M) & (cols < K)
+    x = tl.load(x_ptr + rows64[:, None, None] * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+
+    amax_b = tl.max(tl.abs(x), axis=2)
     s = e4m3_rne(tl.minimum(tl.math.div_rn(amax_b, 6.0) * g, 448.0))
-    s3 = tl.reshape(s, (BLOCK_M, NB, 1))
-    ratio = tl.math.div_rn(xb * g, tl.where(s3 > 0, s3, 1.0))
+    s3 = s[:, :, None]
+    ratio = tl.math.div_rn(x * g, tl.where(s3 > 0, s3, 1.0))
     mag = tl.minimum(tl.abs(ratio), 6.0)
     mag = tl.where(s3 > 0, mag, 0.0)
     code, val = e2m1_rne(mag)
-    neg = (xb < 0) & (code != 0)
+    neg = (x < 0) & (code != 0)
 
     if EMIT_FOLDED:
         folded = tl.where(neg, -val, val) * s3
-        folded = tl.reshape(folded, (BLOCK_M, BLOCK_K))
-        tl.store(folded_ptr + rows64[:, None] * K + cols[None, :], folded.to(tl.bfloat16), mask=mask)
+        tl.store(folded_ptr + rows64[:, None, None] * K + cols, folded.to(tl.bfloat16), mask=mask)
     if EMIT_PACKED:
         code = tl.where(neg, code | 8, code)
         lo, hi = tl.split(tl.reshape(code, (BLOCK_M, BLOCK_K // 2, 2)))
@@ -86,12 +86,16 @@ def quantize_kernel(x_ptr, amax_bits_ptr, packed_ptr, scale_ptr, folded_ptr, g_p
         pcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         pmask = (rows[:, None] < M) & (pcols[None, :] < K // 2)
         tl.store(packed_ptr + rows64[:, None] * (K // 2) + pcols[None, :], byte, mask=pmask)
-        scols = pid_k * NB + tl.arange(0, NB)
-        smask = (rows[:, None] < M) & (scols[None, :] < K // 16)
-        tl.store(scale_ptr + rows64[:, None] * (K // 16) + scols[None, :], s.to(tl.float8e4nv), mask=smask)
+        smask = (rows[:, None] < M) & (blocks[None, :] < K // 16)
+        tl.store(scale_ptr + rows64[:, None] * (K // 16) + blocks[None, :], s.to(tl.float8e4nv), mask=smask)
 
 
-def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool, out: dict | None = None):
+# activation-quantizer tile (benchmarks/bench_quant.py compares a few)
+QUANT_TILE = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
+
+
+def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool, out: dict | None = None,
+              tile: dict | None = None):
     m, k = x.shape
     assert k % BLOCK == 0, "NVFP4 needs K % 16 == 0"
     if x.stride(-1) != 1:
@@ -109,11 +113,12 @@ def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool, out: dict |
     else:
         packed = scale = g
     folded = out.get("folded", torch.empty((m, k), dtype=torch.bfloat16, device=dev)) if emit_folded else g
-    block_m, block_k = 16, 128
+    tile = dict(tile or QUANT_TILE)
+    block_m, block_k = tile.pop("BLOCK_M"), tile.pop("BLOCK_K")
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     quantize_kernel[grid](x, amax_bits, packed, scale, folded, g, m, k, x.stride(0),
                           BLOCK_M=block_m, BLOCK_K=block_k, EMIT_PACKED=emit_packed, EMIT_FOLDED=emit_folded,
-                          num_warps=4)
+                          **tile)
     return packed, scale, folded, g
 
 
@@ -124,10 +129,11 @@ def quantize_nvfp4(x: torch.Tensor, out: dict | None = None) -> NVFP4Tensor:
     return NVFP4Tensor(packed, scale, g)
 
 
-def quantize_nvfp4_folded(x: torch.Tensor, out: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nvfp4_folded(x: torch.Tensor, out: dict | None = None,
+                          tile: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (T[q]*s_b as bf16 [M, K], g fp32 scalar): the Hopper GEMM operand.
     `out` may hold preallocated "folded", "g" tensors."""
-    _, _, folded, g = _quantize(x, emit_packed=False, emit_folded=True, out=out)
+    _, _, folded, g = _quantize(x, emit_packed=False, emit_folded=True, out=out, tile=tile)
     return folded, g
 
 

@@ -129,12 +129,41 @@ def check_nvfp4_hopper_gemm(device, m, n, k, out_dtype, seed, config=None, backe
     return err
 
 
+def check_fused_producers(device, m, k, seed):
+    """RMSNorm+quant and SiLU*up+quant: byte-equal to the unfused pair on the same device (same
+    producer arithmetic, then the exact quantizer), and close to the CPU reference composition
+    (the producers use approximate rsqrt/exp, so a few codes may sit one step apart there)."""
+    from kernels import fused, reference, triton_fp8
+    x = random_activations(m, k, device, seed=seed)
+    w = (1 + 0.1 * random_activations(1, k, device, seed=seed + 1)).reshape(-1)
+    codes = poison_bytes(torch.empty(m, k, dtype=torch.float8_e4m3fn, device=device))
+    scale = poison_bytes(torch.empty(m, 1, dtype=torch.float32, device=device))
+    triton_fp8.rms_norm_quant_fp8(x, w, 1e-5, codes, scale)
+    pair_codes, pair_scale = triton_fp8.quantize_fp8_rows(fused.rms_norm(x, w, 1e-5))
+    assert same_bytes(codes, pair_codes) and same_bytes(scale, pair_scale), "rms_norm_quant != rms_norm + quant"
+    ref_codes, ref_scale = fp8.quantize_fp8_rows(reference.rms_norm(x.cpu(), w.cpu(), 1e-5))
+    assert rel_err(fp8.dequantize_fp8_rows(codes.cpu(), scale.cpu()),
+                   fp8.dequantize_fp8_rows(ref_codes, ref_scale)) < 1e-2
+
+    gate_up = random_activations(m, 2 * k, device, seed=seed + 2)
+    codes = poison_bytes(torch.empty(m, k, dtype=torch.float8_e4m3fn, device=device))
+    scale = poison_bytes(torch.empty(m, 1, dtype=torch.float32, device=device))
+    triton_fp8.silu_mul_quant_fp8(gate_up, codes, scale)
+    pair_codes, pair_scale = triton_fp8.quantize_fp8_rows(fused.silu_and_mul(gate_up))
+    assert same_bytes(codes, pair_codes) and same_bytes(scale, pair_scale), "silu_mul_quant != silu_mul + quant"
+    ref_codes, ref_scale = fp8.quantize_fp8_rows(reference.silu_and_mul(gate_up.cpu()))
+    assert rel_err(fp8.dequantize_fp8_rows(codes.cpu(), scale.cpu()),
+                   fp8.dequantize_fp8_rows(ref_codes, ref_scale)) < 1e-2
+
+
 # ------------------------------------------------------------------ interpreter (CPU CI)
 
 SMALL_TILE_8BIT = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)
 SMALL_TILE_16BIT = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
 INTERP_CHECKS = {
     "fp8_quantizer": lambda: (check_fp8_quantizer("cpu", 37, 144, 1), check_fp8_quantizer("cpu", 3, 8208, 2)),
+    "fp8_quantizer_two_pass": lambda: check_fp8_quantizer("cpu", 2, 16400, 3),
+    "fp8_fused_producers": lambda: check_fused_producers("cpu", 5, 96, 4),
     "nvfp4_quantizer": lambda: check_nvfp4_quantizer("cpu", 19, 160, 3),
     "fp8_gemm": lambda: check_fp8_gemm("cpu", 45, 70, 192, torch.float32, 4, SMALL_TILE_8BIT),
     "fp8_gemm_ragged_k": lambda: check_fp8_gemm("cpu", 33, 40, 80, torch.float32, 5, SMALL_TILE_8BIT),
@@ -221,7 +250,7 @@ def blackwell_sass(cubin: bytes) -> str | None:
 # ------------------------------------------------------------------ on the GPU
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-SHAPES = [(1, 4096), (77, 4096), (512, 4112), (300, 14336)]
+SHAPES = [(1, 4096), (77, 4096), (512, 4112), (300, 14336), (3, 16400)]
 
 
 @pytest.mark.gpu
@@ -233,7 +262,14 @@ def test_fp8_quantizer_exact(m, k):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("m,k", SHAPES)
+@pytest.mark.parametrize("m,k", [(1, 4096), (77, 4096), (300, 14336)])
+def test_fp8_fused_producers(m, k):
+    check_fused_producers("cuda", m, k, seed=m + k)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m,k", SHAPES + [(2, 16400)])
 def test_nvfp4_quantizer_exact(m, k):
     check_nvfp4_quantizer("cuda", m, k, seed=m + k)
 
@@ -252,8 +288,17 @@ def test_fp8_gemm_triton(m, n, k, out_dtype, backend):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("promote", [128, 32])
+def test_fp8_gemm_triton_promotion_keeps_fp32_accuracy(promote):
+    check_fp8_gemm("cuda", 512, 1024, 14336, torch.float32, seed=11, backend="triton_tma",
+                   config=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3, IMPRECISE_K=promote))
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("m,n,k", [s for s in GEMM_SHAPES if s[2] % 16 == 0 and s[1] % 16 == 0])
 def test_fp8_gemm_scaled_mm(m, n, k):
+    # torch's rowwise-scaled path has a bf16 output only
     check_fp8_gemm("cuda", m, n, k, torch.bfloat16, seed=m, backend="scaled_mm")
 
 
