@@ -319,7 +319,21 @@ def make_forward(layers, precision, rms_norm, rotary, silu_mul, cache):
     return forward, mods
 
 
-def bench_prefill(log, num_layers: int) -> tuple[list[dict], str]:
+def profile_forward(fn, precision, tokens, out_dir) -> None:
+    """Where one eager forward spends its GPU time, kernel by kernel (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    with open(Path(out_dir) / "profile.txt", "a") as f:
+        f.write(f"\n=== {precision}, {tokens} tokens, one eager forward ===\n{table}\n")
+
+
+def bench_prefill(log, num_layers: int, profile_dir=None) -> tuple[list[dict], str]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     layers = [layer_weights(gen) for _ in range(num_layers)]
     which, rms_norm, rotary, silu_mul = pick_elementwise()
@@ -347,6 +361,8 @@ def bench_prefill(log, num_layers: int) -> tuple[list[dict], str]:
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
+            if t == 2048 and profile_dir is not None:
+                profile_forward(lambda: forward(xs[0], pos), precision, t, profile_dir)
             torch.cuda.empty_cache()
         del mods, forward
         torch.cuda.empty_cache()
@@ -431,7 +447,7 @@ def main():
     gemms = [] if args.skip_gemm else bench_gemms(log)
     if gemms:
         log(json.dumps(choose_backends(gemms)))
-    prefill, which = bench_prefill(log, args.layers)
+    prefill, which = bench_prefill(log, args.layers, profile_dir=out)
     md = markdown(env, ceil, gemms, prefill, which, variants)
     (out / "bench_quant.json").write_text(json.dumps({"env": env, "ceilings": ceil, "gemm": gemms,
                                                       "prefill": prefill, "elementwise": which,
