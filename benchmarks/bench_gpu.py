@@ -76,35 +76,60 @@ def gemm_rate(reps: int) -> float:
     return 2 * n ** 3 / (ms * 1e-3)
 
 
-GEMV_CANDIDATES = ((8, 512, 4), (4, 1024, 4), (16, 512, 8), (8, 1024, 8))
+LINEAR_CANDIDATES = {
+    1: [("library", None), ("gemv", (4, 1024, 4)), ("gemv", (8, 512, 4)), ("gemv", (8, 1024, 8)),
+        ("gemv", (16, 512, 8))],
+    8: [("library", None), ("skinny", (16, 256, 4, 4)), ("skinny", (32, 256, 4, 4)), ("skinny", (32, 128, 4, 6)),
+        ("skinny", (64, 128, 4, 4))],
+}
+LINEAR_CANDIDATES[32] = LINEAR_CANDIDATES[8]
 
 
-def tune_gemv(model, copy_bw, reps) -> list[dict]:
-    """Batch-1 projections: cuBLAS vs the Triton GEMV configs; the fastest config goes to fused.GEMV_CONFIGS.
-    Each call reads the next layer's weight, so no weight is served from L2."""
+def graph_us_per_call(fn, weights, reps: int = 7) -> float:
+    """Device time of fn(w) per weight, inside one CUDA graph over all the weights: launch overhead gone,
+    as in a decode step, and each call reads a weight the previous one did not (no L2 reuse)."""
+    for w in weights:
+        fn(w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w)
+    ms = median_ms(graph.replay, reps)
+    del graph
+    return ms * 1e3 / len(weights)
+
+
+def tune_linear(model, copy_bw) -> list[dict]:
+    """Per projection and decode batch bucket: the library GEMM vs the Triton GEMV / skinny-GEMM configs,
+    timed in graphs; the fastest goes into fused.LINEAR_PLANS, which the model's decode then uses."""
     layers = model.layers
-    shapes = {"qkv": (lambda l: l.qkv, False), "o": (lambda l: l.o, False), "gate_up": (lambda l: l.gate_up, False),
-              "down+silu": (lambda l: l.down, True)}
+    projections = [("qkv", [l.qkv for l in layers], False), ("o", [l.o for l in layers], False),
+                   ("gate_up", [l.gate_up for l in layers], False), ("down+silu", [l.down for l in layers], True),
+                   ("lm_head", [model.lm_head], False)]
     rows = []
-    for name, (pick, silu) in list(shapes.items()) + [("lm_head", (None, False))]:
-        weights = [model.lm_head] if pick is None else [pick(l) for l in layers]
+    for name, weights, silu in projections:
         n, k = weights[0].shape
-        x = torch.randn(1, 2 * k if silu else k, device="cuda", dtype=model.dtype)
-        turn = iter(range(10 ** 9))
-
-        def run(fn):
-            return median_ms(lambda: fn(weights[next(turn) % len(weights)]), reps)
-
-        ref = run(lambda w: fused.silu_and_mul(x) @ w.T if silu else x @ w.T)
-        timed = {cfg: run(lambda w, cfg=cfg: fused._gemv(x, w, silu, cfg)) for cfg in GEMV_CANDIDATES}
-        best = min(timed, key=timed.get)
-        fused.GEMV_CONFIGS[(n, k, silu)] = best
-        nbytes = n * k * 2
-        rows.append(dict(proj=name, n=n, k=k, cublas_us=ref * 1e3, triton_us=timed[best] * 1e3, config=best,
-                         cublas_pct_copy_bw=100 * nbytes / (ref * 1e-3) / copy_bw,
-                         triton_pct_copy_bw=100 * nbytes / (timed[best] * 1e-3) / copy_bw))
-        log(f"gemv {name} {n}x{k}: cuBLAS {ref * 1e3:.1f} us ({rows[-1]['cublas_pct_copy_bw']:.0f}%), "
-            f"Triton {timed[best] * 1e3:.1f} us ({rows[-1]['triton_pct_copy_bw']:.0f}%) {best}")
+        for bucket, candidates in LINEAR_CANDIDATES.items():
+            x = torch.randn(bucket, 2 * k if silu else k, device="cuda", dtype=model.dtype)
+            timed = {}
+            for kernel, cfg in candidates:
+                fn = fused.LINEAR_KERNELS[kernel]
+                try:
+                    timed[(kernel, cfg)] = graph_us_per_call(lambda w: fn(x, w, silu, cfg), weights)
+                except Exception as exc:  # a config that does not compile or fit is skipped
+                    log(f"linear {name} b={bucket} {kernel} {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            best = min(timed, key=timed.get)
+            fused.LINEAR_PLANS[(bucket, n, k, silu)] = best
+            nbytes = n * k * 2
+            library = timed.get(("library", None), float("nan"))
+            rows.append(dict(proj=name, batch=bucket, n=n, k=k, library_us=library, best=list(best),
+                             best_us=timed[best], library_pct_copy_bw=100 * nbytes / (library * 1e-6) / copy_bw,
+                             best_pct_copy_bw=100 * nbytes / (timed[best] * 1e-6) / copy_bw,
+                             all={f"{kk}{cc}": v for (kk, cc), v in timed.items()}))
+            log(f"linear {name} {n}x{k} b={bucket}: library {library:.1f} us "
+                f"({rows[-1]['library_pct_copy_bw']:.0f}% copy bw), best {best} {timed[best]:.1f} us "
+                f"({rows[-1]['best_pct_copy_bw']:.0f}%)")
     return rows
 
 
@@ -341,7 +366,8 @@ def bench_model(name, shape, args, copy_bw, gemm) -> dict:
     reps = 5 if args.quick else 20
     attempt(result, "prefill_attention_tiles", lambda: tune_prefill_attention(model, kv_cache, reps))
     attempt(result, "prefill", lambda: bench_prefill(model, kv_cache, gemm, 3 if args.quick else 5, PREFILL_TOKENS))
-    attempt(result, "gemv", lambda: tune_gemv(model, copy_bw, reps))
+    if name in args.tune_linear.split(","):
+        attempt(result, "linear", lambda: tune_linear(model, copy_bw))
     attempt(result, "decode", lambda: bench_decode(model, kv_cache, copy_bw, reps, DECODE_BATCHES,
                                                    DECODE_CONTEXTS[:1] if args.quick else DECODE_CONTEXTS))
     model.ops = triton_ops(fused_decode=False)  # the engine interfaces alone, library GEMMs
@@ -378,7 +404,7 @@ def markdown(report: dict) -> str:
              f"copy bandwidth (read+write) {report['copy_bw'] / 1e12:.2f} TB/s; bf16 GEMM 8192^3 "
              f"{report['gemm_rate'] / 1e12:.0f} TFLOP/s", ""]
     for m in report["models"]:
-        for key in ("decode", "prefill", "generate", "profile_decode_b1_1k_eager", "profile_prefill_2048", "gemv",
+        for key in ("decode", "prefill", "generate", "profile_decode_b1_1k_eager", "profile_prefill_2048", "linear",
                     "decode_interfaces_only", "prefill_attention_tiles"):
             if isinstance(m.get(key), str):
                 lines.append(f"{m['model']} {key}: {m.pop(key)}")
@@ -392,11 +418,12 @@ def markdown(report: dict) -> str:
             lines += ["", "decode with the engine interfaces only (no GEMV / RoPE+KV-write / SiLU+down fusion):", ""]
             lines += [f"- batch {r['batch']} ctx {r['context']}: graph {r['graph_ms']:.3f} ms = "
                       f"{r['pct_of_copy_bw']:.1f}% of copy bw" for r in m["decode_interfaces_only"]]
-        if m.get("gemv"):
-            lines += ["", "| batch-1 projection | N x K | cuBLAS us (% copy bw) | Triton GEMV us (% copy bw) | config |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {r['proj']} | {r['n']}x{r['k']} | {r['cublas_us']:.1f} ({r['cublas_pct_copy_bw']:.0f}%) | "
-                      f"{r['triton_us']:.1f} ({r['triton_pct_copy_bw']:.0f}%) | {r['config']} |" for r in m["gemv"]]
+        if m.get("linear"):
+            lines += ["", "| decode projection (in a graph) | batch | N x K | library us (% copy bw) | chosen | us (% copy bw) |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['proj']} | {r['batch']} | {r['n']}x{r['k']} | {r['library_us']:.1f} "
+                      f"({r['library_pct_copy_bw']:.0f}%) | {r['best'][0]} {r['best'][1]} | {r['best_us']:.1f} "
+                      f"({r['best_pct_copy_bw']:.0f}%) |" for r in m["linear"]]
         if m.get("prefill_attention_tiles"):
             lines += ["", "prefill attention alone (4096 tokens, causal, one layer): " + "; ".join(
                 f"{r['config']['BLOCK_M']}x{r['config']['BLOCK_N']} w{r['config']['num_warps']} "
@@ -434,6 +461,8 @@ def main() -> None:
                         help="models whose transformers peer is also run auto-compiled (slow to compile)")
     parser.add_argument("--time-budget-s", type=float, default=480.0,
                         help="transformers runs that would start after this many seconds are skipped")
+    parser.add_argument("--tune-linear", default="llama3-8b",
+                        help="models whose decode projections are tuned (Triton GEMV/skinny GEMM vs library)")
     parser.add_argument("--headroom-gb", type=float, default=12.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

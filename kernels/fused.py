@@ -250,15 +250,40 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, n_rows, s_w, K: tl.constexpr, BLOCK_N: t
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-# (N, K, silu) -> (BLOCK_N, BLOCK_K, num_warps); benchmarks/bench_gpu.py measures and fills these
-GEMV_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int]] = {}
-GEMV_DEFAULT = (8, 512, 4)
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, n_rows_x, n_rows_w, s_x, s_w, s_out, K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """out = x @ w^T for a few rows of x (a decode batch): one program streams BLOCK_N weight rows through
+    all of K, software-pipelined, while the whole batch rides along in the MMA's M dimension."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows_x
+    col_mask = cols < n_rows_w
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * s_x
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * s_w
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        if SILU_MUL:
+            gate = tl.load(x_rows + (k0 + ks)[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + (k0 + ks)[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_rows + (k0 + ks)[None, :], mask=x_mask, other=0.0)
+        w = tl.load(w_rows + (k0 + ks)[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * s_out + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, config=None) -> torch.Tensor:
+def _gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, config=(8, 512, 4)) -> torch.Tensor:
+    """M == 1. config = (BLOCK_N, BLOCK_K, num_warps)."""
     n_rows, k = weight.shape
     _check_last_dim_contiguous(x, weight)
-    block_n, block_k, warps = config or GEMV_CONFIGS.get((n_rows, k, silu_mul), GEMV_DEFAULT)
+    block_n, block_k, warps = config
     out = torch.empty((1, n_rows), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
         x, weight, out, n_rows, weight.stride(0), K=k, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
@@ -266,15 +291,52 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, config=None) ->
     return out
 
 
+def _skinny(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, config=(32, 256, 4, 4)) -> torch.Tensor:
+    """M <= 64. config = (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    n_rows, k = weight.shape
+    _check_last_dim_contiguous(x, weight)
+    block_n, block_k, warps, stages = config
+    out = torch.empty((x.shape[0], n_rows), dtype=x.dtype, device=x.device)
+    _skinny_gemm_kernel[(triton.cdiv(n_rows, block_n),)](
+        x, weight, out, x.shape[0], n_rows, x.stride(0), weight.stride(0), out.stride(0), K=k,
+        BLOCK_M=max(16, triton.next_power_of_2(x.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+    return out
+
+
+def _library(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, config=None) -> torch.Tensor:
+    return (silu_and_mul(x) if silu_mul else x) @ weight.T
+
+
+LINEAR_KERNELS = {"gemv": _gemv, "skinny": _skinny, "library": _library}
+# (batch bucket, N, K, silu) -> (kernel name, config); benchmarks/bench_gpu.py measures and fills this.
+# Unlisted shapes: the GEMV at batch 1, the library GEMM otherwise.
+LINEAR_PLANS: dict[tuple[int, int, int, bool], tuple[str, object]] = {}
+BATCH_BUCKETS = (1, 8, 16, 32, 64)
+
+
+def batch_bucket(rows: int) -> int:
+    for bucket in BATCH_BUCKETS:
+        if rows <= bucket:
+            return bucket
+    return rows
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> torch.Tensor:
+    rows = x.shape[0]
+    default = ("gemv", (8, 512, 4)) if rows == 1 else ("library", None)
+    name, config = LINEAR_PLANS.get((batch_bucket(rows), *weight.shape, silu_mul), default)
+    if name == "gemv" and rows != 1:
+        name, config = "library", None
+    return LINEAR_KERNELS[name](x, weight, silu_mul, config)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T: a Triton GEMV streaming the weight when M == 1, else the library GEMM."""
-    if x.shape[0] != 1:
-        return x @ weight.T
-    return _gemv(x, weight, silu_mul=False)
+    """x [M, K] @ weight [N, K]^T: a Triton GEMV (M == 1) or skinny GEMM (small M) streaming the weight,
+    or the library GEMM, per LINEAR_PLANS."""
+    return _linear(x, weight, silu_mul=False)
 
 
 def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """silu_and_mul(x [M, 2K]) @ weight [N, K]^T; when M == 1 the activation is computed inside the GEMV."""
-    if x.shape[0] != 1:
-        return silu_and_mul(x) @ weight.T
-    return _gemv(x, weight, silu_mul=True)
+    """silu_and_mul(x [M, 2K]) @ weight [N, K]^T; the Triton paths compute the activation while loading x."""
+    return _linear(x, weight, silu_mul=True)

@@ -148,24 +148,30 @@ def case_rotary_write_kv(q_heads: int, kv_heads: int):
     return run
 
 
-def case_linear(rows: int, n: int, k: int, silu: bool):
+def case_linear(rows: int, n: int, k: int, silu: bool, kernel: str, config):
     def run(device, dtype, gen):
         from kernels import fused, reference
 
         x = torch.randn(rows, 2 * k if silu else k, generator=gen).to(device, dtype)
         w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device, dtype)
-        fn, ref = ((fused.silu_and_mul_linear, reference.silu_and_mul_linear) if silu
-                   else (fused.linear, reference.linear))
-        return rel_err(fn(x, w), ref(x, w))
+        ref = reference.silu_and_mul_linear if silu else reference.linear
+        if kernel == "dispatch":  # the public entry points, with their default plans
+            out = (fused.silu_and_mul_linear if silu else fused.linear)(x, w)
+        else:
+            out = fused.LINEAR_KERNELS[kernel](x, w, silu, config)
+        return rel_err(out, ref(x, w))
     return run
 
 
 CASES = {
     "rotary_write_kv_g1": case_rotary_write_kv(2, 2),
     "rotary_write_kv_g8": case_rotary_write_kv(8, 1),
-    "gemv_ragged": case_linear(1, 37, 700, silu=False),
-    "gemv_silu_ragged": case_linear(1, 45, 300, silu=True),
-    "gemv_multiple_rows_falls_back": case_linear(3, 40, 64, silu=True),
+    "gemv_ragged": case_linear(1, 37, 700, False, "gemv", (8, 512, 4)),
+    "gemv_silu_ragged": case_linear(1, 45, 300, True, "gemv", (4, 256, 4)),
+    "skinny_ragged": case_linear(5, 70, 200, False, "skinny", (32, 64, 4, 2)),
+    "skinny_silu_ragged": case_linear(19, 33, 96, True, "skinny", (16, 32, 4, 2)),
+    "linear_dispatch_batch1": case_linear(1, 64, 128, False, "dispatch", None),
+    "linear_dispatch_batch3_silu": case_linear(3, 40, 64, True, "dispatch", None),
     "write_kv": case_write_kv(),
     "write_kv_fp8": case_write_kv_fp8(),
     "rms_norm_h96": case_rms_norm(False, 96),
