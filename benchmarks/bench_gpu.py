@@ -364,12 +364,16 @@ def bench_model(name, shape, args, copy_bw, gemm) -> dict:
         chunk.normal_()
     result = dict(model=name, shape=shape.__dict__, kv_pool_blocks=pool_blocks)
     reps = 5 if args.quick else 20
+    attempt(result, "pdl_check", pdl_check)
     attempt(result, "prefill_attention_tiles", lambda: tune_prefill_attention(model, kv_cache, reps))
     attempt(result, "prefill", lambda: bench_prefill(model, kv_cache, gemm, 3 if args.quick else 5, PREFILL_TOKENS))
     if name in args.tune_linear.split(","):
         attempt(result, "linear", lambda: tune_linear(model, copy_bw))
     attempt(result, "decode", lambda: bench_decode(model, kv_cache, copy_bw, reps, DECODE_BATCHES,
                                                    DECODE_CONTEXTS[:1] if args.quick else DECODE_CONTEXTS))
+    fused.PDL = False
+    attempt(result, "decode_no_pdl", lambda: bench_decode(model, kv_cache, copy_bw, reps, (1, 8), (1024,)))
+    fused.PDL = result["pdl_check"] is True
     model.ops = triton_ops(fused_decode=False)  # the engine interfaces alone, library GEMMs
     attempt(result, "decode_interfaces_only", lambda: bench_decode(model, kv_cache, copy_bw, reps, (1, 8), (1024,)))
     model.ops = triton_ops(fused_decode=True)
@@ -386,6 +390,27 @@ def bench_model(name, shape, args, copy_bw, gemm) -> dict:
     del model
     torch.cuda.empty_cache()
     return result
+
+
+def pdl_check() -> bool:
+    """Programmatic dependent launch inside a captured graph, on this GPU and driver: run, compare, else off."""
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
+    fused.PDL = True
+    try:
+        want = fused.rms_norm(fused.rms_norm(x, w, 1e-5), w, 1e-5)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fused.rms_norm(fused.rms_norm(x, w, 1e-5), w, 1e-5)
+        graph.replay()
+        torch.cuda.synchronize()
+        ok = torch.equal(out, want)
+    except Exception as exc:
+        log(f"PDL unavailable: {type(exc).__name__}: {exc}")
+        ok = False
+    fused.PDL = ok
+    log(f"PDL {'on' if ok else 'off'}")
+    return ok
 
 
 def attempt(result: dict, key: str, fn) -> None:
@@ -405,7 +430,7 @@ def markdown(report: dict) -> str:
              f"{report['gemm_rate'] / 1e12:.0f} TFLOP/s", ""]
     for m in report["models"]:
         for key in ("decode", "prefill", "generate", "profile_decode_b1_1k_eager", "profile_prefill_2048", "linear",
-                    "decode_interfaces_only", "prefill_attention_tiles"):
+                    "decode_interfaces_only", "prefill_attention_tiles", "decode_no_pdl"):
             if isinstance(m.get(key), str):
                 lines.append(f"{m['model']} {key}: {m.pop(key)}")
         lines += [f"### {m['model']}", "", "| batch | context | eager ms | graph ms | floor ms | % copy bw | graph speedup |",
@@ -414,6 +439,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['batch']} | {r['context']} | {r['eager_ms']:.3f} | {r['graph_ms']:.3f} | "
                          f"{r['floor_ms']:.3f} | {r['pct_of_copy_bw']:.1f}{' (aliased KV)' if r['kv_blocks_aliased'] else ''}"
                          f" | {r['graph_speedup']:.2f}x |")
+        if isinstance(m.get("decode_no_pdl"), list):
+            lines += ["", f"decode without programmatic dependent launch (PDL used above: {m.get('pdl_check')}):", ""]
+            lines += [f"- batch {r['batch']} ctx {r['context']}: graph {r['graph_ms']:.3f} ms = "
+                      f"{r['pct_of_copy_bw']:.1f}% of copy bw" for r in m["decode_no_pdl"]]
         if m.get("decode_interfaces_only"):
             lines += ["", "decode with the engine interfaces only (no GEMV / RoPE+KV-write / SiLU+down fusion):", ""]
             lines += [f"- batch {r['batch']} ctx {r['context']}: graph {r['graph_ms']:.3f} ms = "
@@ -454,7 +483,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--models", default="llama3.2-1b,llama3-8b")
+    parser.add_argument("--models", default="llama3-8b,llama3.2-1b")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, 1K context only")
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--compile-peer", default="llama3-8b",

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fused import launch_options, wait_for_predecessor
+
 LOG2E = 1.4426950408889634
 
 
@@ -27,7 +29,8 @@ def _decode_kernel(q_ptr, kv_ptr, scale_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_
                    qk_scale, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -86,7 +89,8 @@ def _decode_kernel(q_ptr, kv_ptr, scale_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_
 
 @triton.jit
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, out_ptr, s_ot, s_oh, num_splits,
-                         HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     seq = tl.program_id(0)
     q_head = tl.program_id(1)
     token = (tl.load(qsl_ptr + seq + 1) - 1).to(tl.int64)
@@ -233,11 +237,12 @@ def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, 
             q.stride(0), q.stride(1), *common, qk_scale, num_splits,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             SPLIT=split, FP8=fp8, PRECISION=precision, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+            num_stages=cfg["num_stages"], **launch_options(q.device))
         if split:
             _merge_splits_kernel[(batch, num_q_heads)](
                 part_out, part_lse, query_start_loc, out, out.stride(0), out.stride(1), num_splits,
-                HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+                HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+                **launch_options(q.device))
         return out
     cfg = _prefill_config(head_dim)
     grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), batch, num_q_heads)

@@ -5,6 +5,7 @@ read once and every output written once, math in fp32.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -12,6 +13,33 @@ import triton
 import triton.language as tl
 
 from kernels.reference import FP8_KV_EPS, FP8_MAX
+
+try:
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # a Triton without grid dependency control: PDL stays off
+    gdc_wait = None
+
+# Programmatic dependent launch (Hopper+): a decode step is a few hundred short kernels in a CUDA graph,
+# and each launch costs about a microsecond of idle GPU between kernels. With PDL a kernel is launched
+# while its predecessor drains and waits (gdc_wait, first thing, before touching memory) for it to finish.
+# Every kernel launched this way must wait unconditionally: a chain stays ordered only if each link waits.
+PDL = True
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    return (PDL and gdc_wait is not None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def launch_options(device: torch.device) -> dict:
+    """Kernel-launch keywords plus the matching PDL constexpr."""
+    return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(PDL=False)
+
+
+@triton.jit
+def wait_for_predecessor(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
@@ -81,7 +109,8 @@ def write_kv_fp8(kv_layer: torch.Tensor, kv_scales: torch.Tensor, k: torch.Tenso
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, s_x, s_res, s_out, s_new_res, n_cols, eps,
-                     BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+                     BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -111,7 +140,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
             new_residual if residual is not None else out,
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
             new_residual.stride(0) if residual is not None else 0, hidden, eps,
-            BLOCK=block, RESIDUAL=residual is not None, num_warps=min(max(block // 256, 1), 16))
+            BLOCK=block, RESIDUAL=residual is not None, num_warps=min(max(block // 256, 1), 16),
+            **launch_options(x.device))
     return out if residual is None else (out, new_residual)
 
 
@@ -152,7 +182,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_ca
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, s_x, s_out, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, s_x, s_out, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -170,7 +201,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(inter), 2048)
     if num_rows:
         _silu_and_mul_kernel[(num_rows, triton.cdiv(inter, block))](
-            x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+            x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, **launch_options(x.device))
     return out
 
 
@@ -184,7 +215,8 @@ def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
 def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, slot_ptr, kv_ptr,
                             s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cache, s_blk, s_kv, s_pos, s_head,
                             num_q_heads, num_kv_heads, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
-                            HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                            HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
@@ -222,13 +254,14 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
             kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), num_q_heads, k.shape[1],
             Q_HEADS_PAD=triton.next_power_of_2(num_q_heads), K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
-            HALF=head_dim // 2, BLOCK_SIZE=kv_layer.shape[2], num_warps=4)
+            HALF=head_dim // 2, BLOCK_SIZE=kv_layer.shape[2], num_warps=4, **launch_options(q.device))
     return q, k
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, n_rows, s_w, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_K)
@@ -253,9 +286,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, n_rows, s_w, K: tl.constexpr, BLOCK_N: t
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, n_rows_x, n_rows_w, s_x, s_w, s_out, K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, PDL: tl.constexpr):
     """out = x @ w^T for a few rows of x (a decode batch): one program streams BLOCK_N weight rows through
     all of K, software-pipelined, while the whole batch rides along in the MMA's M dimension."""
+    wait_for_predecessor(PDL)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows_x
@@ -287,7 +321,7 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, config=(8, 512,
     out = torch.empty((1, n_rows), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
         x, weight, out, n_rows, weight.stride(0), K=k, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
-        SILU_MUL=silu_mul, num_warps=warps)
+        SILU_MUL=silu_mul, num_warps=warps, **launch_options(x.device))
     return out
 
 
@@ -300,7 +334,8 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, config=(32, 2
     _skinny_gemm_kernel[(triton.cdiv(n_rows, block_n),)](
         x, weight, out, x.shape[0], n_rows, x.stride(0), weight.stride(0), out.stride(0), K=k,
         BLOCK_M=max(16, triton.next_power_of_2(x.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+        **launch_options(x.device))
     return out
 
 
