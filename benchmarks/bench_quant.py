@@ -118,6 +118,10 @@ def gemm_paths(m: int, n: int, k: int) -> dict:
     wf = [nvfp4.scaled_values(q).to(torch.bfloat16) for q in wq]
     x8 = [triton_fp8.quantize_fp8_rows(x) for x in xs]
 
+    def _fp8_operands(i):
+        c, s = triton_fp8.quantize_fp8_rows(xs[i])
+        return c, w8[i][0].t(), s, w8[i][1]
+
     def fp8_scaled_mm(i):
         c, s = triton_fp8.quantize_fp8_rows(xs[i])
         return torch._scaled_mm(c, w8[i][0].t(), scale_a=s, scale_b=w8[i][1], out_dtype=torch.bfloat16)
@@ -140,6 +144,8 @@ def gemm_paths(m: int, n: int, k: int) -> dict:
         "bf16_triton": lambda i: triton_fp8.scaled_gemm(xs[i], ws[i], one, one, torch.bfloat16),
         "fp8_scaled_mm": fp8_scaled_mm,
         "fp8_triton": fp8_triton,
+        "fp8_scaled_mm_fastacc": lambda i: torch._scaled_mm(*_fp8_operands(i), out_dtype=torch.bfloat16,
+                                                            use_fast_accum=True),
         "fp8_gemm_only": lambda i: torch._scaled_mm(x8[i][0], w8[i][0].t(), scale_a=x8[i][1], scale_b=w8[i][1],
                                                     out_dtype=torch.bfloat16),
         "nvfp4_cublas": nvfp4_cublas,
@@ -148,6 +154,30 @@ def gemm_paths(m: int, n: int, k: int) -> dict:
         "quant_nvfp4": lambda i: triton_nvfp4.quantize_nvfp4_folded(xs[i]),
     }
     return {name: [(lambda f=f, i=i: f(i)) for i in range(ROT)] for name, f in paths.items()}
+
+
+def fp8_gemm_errors() -> list[dict]:
+    """Relative error of each fp8 GEMM variant against the fp64 product of the same codes."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    m, n, k = 512, 1024, 14336
+    x8, sx = triton_fp8.quantize_fp8_rows(torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16))
+    w8, sw = triton_fp8.quantize_fp8_rows(torch.randn(n, k, device="cuda", generator=gen).to(torch.bfloat16))
+    ref = (x8.double() @ w8.double().T) * (sx.double() * sw.double().T)
+
+    def err(y):
+        return ((y.double() - ref).norm() / ref.norm()).item()
+
+    rows = []
+    for fast in (False, True):
+        y = triton_fp8.fp8_linear_scaled_mm(x8, sx, w8, sw, torch.bfloat16, fast_accum=fast)
+        rows.append({"what": "fp8 GEMM rel. error (bf16 out)", "M": m, "K": k, "N": n,
+                     "setting": "scaled_mm fast-acc" if fast else "scaled_mm", "err": err(y)})
+    for promote in (None, 128, 32):
+        cfg = dict(triton_fp8.default_gemm_config(torch.float8_e4m3fn, m), IMPRECISE_K=promote)
+        y = triton_fp8.scaled_gemm(x8, w8, sx, sw, torch.float32, config=cfg)
+        rows.append({"what": "fp8 GEMM rel. error (fp32 out)", "M": m, "K": k, "N": n,
+                     "setting": f"Triton, promote every {promote or 'never'}", "err": err(y)})
+    return rows
 
 
 def bench_variants(log) -> list[dict]:
@@ -181,6 +211,9 @@ def bench_variants(log) -> list[dict]:
             log(json.dumps(row))
         del xs
         torch.cuda.empty_cache()
+    rows += fp8_gemm_errors()
+    for row in rows[-5:]:
+        log(json.dumps(row))
     best = {}
     for row in rows:
         if row["what"] == "nvfp4 quantizer":
@@ -205,7 +238,8 @@ def bench_gemms(log) -> list[dict]:
                         row[path + "_TFLOPs"] = flops / ms / 1e9
                 except Exception as e:  # keep measuring the other paths; the error is reported
                     row[path + "_error"] = f"{type(e).__name__}: {e}"[:300]
-            for path in ("bf16_triton", "fp8_scaled_mm", "fp8_triton", "fp8_gemm_only", "nvfp4_cublas", "nvfp4_triton"):
+            for path in ("bf16_triton", "fp8_scaled_mm", "fp8_scaled_mm_fastacc", "fp8_triton", "fp8_gemm_only",
+                         "nvfp4_cublas", "nvfp4_triton"):
                 if path + "_us" in row and "bf16_us" in row:
                     row[path + "_x"] = row["bf16_us"] / row[path + "_us"]
             rows.append(row)
@@ -282,8 +316,8 @@ def pick_elementwise():
 def make_forward(layers, precision, rms_norm, rotary, silu_mul, cache):
     """precision "fp8_fused": fp8 layers fed by the producers with the quantizer fused in (RMSNorm
     before qkv and gate_up, SiLU*up before down; o's input still goes through the plain quantizer)."""
-    fused = precision == "fp8_fused"
-    layer_precision = "fp8" if fused else precision
+    fused = precision.startswith("fp8_fused")
+    layer_precision = "fp8" if precision.startswith("fp8") else precision
     mods = [{name: make_linear(lw[name], None, layer_precision, torch.bfloat16) for name in ("qkv", "o", "gate_up", "down")}
             | {"norm1": lw["norm1"], "norm2": lw["norm2"]} for lw in layers]
     q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
@@ -345,7 +379,9 @@ def bench_prefill(log, num_layers: int, profile_dir=None) -> tuple[list[dict], s
     outputs = {}
     inputs = {t: [torch.randn(t, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2)]
               for t in TOKENS}  # the same inputs for every precision
-    for precision in ("bf16", "fp8", "fp8_fused", "nvfp4"):
+    from kernels import quant_linear
+    for precision in ("bf16", "fp8", "fp8_fused", "fp8_fused_fastacc", "nvfp4"):
+        quant_linear.FP8_FAST_ACCUM = precision.endswith("fastacc")
         forward, mods = make_forward(layers, precision, rms_norm, rotary, silu_mul, cache)
         for t in TOKENS:
             xs = inputs[t]
@@ -361,10 +397,11 @@ def bench_prefill(log, num_layers: int, profile_dir=None) -> tuple[list[dict], s
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
-            if t == 2048 and profile_dir is not None:
+            if t == 2048 and profile_dir is not None and not precision.endswith("fastacc"):
                 profile_forward(lambda: forward(xs[0], pos), precision, t, profile_dir)
             torch.cuda.empty_cache()
         del mods, forward
+        quant_linear.FP8_FAST_ACCUM = False
         torch.cuda.empty_cache()
     for row in rows:
         base = next(r for r in rows if r["precision"] == "bf16" and r["tokens"] == row["tokens"])
@@ -385,9 +422,9 @@ def markdown(env, ceil, gemms, prefill, which, variants=()) -> str:
              f"Ceilings measured in the same run: copy {ceil['copy_TBps']:.2f} TB/s (read + write), "
              f"bf16 torch.matmul 8192^3 {ceil['bf16_matmul_8192_TFLOPs']:.0f} TFLOP/s.", "",
              "### GEMM paths (TFLOP/s; quantized paths include activation quantization; x = speed vs bf16)", "",
-             "| M | shape (N, K) | bf16 | bf16 Triton | fp8 scaled_mm | fp8 Triton | fp8 GEMM only | nvfp4 emu cuBLAS "
-             "| nvfp4 emu Triton | quant fp8 us | quant nvfp4 us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| M | shape (N, K) | bf16 | bf16 Triton | fp8 scaled_mm | fp8 scaled_mm fast-acc | fp8 Triton "
+             "| fp8 GEMM only | nvfp4 emu cuBLAS | nvfp4 emu Triton | quant fp8 us | quant nvfp4 us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(row, path):
         if path + "_TFLOPs" not in row:
@@ -397,8 +434,8 @@ def markdown(env, ceil, gemms, prefill, which, variants=()) -> str:
 
     for r in gemms:
         lines.append(f"| {r['M']} | {r['shape']} ({r['N']}, {r['K']}) | " + " | ".join(
-            cell(r, p) for p in ("bf16", "bf16_triton", "fp8_scaled_mm", "fp8_triton", "fp8_gemm_only",
-                                 "nvfp4_cublas", "nvfp4_triton"))
+            cell(r, p) for p in ("bf16", "bf16_triton", "fp8_scaled_mm", "fp8_scaled_mm_fastacc", "fp8_triton",
+                                 "fp8_gemm_only", "nvfp4_cublas", "nvfp4_triton"))
             + f" | {r.get('quant_fp8_us', float('nan')):.1f} | {r.get('quant_nvfp4_us', float('nan')):.1f} |")
     lines += ["", f"### Prefill forward, {prefill[0]['layers']} Llama-3-8B decoder layers "
               f"(elementwise ops: {which}); tokens/s and x vs bf16", "",
@@ -413,8 +450,11 @@ def markdown(env, ceil, gemms, prefill, which, variants=()) -> str:
                      f"{r.get('eager_x', 1):.2f} | {r.get('rel_err_vs_bf16', 0):.3f} |")
     if variants:
         lines += ["", "### Kernel settings compared (graph-replayed, rotated inputs)", "",
-                  "| what | M | K | N | setting | us | GB/s or TFLOP/s |", "|---|---|---|---|---|---|---|"]
+                  "| what | M | K | N | setting | us | GB/s, TFLOP/s or error |", "|---|---|---|---|---|---|---|"]
         for v in variants:
+            if "err" in v:
+                lines.append(f"| {v['what']} | {v['M']} | {v['K']} | {v['N']} | {v['setting']} | - | {v['err']:.2e} |")
+                continue
             rate = f"{v['GBps']:.0f} GB/s" if "GBps" in v else f"{v['TFLOPs']:.0f} TFLOP/s"
             lines.append(f"| {v['what']} | {v['M']} | {v['K']} | {v.get('N', '')} | {v['setting']} | {v['us']:.1f} | {rate} |")
     errors = [f"- M={r['M']} {r['shape']} {k[:-6]}: {v}" for r in gemms for k, v in r.items() if k.endswith("_error")]

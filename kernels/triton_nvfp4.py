@@ -90,8 +90,9 @@ def quantize_kernel(x_ptr, amax_bits_ptr, packed_ptr, scale_ptr, folded_ptr, g_p
         tl.store(scale_ptr + rows64[:, None] * (K // 16) + blocks[None, :], s.to(tl.float8e4nv), mask=smask)
 
 
-# activation-quantizer tile (benchmarks/bench_quant.py compares a few)
-QUANT_TILE = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
+# activation-quantizer tile: the best of five in benchmarks/bench_quant.py on an H100 (within 5%
+# of each other; docs/bench/quant.md)
+QUANT_TILE = dict(BLOCK_M=32, BLOCK_K=128, num_warps=8)
 
 
 def _quantize(x: torch.Tensor, emit_packed: bool, emit_folded: bool, out: dict | None = None,

@@ -97,7 +97,7 @@ def check_fp8_gemm(device, m, n, k, out_dtype, seed, config=None, backend="trito
         out = poison_bytes(torch.empty(m, n, dtype=out_dtype, device=device))
         y = triton_fp8.scaled_gemm(x8, w8, sx, sw, out_dtype, config=config, out=out, use_tma=backend == "triton_tma")
     else:
-        y = triton_fp8.fp8_linear_scaled_mm(x8, sx, w8, sw.reshape(-1, 1), out_dtype)
+        y = triton_fp8.fp8_linear_scaled_mm(x8, sx, w8, sw, out_dtype, fast_accum=backend == "scaled_mm_fast")
     tol = 1e-3 if out_dtype == torch.float32 else 1e-2
     err = rel_err(y, ref)
     assert err <= tol, f"fp8 gemm {backend} rel err {err:.2e} > {tol}"
@@ -129,10 +129,11 @@ def check_nvfp4_hopper_gemm(device, m, n, k, out_dtype, seed, config=None, backe
     return err
 
 
-def check_fused_producers(device, m, k, seed):
+def check_fused_producers(device, m, k, seed, inter=None):
     """RMSNorm+quant and SiLU*up+quant: byte-equal to the unfused pair on the same device (same
-    producer arithmetic, then the exact quantizer), and close to the CPU reference composition
-    (the producers use approximate rsqrt/exp, so a few codes may sit one step apart there)."""
+    producer arithmetic, then the exact quantizer), and close to the CPU reference composition.
+    Only close there: the producers use approximate rsqrt/exp, and when that moves a row's amax
+    element by one bf16 step (0.4-0.8%) the row's scale and so every code of the row moves."""
     from kernels import fused, reference, triton_fp8
     x = random_activations(m, k, device, seed=seed)
     w = (1 + 0.1 * random_activations(1, k, device, seed=seed + 1)).reshape(-1)
@@ -143,17 +144,18 @@ def check_fused_producers(device, m, k, seed):
     assert same_bytes(codes, pair_codes) and same_bytes(scale, pair_scale), "rms_norm_quant != rms_norm + quant"
     ref_codes, ref_scale = fp8.quantize_fp8_rows(reference.rms_norm(x.cpu(), w.cpu(), 1e-5))
     assert rel_err(fp8.dequantize_fp8_rows(codes.cpu(), scale.cpu()),
-                   fp8.dequantize_fp8_rows(ref_codes, ref_scale)) < 1e-2
+                   fp8.dequantize_fp8_rows(ref_codes, ref_scale)) < 5e-2
 
-    gate_up = random_activations(m, 2 * k, device, seed=seed + 2)
-    codes = poison_bytes(torch.empty(m, k, dtype=torch.float8_e4m3fn, device=device))
+    inter = inter or k
+    gate_up = random_activations(m, 2 * inter, device, seed=seed + 2)
+    codes = poison_bytes(torch.empty(m, inter, dtype=torch.float8_e4m3fn, device=device))
     scale = poison_bytes(torch.empty(m, 1, dtype=torch.float32, device=device))
     triton_fp8.silu_mul_quant_fp8(gate_up, codes, scale)
     pair_codes, pair_scale = triton_fp8.quantize_fp8_rows(fused.silu_and_mul(gate_up))
     assert same_bytes(codes, pair_codes) and same_bytes(scale, pair_scale), "silu_mul_quant != silu_mul + quant"
     ref_codes, ref_scale = fp8.quantize_fp8_rows(reference.silu_and_mul(gate_up.cpu()))
     assert rel_err(fp8.dequantize_fp8_rows(codes.cpu(), scale.cpu()),
-                   fp8.dequantize_fp8_rows(ref_codes, ref_scale)) < 1e-2
+                   fp8.dequantize_fp8_rows(ref_codes, ref_scale)) < 5e-2
 
 
 # ------------------------------------------------------------------ interpreter (CPU CI)
@@ -164,6 +166,7 @@ INTERP_CHECKS = {
     "fp8_quantizer": lambda: (check_fp8_quantizer("cpu", 37, 144, 1), check_fp8_quantizer("cpu", 3, 8208, 2)),
     "fp8_quantizer_two_pass": lambda: check_fp8_quantizer("cpu", 2, 16400, 3),
     "fp8_fused_producers": lambda: check_fused_producers("cpu", 5, 96, 4),
+    "fp8_fused_producers_wide": lambda: check_fused_producers("cpu", 2, 96, 5, inter=8200),
     "nvfp4_quantizer": lambda: check_nvfp4_quantizer("cpu", 19, 160, 3),
     "fp8_gemm": lambda: check_fp8_gemm("cpu", 45, 70, 192, torch.float32, 4, SMALL_TILE_8BIT),
     "fp8_gemm_ragged_k": lambda: check_fp8_gemm("cpu", 33, 40, 80, torch.float32, 5, SMALL_TILE_8BIT),
@@ -262,9 +265,9 @@ def test_fp8_quantizer_exact(m, k):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("m,k", [(1, 4096), (77, 4096), (300, 14336)])
-def test_fp8_fused_producers(m, k):
-    check_fused_producers("cuda", m, k, seed=m + k)
+@pytest.mark.parametrize("m,k,inter", [(1, 4096, 4096), (77, 4096, 14336), (300, 8192, 14336)])
+def test_fp8_fused_producers(m, k, inter):
+    check_fused_producers("cuda", m, k, seed=m + k, inter=inter)
 
 
 @pytest.mark.gpu
@@ -297,9 +300,11 @@ def test_fp8_gemm_triton_promotion_keeps_fp32_accuracy(promote):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("m,n,k", [s for s in GEMM_SHAPES if s[2] % 16 == 0 and s[1] % 16 == 0])
-def test_fp8_gemm_scaled_mm(m, n, k):
-    # torch's rowwise-scaled path has a bf16 output only
-    check_fp8_gemm("cuda", m, n, k, torch.bfloat16, seed=m, backend="scaled_mm")
+@pytest.mark.parametrize("backend", ["scaled_mm", "scaled_mm_fast"])
+def test_fp8_gemm_scaled_mm(m, n, k, backend):
+    # torch's rowwise-scaled path has a bf16 output only; fast accumulation is an opt-in
+    # (quant_linear.FP8_FAST_ACCUM) and must still meet the bf16-output tolerance
+    check_fp8_gemm("cuda", m, n, k, torch.bfloat16, seed=m, backend=backend)
 
 
 @pytest.mark.gpu
