@@ -23,7 +23,10 @@ _PAD = 16
 def quantize_kv(x: torch.Tensor, eps: float = FP8_KV_EPS):
     """x[..., bs, H, D] (any float dtype) -> (codes float8_e4m3fn[..., bs, H, D], scales fp32[..., bs, H])."""
     # amax in x's own dtype is exact (abs and max do not round); in-place fp32 steps save passes
-    scales = x.abs().amax(dim=-1).float().clamp_min_(eps).div_(E4M3_MAX)
+    amax = x.abs().amax(dim=-1).float().clamp_min_(eps)
+    # Divide by a tensor, not a Python number: CUDA turns division by a scalar into a multiply by
+    # its reciprocal, which can differ from amax / 448 in the last bit and then from the CPU bytes.
+    scales = amax.div_(amax.new_full((), E4M3_MAX))
     scaled = x.to(torch.float32, copy=True).div_(scales.unsqueeze(-1))
     # Clamp before the cast: x / s can round to just above 448, and an overflowing cast to e4m3
     # is NaN on some torch builds and devices.
