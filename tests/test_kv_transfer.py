@@ -80,8 +80,9 @@ def test_fp8_zero_tokens_and_eps():
 
 
 def test_fp8_clamps_before_the_cast():
-    # find amax values for which amax / (amax / 448) lands above 448 in fp32: unclamped, such a
-    # quotient overflows e4m3 (NaN on some builds); clamped, it must be the code for 448
+    # find amax values for which amax / (amax / 448) lands above 448 in fp32: such a quotient
+    # overflows e4m3, which is NaN on builds whose cast does not saturate (this CPU build's does,
+    # so here the contract is checked; the GPU test compares the device's bytes with these)
     amax = torch.rand(20000, generator=torch.Generator().manual_seed(1)) * 100 + 1e-3
     quotient = amax / (amax / 448)
     over = amax[quotient > 448]
@@ -580,11 +581,9 @@ def test_two_processes_exporter_gone(make_agent):
             try:
                 handle = reader.pull(second, [2, 3, 4])
             except KVTransferError as exc:
-                print(reader.name, "pull raised:", exc)
                 assert "gone" in str(exc)
             else:
                 assert reader.wait(handle, 15.0) == "ERROR"
-                print(reader.name, "check said:", handle.error)
                 assert "gone" in handle.error
             stats = reader.stats()
             assert stats["pending_pulls"] == 0 and stats["staging_bytes_in_use"] == 0
