@@ -126,6 +126,16 @@ class KVTransferAgent:
             raise KVTransferError(f"NIXL could not register the KV cache of {name!r}: {exc}") from exc
         self._nixl_md = self._nixl.metadata()
 
+    @classmethod
+    def from_config(cls, name: str, kv_cache: torch.Tensor, config, on_release=None, **kwargs) -> "KVTransferAgent":
+        """Builds from pdserve.config.KVTransferConfig (dtype, backend, lease_seconds)."""
+        if config.backend != "nixl":
+            raise KVTransferError(
+                f"kv_transfer.backend {config.backend!r} has no implementation in kv_transfer; use 'nixl'"
+            )
+        return cls(name, kv_cache, wire_dtype=config.dtype, lease_seconds=config.lease_seconds,
+                   on_release=on_release, **kwargs)
+
     # ---- metadata -------------------------------------------------------------------------
 
     def metadata(self) -> bytes:

@@ -503,6 +503,19 @@ def test_staging_pool_limits(make_agent):
     prefill.export("b", [5, 6, 7, 8, 9], 5 * BLOCK)
 
 
+def test_from_config():
+    from pdserve.config import KVTransferConfig
+
+    agent = KVTransferAgent.from_config(f"cfg-{uuid.uuid4().hex[:8]}", _cache(2, torch.bfloat16),
+                                        KVTransferConfig(dtype="fp8", lease_seconds=5.0))
+    try:
+        assert agent.wire_dtype == "fp8" and agent.lease_seconds == 5.0
+    finally:
+        agent.close()
+    with pytest.raises(KVTransferError, match="tcp-fallback.*no implementation"):
+        KVTransferAgent.from_config("never", _cache(2, torch.bfloat16), KVTransferConfig(backend="tcp-fallback"))
+
+
 def test_missing_nixl_is_named(monkeypatch):
     from kv_transfer.transport import load_nixl_bindings
 
