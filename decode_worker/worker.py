@@ -18,6 +18,8 @@ class DecodeWorker(WorkerBase):
         super().__init__(config, name)
         self.agent = self._make_agent()
         self.pulls: dict[str, object] = {}  # request id -> PullHandle while its KV is in flight
+        # aborted while (perhaps) waiting for room; bounded: aborts of requests that never came age out
+        self.cancelled: dict[str, None] = {}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict, prefill: dict):
         """Async generator of output deltas (dicts); ends after the finished one or on abort."""
@@ -39,9 +41,13 @@ class DecodeWorker(WorkerBase):
                 return
 
     async def _receive(self, request_id: str, ticket: bytes, num_tokens: int) -> dict:
-        blocks = await self.aengine.call(self.engine.reserve_blocks, num_tokens)
-        if blocks is None:
-            raise NoFreeBlocks(f"decode worker {self.name} has no room for {num_tokens} tokens of KV")
+        # the pool may be full for a moment: wait for room, but only while the ticket's lease lasts
+        deadline = asyncio.get_running_loop().time() + self.config.kv_transfer.lease_seconds / 2
+        while (blocks := await self.aengine.call(self.engine.reserve_blocks, num_tokens)) is None:
+            if asyncio.get_running_loop().time() > deadline or request_id in self.cancelled:
+                self.cancelled.pop(request_id, None)
+                raise NoFreeBlocks(f"decode worker {self.name} has no room for {num_tokens} tokens of KV")
+            await asyncio.sleep(0.01)
         handle = None
         self.pulls[request_id] = None
         try:
@@ -73,4 +79,9 @@ class DecodeWorker(WorkerBase):
         if request_id in self.pulls:
             del self.pulls[request_id]  # the pull loop sees it gone, stops the READ and frees the blocks
             return True
-        return await self.aengine.abort(request_id)
+        found = await self.aengine.abort(request_id)
+        if not found:
+            self.cancelled[request_id] = None  # it may still be waiting for room; make it give up
+            while len(self.cancelled) > 10000:
+                del self.cancelled[next(iter(self.cancelled))]
+        return found

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from engine.block_hash import block_hashes
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, NoFreeBlocks
 from engine.loader import resolve_model_path
 from engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from engine.sampler import sample
@@ -105,6 +105,9 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequest(f"prompt has {len(prompt_token_ids)} tokens; context is {self.max_model_len}")
+        if self.block_manager.blocks_for(len(prompt_token_ids) + 1) > self.block_manager.num_blocks:
+            raise NoFreeBlocks(f"prompt of {len(prompt_token_ids)} tokens can never fit this worker's KV pool "
+                               f"({self.block_manager.num_blocks} blocks of {self.config.block_size})")
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, prefill_only=prefill_only)
         if block_table is not None:
             seq.block_table = list(block_table)
@@ -144,6 +147,30 @@ class LLMEngine:
 
     def free_blocks(self, blocks: list[int]) -> None:
         self.block_manager.release(blocks)
+
+    def score(self, token_ids: list[int], block_table: list[int] | None = None,
+              num_computed_tokens: int = 0) -> "torch.Tensor":
+        """Teacher-forced logits [len(token_ids) - num_computed_tokens, vocab] (row i predicts
+        token num_computed_tokens + i + 1), for tokens after a prefix whose KV is already in
+        `block_table`. Runs alone (call it with no requests in flight); frees its own blocks."""
+        from engine.scheduler import ScheduledBatch
+
+        if self.has_unfinished():
+            raise RuntimeError("score() needs an idle engine")
+        own = block_table is None
+        if own and num_computed_tokens:
+            raise ValueError("num_computed_tokens needs the block_table that holds their KV")
+        table = [] if own else list(block_table)
+        extra_from = len(table)
+        if not self.block_manager.ensure(table, len(token_ids)):
+            raise NoFreeBlocks(f"{len(token_ids)} tokens do not fit the KV pool")
+        seq = Sequence("score", list(token_ids), len(token_ids), SamplingParams(max_tokens=1))
+        seq.block_table, seq.num_computed_tokens = table, num_computed_tokens
+        try:
+            batch = ScheduledBatch([seq], [len(token_ids) - num_computed_tokens])
+            return self.runner.execute(batch, [], all_logits=True)
+        finally:
+            self.block_manager.release(table if own else table[extra_from:])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

@@ -57,9 +57,10 @@ class ModelRunner:
         return a.num_layers * 2 * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor | None:
+    def execute(self, batch: ScheduledBatch, sample_rows: list[int], all_logits: bool = False) -> torch.Tensor | None:
         """Compute KV for the batch; return [len(sample_rows), vocab] float32 logits of the last
-        token of each sequence index in `sample_rows` (None if none samples)."""
+        token of each sequence index in `sample_rows` (None if none samples), or with `all_logits`
+        the logits of every new token (teacher-forced scoring)."""
         ids, pos, q_lens, seq_lens, tables = [], [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             start = seq.num_computed_tokens
@@ -72,6 +73,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        if all_logits:
+            return self.model.logits(hidden)
         if not sample_rows:
             return None
         last = torch.tensor(sample_rows, device=self.device)

@@ -157,13 +157,15 @@ def generate_local(args, reqs, params) -> list[dict]:
                            progress=sys.stderr.isatty())
     except ModelLoadError as e:
         raise CLIError(str(e), EXIT_MODEL) from None
-    try:
-        prompts = [engine.tokenize(r["prompt"], r["prompt_token_ids"], r["chat"]) for r in reqs]
-    except InvalidRequest as e:
-        raise CLIError(str(e)) from None
+    from engine.block_manager import NoFreeBlocks
+
     printer = None if args.json else StreamPrinter(len(reqs))
     on_output = None if printer is None else (lambda i, o: printer(i, o.new_text, o.finished))
-    return engine.generate([(p, params) for p in prompts], on_output=on_output)
+    try:
+        prompts = [engine.tokenize(r["prompt"], r["prompt_token_ids"], r["chat"]) for r in reqs]
+        return engine.generate([(p, params) for p in prompts], on_output=on_output)
+    except (InvalidRequest, NoFreeBlocks) as e:
+        raise CLIError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
