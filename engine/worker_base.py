@@ -28,9 +28,11 @@ class WorkerBase:
         from kv_transfer import KVTransferAgent
 
         kt = self.config.kv_transfer
+        # staging holds fp8 wire copies (about a quarter of a float32 slot each); the raw wire reads
+        # cache to cache and needs none, since both pools share model.dtype
+        staging = self.engine.runner.num_blocks // 4 if kt.dtype == "fp8" else 0
         return KVTransferAgent(self.name, self.engine.runner.kv_cache, wire_dtype=kt.dtype,
-                               lease_seconds=kt.lease_seconds, on_release=on_release,
-                               staging_blocks=min(self.engine.runner.num_blocks, 1024))
+                               lease_seconds=kt.lease_seconds, on_release=on_release, staging_blocks=staging)
 
     async def start(self) -> dict:
         """Called once by the router after construction; returns what the router needs to know."""

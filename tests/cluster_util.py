@@ -1,0 +1,60 @@
+"""Start a real `pdserve serve` (Ray + workers + gRPC router) as a subprocess on 127.0.0.1 and stop
+it by its own process id (its process group holds the Ray processes it started)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, config: dict, tmp: Path, timeout: float = 240):
+        config = dict(config)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        config.setdefault("router", {})
+        config["router"] = {**config["router"], "host": "127.0.0.1", "port": self.port,
+                            "metrics_port": self.metrics_port}
+        self.config_path = tmp / f"pdserve-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / f"pdserve-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--config", str(self.config_path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                     start_new_session=True)
+        self.address = f"127.0.0.1:{self.port}"
+        deadline = time.time() + timeout
+        while "pdserve: ready" not in self.log_path.read_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever Ray left in the server's process group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
