@@ -345,8 +345,8 @@ def bench_generate(model, with_compiled: bool, deadline: float) -> list[dict]:
                              token_agreement_with_ours=same))
             log(f"generate transformers compiled={compiled} b={b}: {rows[-1]['tokens_per_s']:.0f} tok/s "
                 f"(first call {first:.1f}s), same tokens as ours {100 * same:.1f}%")
+    release(*hf.parameters())
     del hf
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -356,7 +356,8 @@ def bench_model(name, shape, args, copy_bw, gemm) -> dict:
     free, _ = torch.cuda.mem_get_info()
     block_bytes = BLOCK_SIZE * shape.kv_bytes_per_token()
     want = max(DECODE_BATCHES) * -(-max(DECODE_CONTEXTS) // BLOCK_SIZE)
-    pool_blocks = min(want, int((free - args.headroom_gb * 2 ** 30) // block_bytes))
+    pool_blocks = min(want, int((free - args.headroom_gb * 2 ** 30) // block_bytes),
+                      int(args.kv_pool_gb * 2 ** 30 // block_bytes))
     log(f"KV pool: {pool_blocks} blocks ({pool_blocks * block_bytes / 2 ** 30:.1f} GiB; full batch 128 x 8K "
         f"needs {want})")
     kv_cache = model.new_kv_cache(pool_blocks, BLOCK_SIZE)
@@ -382,14 +383,24 @@ def bench_model(name, shape, args, copy_bw, gemm) -> dict:
     prompt = prefill_batch([torch.randint(0, shape.vocab, (2048,)).tolist()],
                            SequenceSlots(1, 2048, BLOCK_SIZE, model.device), model.device)
     attempt(result, "profile_prefill_2048", lambda: kernel_profile(lambda: model.forward(prompt, kv_cache)))
+    release(kv_cache)  # transformers' copy of the weights needs the room
     del kv_cache
-    torch.cuda.empty_cache()
     if not args.skip_generate:
         compiled = name in args.compile_peer.split(",")
         attempt(result, "generate", lambda: bench_generate(model, compiled, T0 + args.time_budget_s))
+    release(model.embed, model.lm_head, *[t for l in model.layers for t in vars(l).values()])
     del model
-    torch.cuda.empty_cache()
     return result
+
+
+def release(*tensors: torch.Tensor) -> None:
+    """Give large tensors' memory back now, whatever still refers to them."""
+    import gc
+
+    for tensor in tensors:
+        tensor.untyped_storage().resize_(0)
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def pdl_check() -> bool:
@@ -493,6 +504,8 @@ def main() -> None:
     parser.add_argument("--tune-linear", default="llama3-8b",
                         help="models whose decode projections are tuned (Triton GEMV/skinny GEMM vs library)")
     parser.add_argument("--headroom-gb", type=float, default=12.0)
+    parser.add_argument("--kv-pool-gb", type=float, default=36.0,
+                        help="KV pool cap; batch 128 x 8K (128 GiB for the 8B) shares blocks beyond it")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

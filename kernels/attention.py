@@ -25,11 +25,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_kernel(q_ptr, kv_ptr, scale_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-                   s_qt, s_qh, s_blk, s_kv, s_pos, s_head, s_sblk, s_skv, s_spos, s_bt, s_ot, s_oh,
+                   counter_ptr, s_qt, s_qh, s_blk, s_kv, s_pos, s_head, s_sblk, s_skv, s_spos, s_bt, s_ot, s_oh,
                    qk_scale, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr,
-                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr):
     wait_for_predecessor(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,9 +82,40 @@ def _decode_kernel(q_ptr, kv_ptr, scale_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_
         tl.store(part_lse_ptr + part, lse, mask=row_mask)
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc / safe_l[:, None],
                  mask=row_mask[:, None])
+        if MERGE:
+            # the last split of this (sequence, kv head) to finish merges them all: no second launch
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                _merge_partials(part_lse_ptr, part_out_ptr, out_ptr, (seq * num_q_heads + q_heads) * num_splits,
+                                token * s_ot + q_heads * s_oh, row_mask, num_splits, GROUP_PAD, HEAD_DIM)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (graph replays reuse the counters)
     else:
         out = (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + token * s_ot + q_heads[:, None] * s_oh + dims[None, :], out, mask=row_mask[:, None])
+
+
+@triton.jit
+def _merge_partials(part_lse_ptr, part_out_ptr, out_ptr, part_base, out_offset, row_mask, num_splits,
+                    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Combine the normalised partial outputs of num_splits context pieces by their log2-sum-exp."""
+    dims = tl.arange(0, HEAD_DIM)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for split in range(0, num_splits):
+        # .cg: read through to L2, where the other programs' partials are
+        lse = tl.load(part_lse_ptr + part_base + split, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_out_ptr + (part_base + split)[:, None] * HEAD_DIM + dims[None, :],
+                       mask=row_mask[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: keep the weights at zero
+        old_w, new_w = tl.exp2(m - ref), tl.exp2(lse - ref)
+        acc = acc * old_w[:, None] + part * new_w[:, None]
+        l = l * old_w + new_w
+        m = m_new
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    tl.store(out_ptr + out_offset[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
 @triton.jit
@@ -227,6 +258,7 @@ def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, 
         if num_splits is None:
             num_splits = _default_num_splits(batch * num_kv_heads, max_seq_len, cfg["BLOCK_N"], q.device)
         split = num_splits > 1
+        counters = _split_counters(q.device, batch * num_kv_heads) if split and MERGE_IN_KERNEL else None
         if split:
             part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -234,11 +266,13 @@ def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, 
             part_out = part_lse = out  # never touched
         _decode_kernel[(batch, num_kv_heads, num_splits)](
             q, kv_layer, scales, query_start_loc, seq_lens, block_tables, out, part_out, part_lse,
+            counters if counters is not None else seq_lens,
             q.stride(0), q.stride(1), *common, qk_scale, num_splits,
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            SPLIT=split, FP8=fp8, PRECISION=precision, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            SPLIT=split, FP8=fp8, PRECISION=precision, MERGE=counters is not None, BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"], **launch_options(q.device))
-        if split:
+        if split and counters is None:
             _merge_splits_kernel[(batch, num_q_heads)](
                 part_out, part_lse, query_start_loc, out, out.stride(0), out.stride(1), num_splits,
                 HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
@@ -251,6 +285,26 @@ def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, 
         q.stride(0), q.stride(1), *common, qk_scale,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, FP8=fp8, PRECISION=precision, **cfg)
     return out
+
+
+# Split decode merges in the last split's program (a per-(sequence, kv head) arrival counter) instead of
+# a second kernel; the counters live in one zeroed buffer per device and are reset by whoever merges.
+MERGE_IN_KERNEL = True
+_COUNTERS: dict = {}
+_COUNTER_SLOTS = 1 << 16
+
+
+def _split_counters(device: torch.device, needed: int) -> Optional[torch.Tensor]:
+    """The device's arrival counters, or None (merge kernel instead) when too few or when first needed
+    inside a CUDA-graph capture, where a new buffer would belong to the graph's pool."""
+    if needed > _COUNTER_SLOTS:
+        return None
+    key = (device.type, device.index)
+    if key not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def _interpreted() -> bool:
