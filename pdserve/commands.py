@@ -23,6 +23,15 @@ def register(sub) -> None:
     c.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the router")
     c.set_defaults(func=cmd_scale)
 
+    from pdserve import demo
+
+    demo.register(sub)
+    for mod in ("pdserve.bench", "pdserve.eval"):  # each lands with its own issue
+        try:
+            __import__(mod, fromlist=["register"]).register(sub)
+        except ImportError:
+            pass
+
 
 def load_serve_config(args):
     from pdserve.config import load_config
