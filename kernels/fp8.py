@@ -21,7 +21,8 @@ E4M3_MAX = 448.0
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """amax/448 in fp32; 1 where that is 0 (all-zero rows, or amax so small it underflows)."""
-    s = amax.float() / E4M3_MAX
+    # a tensor divisor: CUDA turns division by a Python scalar into a reciprocal multiply
+    s = amax.float() / torch.tensor(E4M3_MAX, dtype=torch.float32, device=amax.device)
     return torch.where(s > 0, s, torch.ones_like(s))
 
 

@@ -111,7 +111,10 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None) ->
     g = global_scale_from_amax(xf.abs().amax()) if global_scale is None else global_scale.float().reshape(())
     blocks = xf.reshape(*xf.shape[:-1], -1, BLOCK)
     amax_b = blocks.abs().amax(dim=-1, keepdim=True)
-    scaled_amax = torch.clamp((amax_b / E2M1_MAX) * g, max=E4M3_MAX)
+    # divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply, which
+    # would make the reference's bytes depend on the device
+    six = torch.tensor(E2M1_MAX, dtype=torch.float32, device=xf.device)
+    scaled_amax = torch.clamp((amax_b / six) * g, max=E4M3_MAX)
     s_b = scaled_amax.to(torch.float8_e4m3fn)
     s_f = s_b.float()
     ratio = torch.clamp((blocks * g) / s_f, -E2M1_MAX, E2M1_MAX)
