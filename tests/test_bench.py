@@ -1,0 +1,242 @@
+"""`pdserve bench`: workloads, statistics and the oracle hit rate by hand, then one real run
+against a real cluster (Ray + prefill and decode workers + gRPC router)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from pdserve import bench
+from pdserve.bench import (BenchRequest, RequestResult, arrival_times, build_report, meets_slo, oracle_hit_rate,
+                           parse_range, percentile, random_workload, shared_prefix_workload)
+from pdserve.cli import EXIT_BAD_INPUT, EXIT_SERVER, CLIError
+
+
+def parse(argv: list[str]):
+    ap = argparse.ArgumentParser(prog="pdserve")
+    sub = ap.add_subparsers(dest="command")
+    bench.register(sub)
+    return ap.parse_args(["bench", *argv])
+
+
+# -- workloads ------------------------------------------------------------------------------------
+def test_parse_range():
+    assert parse_range("7", "x") == (7, 7)
+    assert parse_range("3:9", "x") == (3, 9)
+    for bad in ("0", "5:4", "a", "1:2:3", "-1:4"):
+        with pytest.raises(ValueError):
+            parse_range(bad, "x")
+
+
+def test_random_workload_is_seeded_with_exact_lengths_in_range():
+    a = random_workload(50, (5, 40), (2, 9), (100, 200), seed=3)
+    assert a == random_workload(50, (5, 40), (2, 9), (100, 200), seed=3)
+    assert a != random_workload(50, (5, 40), (2, 9), (100, 200), seed=4)
+    lens = {len(q.prompt_token_ids) for q in a}
+    assert min(lens) >= 5 and max(lens) <= 40 and len(lens) > 10
+    assert all(2 <= q.max_tokens <= 9 and q.prompt is None for q in a)
+    assert all(100 <= t < 200 for q in a for t in q.prompt_token_ids)
+    fixed = random_workload(4, (17, 17), (3, 3), (100, 200), seed=0)
+    assert [len(q.prompt_token_ids) for q in fixed] == [17] * 4 and [q.max_tokens for q in fixed] == [3] * 4
+
+
+def test_random_text_workload_has_the_requested_number_of_words():
+    a = random_workload(5, (12, 12), (4, 4), (100, 200), seed=1, text=True)
+    assert all(q.prompt_token_ids is None and len(q.prompt.split()) == 12 for q in a)
+    assert a == random_workload(5, (12, 12), (4, 4), (100, 200), seed=1, text=True)
+
+
+def test_shared_prefix_workload_shares_exact_prefixes_across_users():
+    n_pre, users, plen = 3, 4, 40
+    reqs = shared_prefix_workload(n_pre, users, plen, (5, 9), (6, 6), (100, 30000), seed=7)
+    assert reqs == shared_prefix_workload(n_pre, users, plen, (5, 9), (6, 6), (100, 30000), seed=7)
+    assert len(reqs) == n_pre * users
+    by_group: dict[int, list[BenchRequest]] = {}
+    for q in reqs:
+        by_group.setdefault(q.group, []).append(q)
+        assert plen + 5 <= len(q.prompt_token_ids) <= plen + 9 and q.max_tokens == 6
+    assert sorted(by_group) == [0, 1, 2] and all(len(v) == users for v in by_group.values())
+    prefixes = {g: {q.prompt_token_ids[:plen] for q in v} for g, v in by_group.items()}
+    assert all(len(p) == 1 for p in prefixes.values())  # identical within a system prompt
+    assert len({next(iter(p)) for p in prefixes.values()}) == n_pre  # distinct across them
+    suffixes = [q.prompt_token_ids[plen:] for q in reqs]
+    assert len(set(suffixes)) == len(suffixes)  # every user's part is its own
+    groups = [q.group for q in reqs]
+    assert groups != sorted(groups) and groups != [i % n_pre for i in range(len(reqs))]  # shuffled
+    more = shared_prefix_workload(n_pre, users, plen, (5, 9), (6, 6), (100, 30000), seed=7, n=30)
+    assert len(more) == 30 and sorted({q.group for q in more}) == [0, 1, 2]
+
+
+def test_arrival_times():
+    assert arrival_times(4, math.inf, 0) == [0.0] * 4
+    t = arrival_times(20000, 50.0, seed=1)
+    assert t == arrival_times(20000, 50.0, seed=1) and t[0] == 0.0
+    gaps = np.diff(t)
+    assert (gaps > 0).all()
+    assert abs(gaps.mean() - 1 / 50) < 0.02 / 50 * 3  # exponential gaps: mean 1/rate (3 sigma)
+    assert abs(gaps.std() / gaps.mean() - 1) < 0.05  # ... and coefficient of variation 1
+
+
+# -- statistics -----------------------------------------------------------------------------------
+def test_percentile_by_hand_and_against_numpy():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([1, 2, 3, 4], 90) == pytest.approx(3.7)
+    assert percentile([1, 2, 3, 4], 99) == pytest.approx(3.97)
+    assert percentile([4, 1, 3, 2], 0) == 1 and percentile([4, 1, 3, 2], 100) == 4
+    assert percentile([5.0], 99) == 5.0
+    xs = [random.Random(0).random() for _ in range(101)]
+    for q in (50, 90, 99):
+        assert percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def _ok(ttft, e2e, n_out, prompt=100, cached=0, itl=None, p="P0", d="D0"):
+    return RequestResult(ok=True, ttft=ttft, e2e=e2e, completion_tokens=n_out, prompt_tokens=prompt,
+                         cached_tokens=cached, itl=itl or [], finish_reason="length", prefill_worker=p,
+                         decode_worker=d)
+
+
+def test_tpot_and_goodput_by_hand():
+    a = _ok(0.5, 1.5, 11)        # TPOT 0.1
+    b = _ok(2.0, 2.9, 10)        # TTFT too slow, TPOT 0.1
+    c = _ok(0.2, 2.2, 5)         # TPOT 0.5: too slow
+    d = _ok(0.3, 0.3, 1)         # one token: no TPOT, meets any TPOT target
+    e = RequestResult(ok=False, status="UNAVAILABLE", error="the decode pool has no ready worker")
+    assert a.tpot == pytest.approx(0.1) and c.tpot == pytest.approx(0.5) and d.tpot is None and e.tpot is None
+    assert [meets_slo(r, 1.0, 0.2) for r in (a, b, c, d, e)] == [True, False, False, True, False]
+    assert [meets_slo(r, None, 0.2) for r in (a, b, c, d, e)] == [True, True, False, True, False]
+    assert [meets_slo(r, 1.0, None) for r in (a, b, c, d, e)] == [True, False, True, True, False]
+    rep = build_report([a, b, c, d, e], duration=4.0, goodput_ttft=1.0, goodput_tpot=0.2)
+    assert rep["goodput"]["requests"] == 2
+    assert rep["goodput"]["request_throughput"] == pytest.approx(0.5)
+    assert rep["goodput"]["fraction"] == pytest.approx(2 / 5)
+    assert build_report([a], 1.0)["goodput"] is None
+
+
+def test_report_by_hand():
+    rs = [_ok(0.1, 1.1, 11, prompt=100, cached=0, itl=[0.1] * 10, p="P0", d="D1"),
+          _ok(0.3, 1.3, 6, prompt=200, cached=160, itl=[0.2] * 5, p="P1", d="D1"),
+          _ok(0.2, 0.4, 3, prompt=60, cached=48, itl=[0.05, 0.15], p="P0", d="D0"),
+          RequestResult(ok=False, status="RESOURCE_EXHAUSTED", error="full"),
+          RequestResult(ok=False, status="RESOURCE_EXHAUSTED", error="full"),
+          RequestResult(ok=False, status="INCOMPLETE", error="no finish")]
+    rep = build_report(rs, duration=2.0, oracle=0.9)
+    assert (rep["num_requests"], rep["completed"], rep["failed"]) == (6, 3, 3)
+    assert rep["failures"] == {"RESOURCE_EXHAUSTED": 2, "INCOMPLETE": 1}
+    assert rep["request_throughput"] == pytest.approx(1.5)
+    assert rep["total_input_tokens"] == 360 and rep["input_token_throughput"] == pytest.approx(180)
+    assert rep["total_output_tokens"] == 20 and rep["output_token_throughput"] == pytest.approx(10)
+    assert rep["prefix_hit_rate"] == pytest.approx(208 / 360) and rep["oracle_hit_rate"] == 0.9
+    assert rep["ttft_s"]["mean"] == pytest.approx(0.2) and rep["ttft_s"]["p50"] == pytest.approx(0.2)
+    assert rep["tpot_s"]["mean"] == pytest.approx((0.1 + 0.2 + 0.1) / 3)
+    assert rep["itl_s"]["n"] == 17 and rep["itl_s"]["max"] == pytest.approx(0.2)
+    assert rep["e2e_s"]["p90"] == pytest.approx(1.26)
+    assert rep["per_worker"] == {"prefill": {"P0": 2, "P1": 1}, "decode": {"D0": 1, "D1": 2}}
+    rep.update(client={"loop_lag_s": None, "cpu_frac": 0.01},
+               config={"server": "h:1", "workload": "random", "request_rate": math.inf, "concurrency": 4})
+    text = bench.format_report(rep)
+    assert "RESOURCE_EXHAUSTED x2" in text and "57.8%  (oracle 90.0%)" in text
+    assert json.loads(json.dumps(bench.jsonable(rep), allow_nan=False))["config"]["request_rate"] == "inf"
+
+
+def test_oracle_hit_rate_by_hand():
+    bs = 4
+    a = tuple(range(1, 11))                    # 10 tokens, blocks [1-4][5-8] + 2: nothing seen yet
+    b = tuple(range(1, 9)) + (20, 21, 22)      # both of a's blocks: 8 hit
+    c = tuple(range(1, 9))                     # 8 tokens = 2 full blocks, but the last token is computed: 4 hit
+    d = (1, 2, 3, 4, 9, 9, 9, 9, 9)            # first block only: 4 hit
+    e = (0, 0, 0, 0, 5, 6, 7, 8, 1)            # a's second block after another first block: chained, 0 hit
+    f = (9, 9, 9)                              # no full block: 0
+    g = (0, 0, 0, 0, 5, 6, 7, 8, 2)            # e's two blocks: 8
+    prompts = [a, b, c, d, e, f, g]
+    total = sum(map(len, prompts))
+    assert total == 10 + 11 + 8 + 9 + 9 + 3 + 9
+    assert oracle_hit_rate(prompts, bs) == pytest.approx((0 + 8 + 4 + 4 + 0 + 0 + 8) / total)
+    assert oracle_hit_rate([a, a], bs) == pytest.approx(8 / 20)
+    assert oracle_hit_rate([c, c], bs) == pytest.approx(4 / 16)
+    assert oracle_hit_rate([], bs) == 0.0
+
+
+def test_oracle_of_the_shared_prefix_workload():
+    # 2 prompts of 64 (4 blocks of 16) x 3 users: all but the first request of each prompt hit 64
+    reqs = shared_prefix_workload(2, 3, 64, (10, 10), (1, 1), (100, 30000), seed=0)
+    assert oracle_hit_rate([q.prompt_token_ids for q in reqs], 16) == pytest.approx(4 * 64 / (6 * 74))
+
+
+# -- the command ----------------------------------------------------------------------------------
+def test_bad_arguments_and_unreachable_server():
+    from cluster_util import free_port
+
+    for argv in (["--num-requests", "0"], ["--request-rate", "0"], ["--concurrency", "0"],
+                 ["--goodput-ttft", "-1"], ["--warmup", "-2"]):
+        with pytest.raises(CLIError) as e:
+            bench.cmd_bench(parse(argv))
+        assert e.value.code == EXIT_BAD_INPUT, argv
+    with pytest.raises(CLIError) as e:
+        bench.cmd_bench(parse(["--server", f"127.0.0.1:{free_port()}", "--connect-timeout", "1"]))
+    assert e.value.code == EXIT_SERVER and "cannot reach" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from cluster_util import Server
+
+    s = Server({"model": {"dtype": "float32"}, "engine": {"kv_cache_memory_gb": 0.2},
+                "prefill": {"replicas": 1, "num_cpus": 0.5}, "decode": {"replicas": 1, "num_cpus": 0.5}},
+               tmp_path_factory.mktemp("bench"))
+    yield s
+    s.stop()
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_bench_against_a_real_cluster(server, capsys):
+    """Sequential shared-prefix requests on a fresh cluster: the measured hit rate must equal the
+    oracle's (every earlier prefix is still cached), and every count must add up."""
+    argv = ["--server", server.address, "--workload", "shared-prefix", "--num-prefixes", "2",
+            "--users-per-prefix", "4", "--prefix-len", "48", "--suffix-len", "5:12", "--max-tokens", "4",
+            "--concurrency", "1", "--warmup", "2", "--goodput-ttft", "60", "--goodput-tpot", "60", "--json",
+            "--seed", "5"]
+    assert bench.cmd_bench(parse(argv)) == 0
+    out = capsys.readouterr()
+    rep = _strict_json(out.out)
+    reqs = shared_prefix_workload(2, 4, 48, (5, 12), (4, 4), tuple(rep["config"]["vocab_range"]), seed=5)
+    assert (rep["num_requests"], rep["completed"], rep["failed"], rep["failures"]) == (8, 8, 0, {})
+    assert rep["total_input_tokens"] == sum(len(q.prompt_token_ids) for q in reqs)
+    assert rep["total_output_tokens"] == 8 * 4 and rep["finish_reasons"] == {"length": 8}
+    assert rep["model"]["block_size"] == 16 and rep["model"]["vocab_size"] == 49152
+    assert rep["oracle_hit_rate"] == pytest.approx(6 * 48 / rep["total_input_tokens"])
+    assert rep["prefix_hit_rate"] == pytest.approx(rep["oracle_hit_rate"])
+    assert rep["cached_tokens"] == 6 * 48
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        s = rep[key]
+        assert 0 < s["p50"] <= s["p90"] <= s["p99"] <= s["max"] < 120, (key, s)
+    assert rep["ttft_s"]["n"] == 8 and rep["itl_s"]["n"] == 8 * 3
+    assert rep["ttft_s"]["max"] < rep["e2e_s"]["max"]
+    assert rep["duration_s"] >= rep["e2e_s"]["mean"] * 8 * 0.99  # one at a time
+    assert rep["request_throughput"] == pytest.approx(8 / rep["duration_s"])
+    assert rep["goodput"]["requests"] == 8
+    [p], [d] = rep["per_worker"]["prefill"].items(), rep["per_worker"]["decode"].items()
+    assert p[1] == d[1] == 8 and p[0].startswith("prefill") and d[0].startswith("decode")
+    assert rep["cluster"]["after"]["prefill_replicas"] == rep["cluster"]["after"]["decode_replicas"] == 1
+    assert rep["client"]["loop_lag_s"]["n"] > 0 and 0 <= rep["client"]["cpu_frac"] < 1
+    assert rep["config"]["request_rate"] == "inf" and rep["config"]["concurrency"] == 1
+
+
+def test_human_table_against_a_real_cluster(server, capsys):
+    argv = ["--server", server.address, "--num-requests", "4", "--input-len", "8:24", "--max-tokens", "3",
+            "--prompt-format", "text", "--request-rate", "20", "--no-progress"]
+    assert bench.cmd_bench(parse(argv)) == 0
+    text = capsys.readouterr().out
+    assert "successful requests                          4" in text
+    assert "total output tokens                         12" in text
+    assert "prefix hit rate" in text and "oracle" not in text  # text prompts: no exact token ids
