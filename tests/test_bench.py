@@ -240,3 +240,90 @@ def test_human_table_against_a_real_cluster(server, capsys):
     assert "successful requests                          4" in text
     assert "total output tokens                         12" in text
     assert "prefix hit rate" in text and "oracle" not in text  # text prompts: no exact token ids
+
+
+# -- the client's own timing error ------------------------------------------------------------------
+class _ClockServer:
+    """A gRPC server with known timing (first token after `ttft` s, then one every `itl` s) that
+    logs, per request, the perf_counter at which it handed each message to gRPC. perf_counter is
+    CLOCK_MONOTONIC, one clock for every process on the machine, so the bench's arrival stamps
+    minus these are the client's (and the transport's) whole timing error."""
+
+    def __init__(self, port: int, log_path: str, ttft: float, itl: float):
+        self.port, self.log_path, self.ttft, self.itl = port, log_path, ttft, itl
+
+    def __call__(self):
+        import asyncio
+
+        asyncio.run(self._serve())
+
+    async def _serve(self):
+        import asyncio
+        import time
+
+        import grpc
+
+        from proto import pb, rpc
+
+        outer = self
+
+        class Clock(rpc.PDServeServicer):
+            async def Generate(self, request, context):
+                ids = list(request.prompt_token_ids.ids)
+                n = request.sampling.max_tokens
+                await asyncio.sleep(outer.ttft)
+                sends = []
+                for i in range(n):
+                    if i:
+                        await asyncio.sleep(outer.itl)
+                    resp = pb.GenerateResponse(token_ids=[i + 1])
+                    if i == 0:
+                        resp.prefill_worker, resp.decode_worker = "P", "D"
+                    if i == n - 1:
+                        resp.finish_reason = "length"
+                        resp.usage.CopyFrom(pb.Usage(prompt_tokens=len(ids), completion_tokens=n))
+                    sends.append(time.perf_counter())
+                    yield resp
+                with open(outer.log_path, "a") as f:
+                    f.write(json.dumps({"key": ids[:6], "sends": sends}) + "\n")
+
+        server = grpc.aio.server()
+        rpc.add_PDServeServicer_to_server(Clock(), server)
+        server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await server.start()
+        await server.wait_for_termination()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streams", [64, 256])
+def test_client_timing_error_under_many_streams(streams, tmp_path):
+    """With `streams` concurrent streams, the bench stamps each delta within a few ms of the moment
+    the server sent it (median), so client overhead does not distort TTFT/ITL. Prints the numbers."""
+    import asyncio
+    import multiprocessing
+    import time
+
+    from cluster_util import free_port
+
+    port, log = free_port(), tmp_path / "sends.jsonl"
+    proc = multiprocessing.get_context("spawn").Process(target=_ClockServer(port, str(log), 0.3, 0.05), daemon=True)
+    proc.start()
+    try:
+        time.sleep(3)
+        reqs = random_workload(streams, (16, 16), (16, 16), (100, 30000), seed=streams)
+        res, dur, client = asyncio.run(bench.run_load(f"127.0.0.1:{port}", reqs, [0.0] * streams, None,
+                                                      progress=False))
+    finally:
+        proc.terminate()
+        proc.join()
+    sends = {tuple(j["key"]): j["sends"] for j in map(json.loads, log.read_text().splitlines())}
+    assert all(r.ok for r in res) and len(sends) == streams
+    first = [r.sent + r.ttft - sends[tuple(q.prompt_token_ids[:6])][0] for q, r in zip(reqs, res)]
+    last = [r.sent + r.e2e - sends[tuple(q.prompt_token_ids[:6])][-1] for q, r in zip(reqs, res)]
+    itl_err = [m - (b - a) for q, r in zip(reqs, res)
+               for m, a, b in zip(r.itl, sends[tuple(q.prompt_token_ids[:6])], sends[tuple(q.prompt_token_ids[:6])][1:])]
+    ms = lambda xs: " ".join(f"{k} {percentile(xs, q) * 1e3:.2f}" for k, q in (("p50", 50), ("p90", 90), ("p99", 99)))
+    print(f"\n{streams} streams, {dur:.2f} s: first-token stamp delay ms {ms(first)}; last {ms(last)}; "
+          f"ITL error ms {ms(itl_err)}; loop lag p99 {client['loop_lag_s']['p99'] * 1e3:.2f} ms; "
+          f"client cpu {client['cpu_frac']:.0%} of a core")
+    assert min(first) > 0 and percentile(first, 50) < 0.010
