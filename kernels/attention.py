@@ -287,9 +287,12 @@ def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, 
     return out
 
 
-# Split decode merges in the last split's program (a per-(sequence, kv head) arrival counter) instead of
-# a second kernel; the counters live in one zeroed buffer per device and are reset by whoever merges.
-MERGE_IN_KERNEL = True
+# Optionally, split decode merges in the last split's program (a per-(sequence, kv head) arrival counter)
+# instead of a second kernel; the counters live in one zeroed buffer per device, reset by whoever merges.
+# Off by default: on an H100 (docs/bench/gpu.md, run 4) it made the 8B batch-1 step 0.38 ms SLOWER, the
+# merging program walking the splits one dependent L2 round trip at a time (~10 us a layer) where the
+# separate merge kernel costs ~2 us plus a launch.
+MERGE_IN_KERNEL = False
 _COUNTERS: dict = {}
 _COUNTER_SLOTS = 1 << 16
 

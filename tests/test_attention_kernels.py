@@ -95,16 +95,17 @@ def _shapes(device):
     return dict(num_kv_heads=4, head_dim=128, block_size=16), 8
 
 
-def case_decode(group, fp8=False, num_splits=None, merge_kernel=False):
+def case_decode(group, fp8=False, num_splits=None, merge_in_kernel=None):
     def run(device, dtype, gen):
         from kernels import attention
 
-        if merge_kernel:  # the two-launch path (used when the arrival counters are unavailable)
-            attention.MERGE_IN_KERNEL = False
+        if merge_in_kernel is not None:  # both ways of merging split partials
+            before = attention.MERGE_IN_KERNEL
+            attention.MERGE_IN_KERNEL = merge_in_kernel
             try:
                 return case_decode(group, fp8, num_splits)(device, dtype, gen)
             finally:
-                attention.MERGE_IN_KERNEL = True
+                attention.MERGE_IN_KERNEL = before
         shape, scale_up = _shapes(device)
         bs = shape["block_size"]
         seq_lens = [1, bs, bs + 1, 2 * bs, 5 * bs - 3, 9 * bs * scale_up + 5]
@@ -132,7 +133,8 @@ for _g in (1, 4, 8):
     CASES[f"decode_g{_g}"] = case_decode(_g)
     CASES[f"decode_g{_g}_nosplit"] = case_decode(_g, num_splits=1)
     CASES[f"decode_g{_g}_split3"] = case_decode(_g, num_splits=3)
-    CASES[f"decode_g{_g}_split3_merge_kernel"] = case_decode(_g, num_splits=3, merge_kernel=True)
+    CASES[f"decode_g{_g}_split3_merge_kernel"] = case_decode(_g, num_splits=3, merge_in_kernel=False)
+    CASES[f"decode_g{_g}_split3_merge_in_kernel"] = case_decode(_g, num_splits=3, merge_in_kernel=True)
     CASES[f"prefill_g{_g}"] = case_prefill(_g)
     CASES[f"decode_fp8_g{_g}"] = case_decode(_g, fp8=True)
     CASES[f"prefill_fp8_g{_g}"] = case_prefill(_g, fp8=True)
