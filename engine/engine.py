@@ -46,9 +46,10 @@ class LLMEngine:
         self.model_path = resolve_model_path(model)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = Tokenizer(self.model_path)
+        # weights first: a corrupt checkpoint is then reported as such, not as a tokenizer problem
         self.runner = ModelRunner(self.model_path, self.dtype, self.device, config.block_size, config.num_blocks,
                                   config.kv_cache_memory_gb, precision=precision, progress=progress)
+        self.tokenizer = Tokenizer(self.model_path)
         arch = self.runner.arch
         self.arch = arch
         self.max_model_len = min(max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
