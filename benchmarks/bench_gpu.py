@@ -509,9 +509,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    import transformers
     import triton
 
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  transformers=transformers.__version__,
                   python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   command=" ".join(sys.argv))
     report["copy_bw"] = copy_bandwidth(20)
