@@ -121,6 +121,7 @@ class RequestResult:
     finish_reason: str = ""
     prefill_worker: str = ""
     decode_worker: str = ""
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def tpot(self) -> float | None:
@@ -283,6 +284,7 @@ async def _stream(stub, msg, timeout: float) -> RequestResult:
             if resp.prefill_worker:
                 r.prefill_worker, r.decode_worker = resp.prefill_worker, resp.decode_worker
             if resp.token_ids:
+                r.token_ids.extend(resp.token_ids)
                 if last is None:
                     r.ttft = now - r.sent
                 else:
@@ -410,6 +412,39 @@ async def _server_info(address: str, timeout: float) -> tuple[dict, dict]:
                 MessageToDict(cluster, including_default_value_fields=True, **kw))
 
 
+async def watch_cluster(address: str, period: float, t0: float, samples: list[dict]) -> None:
+    """Append the pool sizes and worker states to `samples` whenever they change (seconds since
+    `t0`), so a run during scaling shows when each pool grew and shrank. Runs until cancelled."""
+    import grpc
+
+    from proto import pb, rpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = rpc.PDServeStub(ch)
+        while True:
+            try:
+                info = await stub.GetClusterInfo(pb.ClusterInfoRequest(), timeout=max(period, 1.0))
+                state = {"prefill_replicas": info.prefill_replicas, "decode_replicas": info.decode_replicas,
+                         "workers": {w.name: w.state for w in info.workers}}
+                if not samples or {k: v for k, v in samples[-1].items() if k != "t"} != state:
+                    samples.append({"t": round(time.perf_counter() - t0, 3), **state})
+            except grpc.aio.AioRpcError:
+                pass  # a slow or restarting router: the requests' own failures tell that story
+            await asyncio.sleep(period)
+
+
+def save_outputs(path: str, requests: list[BenchRequest], results: list[RequestResult]) -> None:
+    """One JSON line per measured request, in workload order: what it produced and how fast, so two
+    runs of the same seed (say, one while scaling) can be compared token for token."""
+    with open(path, "w") as f:
+        for i, (q, r) in enumerate(zip(requests, results)):
+            f.write(json.dumps({"index": i, "group": q.group, "status": r.status, "error": r.error,
+                                "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
+                                "token_ids": r.token_ids, "finish_reason": r.finish_reason, "ttft": r.ttft,
+                                "e2e": r.e2e, "prefill_worker": r.prefill_worker,
+                                "decode_worker": r.decode_worker}) + "\n")
+
+
 def make_workload(args, vocab: tuple[int, int]) -> list[BenchRequest]:
     out_len = parse_range(args.max_tokens, "--max-tokens")
     if args.workload == "random":
@@ -436,6 +471,8 @@ def _check_args(args) -> None:
         v = getattr(args, name)
         if v is not None and v < (0 if name == "warmup" else 1):
             raise CLIError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {v}")
+    if not args.cluster_poll > 0:
+        raise CLIError(f"--cluster-poll must be > 0 seconds, got {args.cluster_poll}")
     if not args.request_rate > 0:
         raise CLIError(f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}")
     for name, v in (("--goodput-ttft", args.goodput_ttft), ("--goodput-tpot", args.goodput_tpot)):
@@ -486,7 +523,15 @@ async def bench(args) -> dict:
             print(f"pdserve bench: {len(bad)} of {len(w)} warm-up requests failed: {bad[0].status}: {bad[0].error}",
                   file=sys.stderr)
     arrivals = arrival_times(len(requests), args.request_rate, args.seed)
-    results, duration, overhead = await run_load(args.server, requests, arrivals, args.concurrency, **kw)
+    samples: list[dict] = []
+    watcher = asyncio.create_task(watch_cluster(args.server, args.cluster_poll, time.perf_counter(), samples))
+    try:
+        results, duration, overhead = await run_load(args.server, requests, arrivals, args.concurrency, **kw)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    if args.save_outputs:
+        save_outputs(args.save_outputs, requests, results)
     _, cluster_after = await _server_info(args.server, args.connect_timeout)
     rep = build_report(results, duration, goodput_ttft=args.goodput_ttft, goodput_tpot=args.goodput_tpot,
                        oracle=oracle)
@@ -494,7 +539,8 @@ async def bench(args) -> dict:
     rep["config"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     rep["config"]["vocab_range"] = list(vocab)
     rep["model"] = model
-    rep["cluster"] = {"before": cluster_before, "after": cluster_after}
+    rep["config"]["num_requests"] = len(requests)
+    rep["cluster"] = {"before": cluster_before, "after": cluster_after, "timeline": samples}
     return rep
 
 
@@ -551,9 +597,13 @@ def register(sub) -> None:
     g.add_argument("--concurrency", type=int, default=None, help="at most this many in flight (closed loop)")
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--connect-timeout", type=float, default=10.0)
+    g.add_argument("--cluster-poll", type=float, default=1.0,
+                   help="seconds between GetClusterInfo samples (pool sizes while it runs)")
     g = b.add_argument_group("report")
     g.add_argument("--goodput-ttft", type=float, default=None, help="goodput target: TTFT seconds")
     g.add_argument("--goodput-tpot", type=float, default=None, help="goodput target: TPOT seconds")
     g.add_argument("--json", action="store_true", help="one JSON object with everything, on stdout")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.add_argument("--save-outputs", default=None, metavar="FILE",
+                   help="write one JSON line per measured request (tokens, timings, workers)")
     b.set_defaults(func=cmd_bench)

@@ -199,13 +199,13 @@ def _strict_json(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-def test_bench_against_a_real_cluster(server, capsys):
+def test_bench_against_a_real_cluster(server, capsys, tmp_path):
     """Sequential shared-prefix requests on a fresh cluster: the measured hit rate must equal the
     oracle's (every earlier prefix is still cached), and every count must add up."""
     argv = ["--server", server.address, "--workload", "shared-prefix", "--num-prefixes", "2",
             "--users-per-prefix", "4", "--prefix-len", "48", "--suffix-len", "5:12", "--max-tokens", "4",
             "--concurrency", "1", "--warmup", "2", "--goodput-ttft", "60", "--goodput-tpot", "60", "--json",
-            "--seed", "5"]
+            "--seed", "5", "--save-outputs", str(tmp_path / "out.jsonl"), "--cluster-poll", "0.2"]
     assert bench.cmd_bench(parse(argv)) == 0
     out = capsys.readouterr()
     rep = _strict_json(out.out)
@@ -230,6 +230,14 @@ def test_bench_against_a_real_cluster(server, capsys):
     assert rep["cluster"]["after"]["prefill_replicas"] == rep["cluster"]["after"]["decode_replicas"] == 1
     assert rep["client"]["loop_lag_s"]["n"] > 0 and 0 <= rep["client"]["cpu_frac"] < 1
     assert rep["config"]["request_rate"] == "inf" and rep["config"]["concurrency"] == 1
+    assert rep["config"]["num_requests"] == 8
+    timeline = rep["cluster"]["timeline"]
+    assert timeline and timeline[0]["t"] < 1 and (timeline[0]["prefill_replicas"], timeline[0]["decode_replicas"]) == (1, 1)
+    assert sorted(timeline[0]["workers"].values()) == ["ready", "ready"]
+    saved = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["index"] for o in saved] == list(range(8)) and [o["group"] for o in saved] == [q.group for q in reqs]
+    assert all(len(o["token_ids"]) == 4 and o["status"] == "OK" for o in saved)
+    assert sum(o["cached_tokens"] for o in saved) == rep["cached_tokens"]
 
 
 def test_human_table_against_a_real_cluster(server, capsys):
