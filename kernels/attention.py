@@ -34,8 +34,11 @@ def _decode_kernel(q_ptr, kv_ptr, scale_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    q_end = tl.load(qsl_ptr + seq + 1)
+    if q_end == tl.load(qsl_ptr + seq):  # no query token this step: nothing to write
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
-    token = (tl.load(qsl_ptr + seq + 1) - 1).to(tl.int64)  # the sequence's one query token
+    token = (q_end - 1).to(tl.int64)  # the sequence's one query token
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
     q_heads = kv_head * GROUP + rows
@@ -124,7 +127,10 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, out_ptr, s_ot, s_o
     wait_for_predecessor(PDL)
     seq = tl.program_id(0)
     q_head = tl.program_id(1)
-    token = (tl.load(qsl_ptr + seq + 1) - 1).to(tl.int64)
+    q_end = tl.load(qsl_ptr + seq + 1)
+    if q_end == tl.load(qsl_ptr + seq):
+        return
+    token = (q_end - 1).to(tl.int64)
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM)
     part = (seq * tl.num_programs(1) + q_head) * num_splits + splits

@@ -95,6 +95,18 @@ def _shapes(device):
     return dict(num_kv_heads=4, head_dim=128, block_size=16), 8
 
 
+def case_decode_empty_rows(group):
+    """A decode batch where some sequences have no query token this step: their neighbours' outputs must
+    not be touched (their rows of the output do not exist)."""
+    def run(device, dtype, gen):
+        shape, _ = _shapes(device)
+        bs = shape["block_size"]
+        args, _ = paged_batch(gen, [bs + 3, 2 * bs, 5, 3 * bs], [1, 0, 1, 0], group=group, dtype=dtype,
+                              device=device, **shape)
+        return max(_run_attention(args, None, num_splits=3), _run_attention(args, None, num_splits=1))
+    return run
+
+
 def case_decode(group, fp8=False, num_splits=None, merge_in_kernel=None):
     def run(device, dtype, gen):
         from kernels import attention
@@ -136,6 +148,7 @@ for _g in (1, 4, 8):
     CASES[f"decode_g{_g}_split3_merge_kernel"] = case_decode(_g, num_splits=3, merge_in_kernel=False)
     CASES[f"decode_g{_g}_split3_merge_in_kernel"] = case_decode(_g, num_splits=3, merge_in_kernel=True)
     CASES[f"prefill_g{_g}"] = case_prefill(_g)
+    CASES[f"decode_empty_rows_g{_g}"] = case_decode_empty_rows(_g)
     CASES[f"decode_fp8_g{_g}"] = case_decode(_g, fp8=True)
     CASES[f"prefill_fp8_g{_g}"] = case_prefill(_g, fp8=True)
 

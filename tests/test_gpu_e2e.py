@@ -1,18 +1,28 @@
 """End to end on a GPU: a random-weight small Llama (kernels/random_llama.py) generates the same greedy
 tokens through the Triton kernels (eager and CUDA-graph decode) as through the torch reference ops.
 
-In float32 the two paths agree to rounding, so the tokens must be identical. In bf16 they round at
+In float32 the two paths agree to rounding, so the tokens must be identical. The same float32 check also
+runs on CPU under TRITON_INTERPRET=1 on a tiny model (in a subprocess), with the Triton GEMV and skinny-GEMM
+decode projections switched on, so CI covers the model wiring. In bf16 they round at
 different points (fused fp32 math in the kernels, per-op bf16 in torch), so a near-tie can flip and the
 generations then diverge; there the test measures teacher-forced top-1 agreement on the GPU path's own
 tokens and requires every disagreement to sit on a near-tie of the reference logits.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+ROOT = Path(__file__).resolve().parents[1]
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+TINY = dict(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate=96, vocab=50,
+            max_positions=64)
 
 SMALL = dict(num_layers=4, hidden=512, num_heads=8, num_kv_heads=2, head_dim=64, intermediate=1024,
              vocab=4096, max_positions=512)
@@ -30,6 +40,24 @@ def _models(dtype, seed):
     return RandomLlama(shape, "cuda", dtype, seed), RandomLlama(shape, "cuda", dtype, seed, ops=TORCH_OPS)
 
 
+def _apply(marks):
+    def wrap(fn):
+        for mark in marks:
+            fn = mark(fn)
+        return fn
+    return wrap
+
+
+def test_interpreted_tiny_model_same_greedy_tokens():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["triton"] == result["torch"]
+
+
+@_apply(gpu)
 def test_float32_greedy_tokens_identical_eager_and_graphs():
     from kernels.random_llama import DecodeGraphs, SequenceSlots, greedy_generate
 
@@ -53,6 +81,7 @@ def test_float32_greedy_tokens_identical_eager_and_graphs():
         assert torch.equal(got, want[subset]), subset
 
 
+@_apply(gpu)
 def test_bf16_teacher_forced_agreement():
     from kernels.random_llama import DecodeGraphs, SequenceSlots, greedy_generate, prefill_batch
 
@@ -84,3 +113,33 @@ def test_bf16_teacher_forced_agreement():
           f"max logit gap at disagreements {gap.max().item() if gap.numel() else 0:.4f} (logit std {spread:.3f})")
     assert agree.float().mean() >= 0.95
     assert gap.numel() == 0 or gap.max() <= 0.05 * spread
+
+
+def _interpreted_tiny_model() -> dict:
+    """Greedy tokens of a tiny fp32 model through the Triton ops (interpreted) and the torch ops."""
+    from test_attention_kernels import _patch_interpreter_for_numpy2
+
+    _patch_interpreter_for_numpy2()
+    from kernels import fused
+    from kernels.random_llama import TORCH_OPS, LlamaShape, RandomLlama, greedy_generate
+
+    shape = LlamaShape(**TINY)
+    fast = RandomLlama(shape, "cpu", torch.float32, seed=1)
+    ref = RandomLlama(shape, "cpu", torch.float32, seed=1, ops=TORCH_OPS)
+    for w in [fast.lm_head] + [t for layer in fast.layers for t in (layer.qkv, layer.o, layer.gate_up, layer.down)]:
+        for silu in (False, True):  # batches of up to 8 take the skinny GEMM
+            fused.LINEAR_PLANS[(8, *w.shape, silu)] = ("skinny", (16, 32, 4, 1))
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for name, model in (("triton", fast), ("torch", ref)):
+        prompts = [torch.randint(0, TINY["vocab"], (n,), generator=gen.manual_seed(5 + n)).tolist() for n in (9, 17)]
+        tokens = greedy_generate(model, prompts, 6, block_size=8)  # batch 2: skinny GEMM
+        single = greedy_generate(model, prompts[:1], 6, block_size=8)  # batch 1: GEMV
+        out[name] = tokens.tolist() + single.tolist()
+    return out
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    sys.path.insert(0, str(Path(__file__).parent))
+    print(json.dumps(_interpreted_tiny_model()))
