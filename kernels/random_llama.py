@@ -1,6 +1,7 @@
 """A random-weight Llama forward over the kernel interfaces, for the GPU benchmark and the end-to-end
-kernel test; it depends on nothing in engine/. The ops come in two interchangeable sets with the same
-signatures: TRITON_OPS (kernels.fused, kernels.attention) and TORCH_OPS (kernels.reference).
+kernel test; it depends on nothing in engine/. The ops come in interchangeable sets with the same
+signatures: triton_ops() (kernels.fused, kernels.attention; with or without the decode-only fusions) and
+TORCH_OPS (kernels.reference), which is HF LlamaForCausalLM's math (checked to 1e-6 in float32).
 
 Weights are fused the way a serving engine keeps them (one QKV projection, one gate-up projection), so
 a decode step is one GEMV per projection. DecodeGraphs captures one CUDA graph per batch-size bucket
