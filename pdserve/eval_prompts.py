@@ -1,0 +1,38 @@
+"""The fixed prompt set of `pdserve eval`: raw completions and chat turns of different kinds
+(facts, narrative, code, instructions), so no one lucky prompt decides a number. Order matters:
+`--num-prompts N` takes the first N, alternating raw and chat."""
+
+PROMPTS = [
+    ("The capital of France is", False),
+    ("What is the tallest mountain in the world?", True),
+    ("Once upon a time, in a small village by the sea,", False),
+    ("Write a haiku about autumn leaves.", True),
+    ("def fibonacci(n):\n    ", False),
+    ("Explain in one sentence what a CPU does.", True),
+    ("The three primary colors are", False),
+    ("List three fruits that are red.", True),
+    ("Water boils at a temperature of", False),
+    ("How do I reverse a list in Python?", True),
+    ("In 1969, the first humans landed on", False),
+    ("Translate 'good morning' into French.", True),
+    ("The most important rule of kitchen safety is", False),
+    ("Why is the sky blue? Answer briefly.", True),
+    ("import numpy as np\n\ndef normalize(v):\n    ", False),
+    ("Give me two tips for sleeping better.", True),
+    ("The history of the printing press began when", False),
+    ("What does a compiler do?", True),
+    ("Photosynthesis is the process by which plants", False),
+    ("Suggest a name for a friendly robot.", True),
+    ("My favourite thing about the weekend is", False),
+    ("Summarize the plot of Romeo and Juliet in two sentences.", True),
+    ("SELECT name, age FROM users WHERE", False),
+    ("What is 12 times 7?", True),
+    ("The train left the station at noon, and", False),
+    ("Describe the ocean to someone who has never seen it.", True),
+    ("A good password should", False),
+    ("What are the planets of the solar system?", True),
+    ("The recipe calls for two cups of flour,", False),
+    ("Write a short thank-you note to a teacher.", True),
+    ("Electric cars differ from petrol cars because", False),
+    ("Who wrote Pride and Prejudice?", True),
+]
