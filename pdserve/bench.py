@@ -257,10 +257,10 @@ def format_report(rep: dict) -> str:
 
 
 # -- runner ---------------------------------------------------------------------------------------
-def _request_proto(req: BenchRequest, ignore_eos: bool, seed: int | None):
+def _request_proto(req: BenchRequest, ignore_eos: bool, seed: int | None, temperature: float = 0.0):
     from proto import pb
 
-    sp = pb.SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    sp = pb.SamplingParams(max_tokens=req.max_tokens, temperature=temperature, ignore_eos=ignore_eos)
     if seed is not None:
         sp.seed = seed
     msg = pb.GenerateRequest(sampling=sp)
@@ -341,7 +341,8 @@ def _channels(address: str, n: int):
 
 
 async def run_load(address: str, requests: list[BenchRequest], arrivals: list[float], concurrency: int | None,
-                   *, ignore_eos: bool = True, seed: int | None = None, timeout: float = 600.0,
+                   *, ignore_eos: bool = True, seed: int | None = None, temperature: float = 0.0,
+                   timeout: float = 600.0,
                    progress: bool = True, desc: str = "bench") -> tuple[list[RequestResult], float, dict]:
     """Send `requests` at `arrivals` (seconds from start), at most `concurrency` in flight.
     Returns the results in request order, the wall time from the start to the last completion,
@@ -353,7 +354,7 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
     inflight = len(requests) if concurrency is None else min(concurrency, len(requests))
     chans = _channels(address, max(1, math.ceil(inflight / 48)))
     stubs = [rpc.PDServeStub(c) for c in chans]
-    msgs = [_request_proto(q, ignore_eos, seed) for q in requests]
+    msgs = [_request_proto(q, ignore_eos, seed, temperature) for q in requests]
     sem = asyncio.Semaphore(max(1, inflight))
     bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not progress, leave=False)
     probe = _LoopLagProbe()
@@ -473,11 +474,19 @@ def _check_args(args) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {v}")
     if not args.cluster_poll > 0:
         raise CLIError(f"--cluster-poll must be > 0 seconds, got {args.cluster_poll}")
+    if not args.temperature >= 0:
+        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
     if not args.request_rate > 0:
         raise CLIError(f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}")
     for name, v in (("--goodput-ttft", args.goodput_ttft), ("--goodput-tpot", args.goodput_tpot)):
         if v is not None and not v > 0:
             raise CLIError(f"{name} must be > 0 seconds, got {v}")
+    try:  # the ranges, before the server is asked anything
+        parse_range(args.max_tokens, "--max-tokens")
+        parse_range(args.input_len, "--input-len")
+        parse_range(args.suffix_len, "--suffix-len")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if args.workload == "random" and args.num_requests is None:
         args.num_requests = 100  # shared-prefix defaults to one request per user
 
@@ -514,7 +523,8 @@ async def bench(args) -> dict:
     ids_only = all(q.prompt_token_ids is not None for q in requests)
     oracle = (oracle_hit_rate([q.prompt_token_ids for q in requests], int(model.get("block_size") or 16))
               if ids_only else None)
-    kw = {"ignore_eos": args.ignore_eos, "seed": args.sampling_seed, "timeout": args.request_timeout,
+    kw = {"ignore_eos": args.ignore_eos, "seed": args.sampling_seed, "temperature": args.temperature,
+          "timeout": args.request_timeout,
           "progress": not args.no_progress}
     if warm:
         w, _, _ = await run_load(args.server, warm, [0.0] * len(warm), args.concurrency or 16, desc="warmup", **kw)
@@ -579,6 +589,7 @@ def register(sub) -> None:
     b.add_argument("--max-tokens", default="64", help="output tokens per request: N or LO:HI (uniform)")
     b.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly max-tokens (default on)")
+    b.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     b.add_argument("--sampling-seed", type=int, default=None, help="sampling seed sent with every request")
     g = b.add_argument_group("random workload")
     g.add_argument("--input-len", default="128:512", help="prompt tokens: N or LO:HI (uniform)")
