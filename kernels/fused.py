@@ -64,9 +64,10 @@ def _write_kv_kernel(k_ptr, v_ptr, slot_ptr, kv_ptr, scale_ptr,
     v = tl.load(v_ptr + token * s_vt + heads[:, None] * s_vh + dims[None, :], mask=mask)
     if FP8:
         scale_dst = scale_ptr + block * s_sblk + offset * s_spos + heads
-        k_scale = tl.maximum(tl.max(tl.abs(k.to(tl.float32)), axis=1), eps) / fp8_max
-        v_scale = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=1), eps) / fp8_max
-        # correctly rounded division, as torch's: codes then match the reference bit for bit
+        # correctly rounded divisions, as torch's: scales and codes match the reference bit for bit
+        divisor = tl.full([HEADS_PAD], fp8_max, tl.float32)
+        k_scale = tl.div_rn(tl.maximum(tl.max(tl.abs(k.to(tl.float32)), axis=1), eps), divisor)
+        v_scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=1), eps), divisor)
         k_codes = tl.clamp(tl.div_rn(k.to(tl.float32), k_scale[:, None]), -fp8_max, fp8_max)
         v_codes = tl.clamp(tl.div_rn(v.to(tl.float32), v_scale[:, None]), -fp8_max, fp8_max)
         tl.store(dst, k_codes.to(kv_ptr.dtype.element_ty), mask=mask)

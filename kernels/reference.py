@@ -31,7 +31,10 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 def quantize_fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., D] -> (e4m3 codes [..., D], fp32 scales [...]): s = max(amax, eps) / 448 over the last dim."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(FP8_KV_EPS) / FP8_MAX
+    # a tensor divisor: CUDA turns division by a Python scalar into a reciprocal multiply, which would make
+    # the scales' bytes depend on the device
+    fp8_max = torch.tensor(FP8_MAX, dtype=torch.float32, device=x.device)
+    scale = xf.abs().amax(dim=-1).clamp_min(FP8_KV_EPS) / fp8_max
     # clamp before the cast: an out-of-range torch cast to e4m3 gives NaN
     codes = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return codes, scale
