@@ -39,7 +39,7 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, model: str | None = None, dtype: str = "auto", config: EngineConfig | None = None,
                  precision: str = "bf16", enable_prefix_caching: bool = False, max_model_len: int | None = None,
-                 progress: bool = True, cache_namespace=None):
+                 progress: bool = True):
         config = config or EngineConfig()
         self.config = config
         self.precision = precision
@@ -57,8 +57,6 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Sequence] = {}  # unfinished, plus prefill-only ones holding blocks
-        # blocks computed at another precision must not be shared with these: namespace the hashes
-        self.cache_namespace = cache_namespace if cache_namespace is not None else f"{precision}:{self.dtype}"
         self.num_computed_tokens_total = 0  # tokens whose KV this engine computed (prefix-cache tests)
 
     @classmethod
@@ -99,9 +97,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prefill_only: bool = False, block_table: list[int] | None = None,
-                    num_computed_tokens: int = 0) -> Sequence:
+                    num_computed_tokens: int = 0, cache_namespace=None) -> Sequence:
         """Queue a request. `block_table` + `num_computed_tokens`: KV already present in this
-        engine's cache (transferred in); the blocks become the sequence's own."""
+        engine's cache (transferred in); the blocks become the sequence's own. `cache_namespace`
+        (a tenant, an adapter) keeps prefix-cache sharing within its namespace. One engine has one
+        precision, so precision needs no namespace of its own."""
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -114,7 +114,7 @@ class LLMEngine:
             seq.block_table = list(block_table)
             seq.num_computed_tokens = seq.num_cached_tokens = num_computed_tokens
         elif self.block_manager.enable_prefix_caching:
-            seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, self.cache_namespace)
+            seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, cache_namespace)
         seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
         self.requests[request_id] = seq
         if prefill_only and seq.num_pending_tokens <= 0:

@@ -2,8 +2,11 @@
 cache, the async loop, and the stats the router balances on. Ray actor classes wrap this."""
 from __future__ import annotations
 
+import itertools
 import os
+from collections import deque
 
+import msgpack
 import torch
 
 from engine.async_engine import AsyncEngine
@@ -23,6 +26,9 @@ class WorkerBase:
         self.aengine: AsyncEngine | None = None
         self.agent = None
         self.draining = False
+        # KV events: (id, "stored" | "removed", block hash), ids consecutive from 1
+        self.kv_log: deque = deque(maxlen=100_000)
+        self.kv_last_id = 0
 
     def _make_agent(self, on_release=None):
         from kv_transfer import KVTransferAgent
@@ -41,8 +47,27 @@ class WorkerBase:
         return self.info()
 
     def _poll(self) -> None:
+        """Runs under the engine lock after every step and when idle."""
         if self.agent is not None:
             self.agent.poll()
+        for kind, h in self.engine.block_manager.drain_events():
+            self.kv_last_id += 1
+            self.kv_log.append((self.kv_last_id, kind, h))
+
+    async def kv_events(self, after: int) -> bytes:
+        """msgpack {"worker", "last_id", "events": [[id, kind, hash], ...]} of the events after
+        id `after`; {"worker", "last_id", "snapshot": [hash, ...]} instead when the caller is new
+        (after < 0) or has fallen behind the log: the router rebuilds its index from that."""
+        async with self.aengine.lock:
+            self._poll()
+            first = self.kv_log[0][0] if self.kv_log else self.kv_last_id + 1
+            if after < 0 or after + 1 < first:
+                msg = {"worker": self.name, "last_id": self.kv_last_id,
+                       "snapshot": self.engine.block_manager.cached_hashes()}
+            else:
+                msg = {"worker": self.name, "last_id": self.kv_last_id,
+                       "events": [list(e) for e in itertools.islice(self.kv_log, after + 1 - first, None)]}
+        return msgpack.packb(msg)
 
     def info(self) -> dict:
         e = self.engine

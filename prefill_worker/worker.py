@@ -21,10 +21,11 @@ class PrefillWorker(WorkerBase):
         # runs inside agent.poll(), which AsyncEngine calls under its lock
         self.engine.release(request_id)
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int]) -> dict:
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], cache_namespace=None) -> dict:
         """KV for all prompt tokens but the last (the decode side recomputes that one in its own
         precision). Returns the msgpack transfer ticket, or None when there is nothing to send."""
-        q = await self.aengine.add(request_id, prompt_token_ids, SamplingParams(max_tokens=1), prefill_only=True)
+        q = await self.aengine.add(request_id, prompt_token_ids, SamplingParams(max_tokens=1), prefill_only=True,
+                                   cache_namespace=cache_namespace)
         out = await q.get()
         if out is None:
             raise RuntimeError(f"request {request_id} was aborted during prefill")

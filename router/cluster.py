@@ -10,10 +10,12 @@ import secrets
 from pathlib import Path
 
 from pdserve.config import Config
+from router.kv_index import KVIndex
 from router.pool import Pool, Worker
 
 log = logging.getLogger("pdserve.cluster")
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+NAMESPACE = "pdserve"
 
 
 def init_ray(config: Config) -> None:
@@ -24,11 +26,11 @@ def init_ray(config: Config) -> None:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
                         "TOKENIZERS_PARALLELISM": "false"}}
     if config.ray.address:
-        ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True)
+        ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True, namespace=NAMESPACE)
         return
     need = config.prefill.num_cpus * max(config.prefill.replicas, 1) + config.decode.num_cpus * max(config.decode.replicas, 1)
     num_cpus = config.ray.num_cpus or max(int(need + 0.999) + 2, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True, namespace=NAMESPACE,
              configure_logging=True, logging_level=logging.WARNING)
 
 
@@ -47,6 +49,10 @@ class Cluster:
         self.config = config
         policy = "round_robin" if config.router.policy == "round_robin" else "least_loaded"
         self.pools = {"prefill": Pool("prefill", policy), "decode": Pool("decode", policy)}
+        self.index = KVIndex()
+        # workers outlive the router only on a Ray cluster it joined (so a restarted router adopts
+        # them, caches intact); on a Ray it started itself they go down with it
+        self.detached = bool(config.ray.address)
         self._counter = 0
         self._tasks: set = set()
         self.scale_events: list[tuple[str, int, int]] = []
@@ -54,8 +60,31 @@ class Cluster:
 
     async def start(self) -> None:
         init_ray(self.config)
-        await asyncio.gather(self._add("prefill", self.config.prefill.replicas),
-                             self._add("decode", self.config.decode.replicas))
+        adopted = await self._adopt() if self.detached else {"prefill": 0, "decode": 0}
+        await asyncio.gather(*(self._add(role, getattr(self.config, role).replicas - adopted[role])
+                               for role in ("prefill", "decode") if not adopted[role]))
+
+    async def _adopt(self) -> dict:
+        """Take over the workers a previous router left on this Ray cluster."""
+        import ray
+        from ray.util import list_named_actors
+
+        found = {"prefill": 0, "decode": 0}
+        for name in list_named_actors():
+            role = name.split("-", 1)[0]
+            if role not in found:
+                continue
+            try:
+                actor = ray.get_actor(name, namespace=NAMESPACE)
+                info = await actor.start.remote()
+            except Exception as e:
+                log.warning("cannot adopt worker %s: %s", name, e)
+                continue
+            self.pools[role].workers[name] = Worker(name, role, actor, state="ready", info=info)
+            found[role] += 1
+        if any(found.values()):
+            log.info("adopted %d prefill and %d decode workers", found["prefill"], found["decode"])
+        return found
 
     async def _add(self, role: str, n: int) -> list[Worker]:
         import ray
@@ -68,7 +97,8 @@ class Cluster:
             name = f"{role}-{self._counter}-{secrets.token_hex(3)}"
             actor = cls.options(num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus,
                                 resources=pool_cfg.resources or None, max_concurrency=1000,
-                                name=name, lifetime=None).remote(self.config.to_dict(), name)
+                                name=name, namespace=NAMESPACE,
+                                lifetime="detached" if self.detached else None).remote(self.config.to_dict(), name)
             w = Worker(name, role, actor)
             self.pools[role].workers[name] = w
             new.append(w)
@@ -113,8 +143,9 @@ class Cluster:
             pass
         while w.inflight > 0:
             await asyncio.sleep(0.05)
-        # leases held for in-flight transfers have settled once inflight is 0 on the router side
+        # a prefill worker stays in flight until its KV was pulled, so no lease is left to strand
         self.pools[w.role].workers.pop(w.name, None)
+        self.index.forget(w.name)
         ray.kill(w.actor, no_restart=True)
 
     async def refresh_stats(self) -> None:
@@ -127,10 +158,18 @@ class Cluster:
                     w.state = "draining"  # a dead actor takes no new requests
             else:
                 w.stats = r
+        prefill = [w for w in self.pools["prefill"].workers.values() if w.state == "ready"]
+        events = await asyncio.gather(*(w.actor.kv_events.remote(self.index.after(w.name)) for w in prefill),
+                                      return_exceptions=True)
+        for w, payload in zip(prefill, events):
+            if not isinstance(payload, BaseException):
+                self.index.apply(payload)
 
     async def shutdown(self) -> None:
         import ray
 
+        if self.detached:  # they serve the next router on this Ray cluster
+            return
         for p in self.pools.values():
             for w in list(p.workers.values()):
                 try:

@@ -18,6 +18,7 @@ class Worker:
     actor: object
     state: str = "starting"  # starting | ready | draining
     inflight: int = 0
+    queued_tokens: int = 0  # prefill: uncached prompt tokens sent and not yet prefilled
     stats: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine.block_hash import block_hashes
 from engine.block_manager import NoFreeBlocks
 from engine.loader import load_arch, resolve_model_path
 from engine.sampling_params import InvalidRequest, SamplingParams
@@ -22,6 +23,7 @@ from engine.tokenizer import Tokenizer
 from pdserve.config import Config
 from proto import pb, rpc
 from router.cluster import Cluster
+from router.policy import make_policy
 
 log = logging.getLogger("pdserve.router")
 SERVICE = "pdserve.v1.PDServe"
@@ -54,6 +56,7 @@ class Router(rpc.PDServeServicer):
         self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
         self.active: dict[str, tuple] = {}  # request id -> (prefill worker, decode worker)
+        self.policy = make_policy(config.router.policy, cluster.index, config.router.load_balance_slack)
         self.metrics = None  # set by serve() when metrics are enabled
 
     # -- admission --------------------------------------------------------------------------------
@@ -111,22 +114,29 @@ class Router(rpc.PDServeServicer):
 
     async def _run(self, rid, ids, params, request, context):
         pools = self.cluster.pools
-        P = self.pick_prefill(ids, request)
+        namespace = request.cache_namespace or None
+        bs = self.config.engine.block_size
+        hashes = block_hashes(ids[:-1], bs, namespace)  # the blocks a prefill worker can cache
+        P = self.policy.pick(pools["prefill"].ready(), len(ids), hashes, bs)
         D = pools["decode"].pick()
         if P is None or D is None:
             empty = "prefill" if P is None else "decode"
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the {empty} pool has no ready worker")
         self.active[rid] = (P, D)
+        # the prefill worker counts as busy until the decode side has pulled the KV (first delta)
+        uncached = len(ids) - min(self.cluster.index.overlap(P.name, hashes) * bs, len(ids))
         P.inflight += 1
+        P.queued_tokens += uncached
+        self.cluster.index.expect(P.name, hashes)
         D.inflight += 1
-        in_prefill, finished = True, False
+        in_prefill, holding_prefill, finished = True, True, False
         t0 = time.monotonic()
         m = self.metrics
         if m:
             m.request_started()
         try:
-            prefill = await P.actor.prefill.remote(rid, ids)
-            P.inflight -= 1
+            prefill = await P.actor.prefill.remote(rid, ids, namespace)
+            P.queued_tokens -= uncached
             in_prefill = False
             if m:
                 m.prefill_done(P, prefill, len(ids))
@@ -134,6 +144,9 @@ class Router(rpc.PDServeServicer):
             first, last = True, None
             async for ref in gen:
                 d = await ref
+                if holding_prefill:
+                    P.inflight -= 1
+                    holding_prefill = False
                 now = time.monotonic()
                 if m:
                     m.token_delta(first, now - (last or t0), len(d["token_ids"]))
@@ -167,6 +180,8 @@ class Router(rpc.PDServeServicer):
                                 else grpc.StatusCode.INTERNAL, f"{type(cause).__name__}: {cause}")
         finally:
             if in_prefill:
+                P.queued_tokens -= uncached
+            if holding_prefill:
                 P.inflight -= 1
             D.inflight -= 1
             self.active.pop(rid, None)
@@ -174,9 +189,6 @@ class Router(rpc.PDServeServicer):
                 self._abort_workers(rid, P, D)
                 if m:
                     m.request_aborted()
-
-    def pick_prefill(self, ids, request):
-        return self.cluster.pools["prefill"].pick()
 
     def _abort_workers(self, rid, P, D) -> None:
         for w in (P, D):
