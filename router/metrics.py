@@ -1,7 +1,9 @@
 """Prometheus metrics on the router, named `pdserve_*` with vLLM-style suffixes and a `role` label."""
 from __future__ import annotations
 
+import collections
 import threading
+import time
 from http.server import ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -34,6 +36,13 @@ class Metrics:
         self.kv_seconds = Gauge("pdserve_kv_transfer_seconds", "Seconds spent moving KV (total)", ["role"],
                                 registry=r)
         self.router_inflight = Gauge("pdserve_router_requests_inflight", "Requests inside the router", registry=r)
+        self._recent = {"ttft": collections.deque(maxlen=256), "itl": collections.deque(maxlen=2048)}
+
+    def recent(self, kind: str, window_s: float = 30.0):
+        """Mean of the last `window_s` seconds of TTFT or inter-token latency (None: no data)."""
+        cutoff = time.monotonic() - window_s
+        vals = [v for t, v in self._recent[kind] if t >= cutoff]
+        return sum(vals) / len(vals) if vals else None
 
     def request_started(self) -> None:
         self.router_inflight.inc()
@@ -45,6 +54,7 @@ class Metrics:
 
     def token_delta(self, first: bool, dt: float, n: int) -> None:
         (self.ttft if first else self.itl).observe(dt)
+        self._recent["ttft" if first else "itl"].append((time.monotonic(), dt))
         self.generation_tokens.inc(n)
 
     def request_finished(self, seconds: float, d: dict) -> None:

@@ -261,6 +261,12 @@ async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None 
 
         router.metrics = Metrics(cluster)
         metrics_server = start_http(router.metrics, config.router.host, config.router.metrics_port)
+    tasks = [stats_task]
+    if config.autoscaling.enabled:
+        from router.autoscaler import Autoscaler
+
+        tasks.append(asyncio.get_running_loop().create_task(
+            Autoscaler(config.autoscaling, cluster, router.metrics).run()))
     ready = bool(cluster.pools["prefill"].ready() and cluster.pools["decode"].ready())
     status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
     await health_servicer.set("", status)
@@ -273,7 +279,8 @@ async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None 
         else:
             await stop_event.wait()
     finally:
-        stats_task.cancel()
+        for t in tasks:
+            t.cancel()
         await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=2)
         if metrics_server is not None:
