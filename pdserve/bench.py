@@ -204,6 +204,7 @@ def build_report(results: list[RequestResult], duration: float, *, goodput_ttft:
         "cached_tokens": cached,
         "prefix_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
         "oracle_hit_rate": oracle,
+        "hit_rate_vs_oracle": (cached / prompt_tokens) / oracle if oracle and prompt_tokens else None,
         "finish_reasons": dict(Counter(r.finish_reason for r in ok)),
         "per_worker": {"prefill": dict(sorted(Counter(r.prefill_worker for r in ok if r.prefill_worker).items())),
                        "decode": dict(sorted(Counter(r.decode_worker for r in ok if r.decode_worker).items()))},
@@ -241,7 +242,8 @@ def format_report(rep: dict) -> str:
                      f"({g['requests']} within TTFT<={g['ttft_s']}s, TPOT<={g['tpot_s']}s)")
     oracle = rep["oracle_hit_rate"]
     lines.append(f"{'prefix hit rate':<34}{rep['prefix_hit_rate']:>12.1%}"
-                 + ("" if oracle is None else f"  (oracle {oracle:.1%})"))
+                 + ("" if oracle is None else f"  (oracle {oracle:.1%}"
+                    + ("" if rep["hit_rate_vs_oracle"] is None else f", {rep['hit_rate_vs_oracle']:.0%} of it") + ")"))
     lines.append(f"{'':<10}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}   (ms)")
     for name, key in (("TTFT", "ttft_s"), ("TPOT", "tpot_s"), ("ITL", "itl_s"), ("E2E", "e2e_s")):
         s = rep[key]
@@ -252,6 +254,10 @@ def format_report(rep: dict) -> str:
     cl = rep["client"]
     lines.append(f"{'client loop lag (ms)':<34}{_ms(cl['loop_lag_s'], 'p99'):>12} p99, "
                  f"{_ms(cl['loop_lag_s'], 'max')} max; cpu {cl['cpu_frac']:.0%} of a core")
+    lag, ttft = cl["loop_lag_s"], rep["ttft_s"]
+    if lag and ttft and lag["p99"] > 0.05 * ttft["p50"]:  # stamps late by more than 5% of a typical TTFT
+        lines.append(f"warning: this client woke up to {lag['p99'] * 1e3:.0f} ms late (p99); latencies carry that "
+                     "error (a busy CPU: run the bench on another core or machine)")
     lines.append("=" * 64)
     return "\n".join(lines)
 

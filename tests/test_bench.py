@@ -132,6 +132,7 @@ def test_report_by_hand():
     assert rep["total_input_tokens"] == 360 and rep["input_token_throughput"] == pytest.approx(180)
     assert rep["total_output_tokens"] == 20 and rep["output_token_throughput"] == pytest.approx(10)
     assert rep["prefix_hit_rate"] == pytest.approx(208 / 360) and rep["oracle_hit_rate"] == 0.9
+    assert rep["hit_rate_vs_oracle"] == pytest.approx(208 / 360 / 0.9)
     assert rep["ttft_s"]["mean"] == pytest.approx(0.2) and rep["ttft_s"]["p50"] == pytest.approx(0.2)
     assert rep["tpot_s"]["mean"] == pytest.approx((0.1 + 0.2 + 0.1) / 3)
     assert rep["itl_s"]["n"] == 17 and rep["itl_s"]["max"] == pytest.approx(0.2)
@@ -140,7 +141,7 @@ def test_report_by_hand():
     rep.update(client={"loop_lag_s": None, "cpu_frac": 0.01},
                config={"server": "h:1", "workload": "random", "request_rate": math.inf, "concurrency": 4})
     text = bench.format_report(rep)
-    assert "RESOURCE_EXHAUSTED x2" in text and "57.8%  (oracle 90.0%)" in text
+    assert "RESOURCE_EXHAUSTED x2" in text and "57.8%  (oracle 90.0%, 64% of it)" in text
     assert json.loads(json.dumps(bench.jsonable(rep), allow_nan=False))["config"]["request_rate"] == "inf"
 
 
@@ -215,7 +216,7 @@ def test_bench_against_a_real_cluster(server, capsys, tmp_path):
     assert rep["total_output_tokens"] == 8 * 4 and rep["finish_reasons"] == {"length": 8}
     assert rep["model"]["block_size"] == 16 and rep["model"]["vocab_size"] == 49152
     assert rep["oracle_hit_rate"] == pytest.approx(6 * 48 / rep["total_input_tokens"])
-    assert rep["prefix_hit_rate"] == pytest.approx(rep["oracle_hit_rate"])
+    assert rep["prefix_hit_rate"] == pytest.approx(rep["oracle_hit_rate"]) and rep["hit_rate_vs_oracle"] == pytest.approx(1)
     assert rep["cached_tokens"] == 6 * 48
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         s = rep[key]
@@ -335,3 +336,19 @@ def test_client_timing_error_under_many_streams(streams, tmp_path):
           f"ITL error ms {ms(itl_err)}; loop lag p99 {client['loop_lag_s']['p99'] * 1e3:.2f} ms; "
           f"client cpu {client['cpu_frac']:.0%} of a core")
     assert min(first) > 0 and percentile(first, 50) < 0.010
+
+
+def test_failed_requests_are_counted_not_raised(server):
+    """Requests the router refuses (a token id outside the vocabulary) fail alone, with their status
+    code; the others in the same run complete."""
+    import asyncio
+
+    good = random_workload(3, (8, 8), (2, 2), (100, 30000), seed=1)
+    bad = BenchRequest((5, 6, 49152 + 7), None, 2)
+    res, _, _ = asyncio.run(bench.run_load(server.address, [good[0], bad, good[1], bad, good[2]], [0.0] * 5, None,
+                                           progress=False))
+    rep = build_report(res, 1.0)
+    assert (rep["completed"], rep["failed"], rep["failures"]) == (3, 2, {"INVALID_ARGUMENT": 2})
+    [err] = rep["errors"]  # the same message twice is listed once
+    assert err.startswith("INVALID_ARGUMENT: ") and len(err) > len("INVALID_ARGUMENT: ")
+    assert [r.ok for r in res] == [True, False, True, False, True] and all(len(r.token_ids) == 2 for r in res if r.ok)
