@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 # Common English words: a text prompt of N words is about N tokens for a BPE vocabulary.
 WORDS = ("the of and to in is was that for on with as by at from his her they this which be are "
@@ -348,8 +348,8 @@ def _channels(address: str, n: int):
 
 async def run_load(address: str, requests: list[BenchRequest], arrivals: list[float], concurrency: int | None,
                    *, ignore_eos: bool = True, seed: int | None = None, temperature: float = 0.0,
-                   timeout: float = 600.0,
-                   progress: bool = True, desc: str = "bench") -> tuple[list[RequestResult], float, dict]:
+                   timeout: float = 600.0, progress: bool = True,
+                   desc: str = "bench") -> tuple[list[RequestResult], float, dict]:
     """Send `requests` at `arrivals` (seconds from start), at most `concurrency` in flight.
     Returns the results in request order, the wall time from the start to the last completion,
     and the client's own overhead measurements."""
@@ -376,14 +376,14 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
             results[i] = await _stream(stubs[i % len(stubs)], msgs[i], timeout)
         bar.update(1)
 
+    probe.start()
     try:
-        probe.start()
         cpu0, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(*(one(i, t0) for i in range(len(requests))))
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
-        await probe.stop()
     finally:
+        await probe.stop()
         bar.close()
         for c in chans:
             await c.close()

@@ -216,7 +216,8 @@ def test_bench_against_a_real_cluster(server, capsys, tmp_path):
     assert rep["total_output_tokens"] == 8 * 4 and rep["finish_reasons"] == {"length": 8}
     assert rep["model"]["block_size"] == 16 and rep["model"]["vocab_size"] == 49152
     assert rep["oracle_hit_rate"] == pytest.approx(6 * 48 / rep["total_input_tokens"])
-    assert rep["prefix_hit_rate"] == pytest.approx(rep["oracle_hit_rate"]) and rep["hit_rate_vs_oracle"] == pytest.approx(1)
+    assert rep["prefix_hit_rate"] == pytest.approx(rep["oracle_hit_rate"])
+    assert rep["hit_rate_vs_oracle"] == pytest.approx(1)
     assert rep["cached_tokens"] == 6 * 48
     for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         s = rep[key]
@@ -233,7 +234,8 @@ def test_bench_against_a_real_cluster(server, capsys, tmp_path):
     assert rep["config"]["request_rate"] == "inf" and rep["config"]["concurrency"] == 1
     assert rep["config"]["num_requests"] == 8
     timeline = rep["cluster"]["timeline"]
-    assert timeline and timeline[0]["t"] < 1 and (timeline[0]["prefill_replicas"], timeline[0]["decode_replicas"]) == (1, 1)
+    assert timeline and timeline[0]["t"] < 1
+    assert (timeline[0]["prefill_replicas"], timeline[0]["decode_replicas"]) == (1, 1)
     assert sorted(timeline[0]["workers"].values()) == ["ready", "ready"]
     saved = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["index"] for o in saved] == list(range(8)) and [o["group"] for o in saved] == [q.group for q in reqs]
@@ -327,11 +329,13 @@ def test_client_timing_error_under_many_streams(streams, tmp_path):
         proc.join()
     sends = {tuple(j["key"]): j["sends"] for j in map(json.loads, log.read_text().splitlines())}
     assert all(r.ok for r in res) and len(sends) == streams
-    first = [r.sent + r.ttft - sends[tuple(q.prompt_token_ids[:6])][0] for q, r in zip(reqs, res)]
-    last = [r.sent + r.e2e - sends[tuple(q.prompt_token_ids[:6])][-1] for q, r in zip(reqs, res)]
-    itl_err = [m - (b - a) for q, r in zip(reqs, res)
-               for m, a, b in zip(r.itl, sends[tuple(q.prompt_token_ids[:6])], sends[tuple(q.prompt_token_ids[:6])][1:])]
-    ms = lambda xs: " ".join(f"{k} {percentile(xs, q) * 1e3:.2f}" for k, q in (("p50", 50), ("p90", 90), ("p99", 99)))
+    sent_by = [sends[tuple(q.prompt_token_ids[:6])] for q in reqs]
+    first = [r.sent + r.ttft - s[0] for s, r in zip(sent_by, res)]
+    last = [r.sent + r.e2e - s[-1] for s, r in zip(sent_by, res)]
+    itl_err = [m - (b - a) for s, r in zip(sent_by, res) for m, a, b in zip(r.itl, s, s[1:])]
+
+    def ms(xs):
+        return " ".join(f"{k} {percentile(xs, q) * 1e3:.2f}" for k, q in (("p50", 50), ("p90", 90), ("p99", 99)))
     print(f"\n{streams} streams, {dur:.2f} s: first-token stamp delay ms {ms(first)}; last {ms(last)}; "
           f"ITL error ms {ms(itl_err)}; loop lag p99 {client['loop_lag_s']['p99'] * 1e3:.2f} ms; "
           f"client cpu {client['cpu_frac']:.0%} of a core")
