@@ -37,6 +37,10 @@ DEFAULT_CONFIGS = ("bf16/bf16/bf16,bf16/bf16/fp8,fp8/bf16/bf16,fp8/bf16/fp8,"
 MAX_PROMPT_TOKENS = 96  # bound used to size the KV pools; the fixed prompts are far below it
 
 
+class EvalInputError(ValueError):
+    """A setting or input the measurement cannot run with (exit code 2 in the CLI)."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     prefill: str
@@ -78,13 +82,13 @@ class Settings:
 
     def validate(self) -> None:
         if not 0 <= self.num_prompts <= len(PROMPTS):
-            raise ValueError(f"--num-prompts must be in [0, {len(PROMPTS)}] (the fixed prompt set)")
+            raise EvalInputError(f"--num-prompts must be in [0, {len(PROMPTS)}] (the fixed prompt set)")
         if self.max_tokens < 1:
-            raise ValueError("--max-tokens must be >= 1")
+            raise EvalInputError("--max-tokens must be >= 1")
         if self.ppl_windows < 0 or self.ppl_prefix < 2 or self.ppl_tokens < 1:
-            raise ValueError("--ppl-windows must be >= 0, --ppl-prefix >= 2 and --ppl-tokens >= 1")
+            raise EvalInputError("--ppl-windows must be >= 0, --ppl-prefix >= 2 and --ppl-tokens >= 1")
         if self.num_prompts == 0 and self.ppl_windows == 0:
-            raise ValueError("nothing to measure: --num-prompts and --ppl-windows are both 0")
+            raise EvalInputError("nothing to measure: --num-prompts and --ppl-windows are both 0")
 
 
 class EnginePool:
@@ -152,7 +156,7 @@ def text_windows(token_ids: list[int], n: int, length: int) -> list[list[int]]:
     if n == 0:
         return []
     if len(token_ids) < length:
-        raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one window of {length}")
+        raise EvalInputError(f"the text has {len(token_ids)} tokens, fewer than one window of {length}")
     span = len(token_ids) - length
     starts = [round(i * span / (n - 1)) if n > 1 else 0 for i in range(n)]
     return [token_ids[s:s + length] for s in starts]
@@ -191,7 +195,8 @@ class Harness:
             for c in self.configs:
                 got = handoff.score(self.pool.get(c.decode), full, self._wired(kv_p[c.prefill], c))[:-1]
                 self.results[c.name].continuation.add(ref, got)
-        self.log(f"continuations teacher-forced: {time.monotonic() - t0:.1f} s")
+            if (i + 1) % 8 == 0 or i + 1 == len(prompts):
+                self.log(f"prompt {i + 1}/{len(prompts)} teacher-forced ({time.monotonic() - t0:.1f} s)")
         for c in self.configs:
             t1 = time.monotonic()
             got = handoff.generate(self.pool.get(c.decode), prompts,
@@ -245,10 +250,13 @@ def run_eval(pool: EnginePool, configs: list[EvalConfig], settings: Settings, te
         prompts = [base.tokenize(p, chat=chat) for p, chat in PROMPTS[:settings.num_prompts]]
         too_long = [len(p) for p in prompts if len(p) > MAX_PROMPT_TOKENS]
         if too_long:
-            raise ValueError(f"a prompt has {max(too_long)} tokens, above the {MAX_PROMPT_TOKENS} the pools are sized for")
+            raise EvalInputError(f"a prompt has {max(too_long)} tokens, above the {MAX_PROMPT_TOKENS} the pools are sized for")
         h.run_prompts(prompts)
     text_info = None
     if settings.ppl_windows:
+        if settings.ppl_prefix + settings.ppl_tokens >= base.max_model_len:
+            raise EvalInputError(f"a text window of {settings.ppl_prefix + settings.ppl_tokens} tokens does not fit "
+                                 f"the model's context of {base.max_model_len}")
         ids = base.tokenizer.encode(text.text)
         h.run_text(text_windows(ids, settings.ppl_windows, settings.ppl_prefix + settings.ppl_tokens))
         text_info = {"title": text.title, "source": text.source, "tokens": len(ids)}
@@ -322,7 +330,7 @@ def cmd_eval(args) -> int:
         result = run_eval(pool, configs, settings, text, log)
     except ModelLoadError as e:
         raise CLIError(str(e), EXIT_MODEL) from None
-    except ValueError as e:
+    except EvalInputError as e:
         raise CLIError(str(e)) from None
     result["command"] = command_line(args)
     if args.out_dir:

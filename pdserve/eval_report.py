@@ -36,7 +36,7 @@ def table(result: dict) -> str:
              f"teacher-forced. near-ties: disagreements where the baseline's top-2 logits are < "
              f"{s['near_tie_logits']} apart."]
     if s["text"]:
-        notes.append(f"text / ppl: {s['ppl_windows']} windows of {s['text']['title']}: {s['ppl_prefix']} tokens "
+        notes.append(f"text / ppl: {s['ppl_windows']} window{'s' if s['ppl_windows'] > 1 else ''} of {s['text']['title']}: {s['ppl_prefix']} tokens "
                      f"prefilled at P, the next {s['ppl_tokens']} scored at D ({b['text_tokens']} tokens).")
     notes.append("flip rate: greedy generations (same prompts, from transferred KV) that differ from the "
                  "baseline's in any token.")
@@ -108,10 +108,11 @@ def plot(result: dict, path: Path) -> None:
         axes[0].barh([i + off for i in y], vals, height=0.4, label=label)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("mean KL(baseline ‖ config), nats")
-    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].legend(loc="upper right", fontsize=8)
     deltas = [c["text"]["ppl_delta_pct"] or 0.0 for c in configs]
     axes[1].barh(list(y), deltas, color="tab:red")
-    axes[1].axvline(2.0, color="grey", linestyle="--", linewidth=1)
+    for bound in (-2.0, 2.0):  # the fp8/bf16 bound
+        axes[1].axvline(bound, color="grey", linestyle="--", linewidth=1)
     axes[1].set_xlabel(f"perplexity change vs baseline ({_fmt(result['baseline']['ppl'], '.2f')}), %")
     flips = [100 * (c["greedy"]["flip_rate"] or 0.0) for c in configs]
     axes[2].barh(list(y), flips, color="tab:purple")
