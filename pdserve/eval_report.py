@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pdserve import eval_text
+
 
 def _fmt(x, spec: str, none: str = "–") -> str:
     return none if x is None else format(x, spec)
@@ -88,8 +90,21 @@ def document(result: dict) -> str:
         f"{result['date']}.", "",
         "```", result.get("command", "pdserve eval"), "```", "",
         markdown(result), "",
-        "![KL and perplexity per configuration](eval.png)", "",
+        *_provenance(result),
+        "![KL, perplexity change and flip rate per configuration](eval.png)", "",
     ])
+
+
+def _provenance(result: dict) -> list[str]:
+    text = result["settings"]["text"]
+    if not text:
+        return []
+    lines = [f"Perplexity text: {text['title']}, {text['tokens']} tokens, read from "
+             f"`{text['source'].replace(str(Path.home()), '~')}`."]
+    if text["source"].endswith(eval_text.MEMBER):
+        lines.append(f"It ships in PyPI's Brotli 1.2.1 source distribution; fetch it with "
+                     f"`{eval_text.INSTALL.format(dir='$HOME/.cache/pdserve/eval-text')}`.")
+    return [*lines, ""]
 
 
 def plot(result: dict, path: Path) -> None:
