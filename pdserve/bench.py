@@ -251,6 +251,10 @@ def format_report(rep: dict) -> str:
     for role in ("prefill", "decode"):
         counts = rep["per_worker"][role]
         lines.append(f"{role + ' workers':<18}" + (", ".join(f"{k}: {v}" for k, v in counts.items()) or "-"))
+    cmp = rep.get("outputs_vs_reference")
+    if cmp:
+        lines.append(f"{'outputs equal to the reference':<34}{cmp['compared'] - cmp['mismatched']:>12} of "
+                     f"{cmp['compared']}" + (f"; differ: {cmp['mismatched_indices']}" if cmp["mismatched"] else ""))
     cl = rep["client"]
     lines.append(f"{'client loop lag (ms)':<34}{_ms(cl['loop_lag_s'], 'p99'):>12} p99, "
                  f"{_ms(cl['loop_lag_s'], 'max')} max; cpu {cl['cpu_frac']:.0%} of a core")
@@ -452,6 +456,23 @@ def save_outputs(path: str, requests: list[BenchRequest], results: list[RequestR
                                 "decode_worker": r.decode_worker}) + "\n")
 
 
+def compare_outputs(path: str, results: list[RequestResult]) -> dict:
+    """This run's tokens against a run saved with --save-outputs (same workload and seed), request by
+    request; only requests that succeeded in both are compared."""
+    from pdserve.cli import CLIError
+
+    try:
+        ref = [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise CLIError(f"--compare-outputs {path}: {e}") from None
+    if len(ref) != len(results):
+        raise CLIError(f"--compare-outputs {path} holds {len(ref)} requests; this run has {len(results)}")
+    pairs = [(i, o["token_ids"], r.token_ids) for i, (o, r) in enumerate(zip(ref, results))
+             if o["status"] == "OK" and r.ok]
+    bad = [i for i, a, b in pairs if a != b]
+    return {"reference": path, "compared": len(pairs), "mismatched": len(bad), "mismatched_indices": bad[:20]}
+
+
 def make_workload(args, vocab: tuple[int, int]) -> list[BenchRequest]:
     out_len = parse_range(args.max_tokens, "--max-tokens")
     if args.workload == "random":
@@ -548,10 +569,12 @@ async def bench(args) -> dict:
         await asyncio.gather(watcher, return_exceptions=True)
     if args.save_outputs:
         save_outputs(args.save_outputs, requests, results)
+    compared = compare_outputs(args.compare_outputs, results) if args.compare_outputs else None
     _, cluster_after = await _server_info(args.server, args.connect_timeout)
     rep = build_report(results, duration, goodput_ttft=args.goodput_ttft, goodput_tpot=args.goodput_tpot,
                        oracle=oracle)
     rep["client"] = overhead
+    rep["outputs_vs_reference"] = compared
     rep["config"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     rep["config"]["vocab_range"] = list(vocab)
     rep["model"] = model
@@ -623,4 +646,6 @@ def register(sub) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     g.add_argument("--save-outputs", default=None, metavar="FILE",
                    help="write one JSON line per measured request (tokens, timings, workers)")
+    g.add_argument("--compare-outputs", default=None, metavar="FILE",
+                   help="compare each request's tokens with a --save-outputs file of the same workload and seed")
     b.set_defaults(func=cmd_bench)

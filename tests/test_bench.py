@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -241,6 +242,26 @@ def test_bench_against_a_real_cluster(server, capsys, tmp_path):
     assert [o["index"] for o in saved] == list(range(8)) and [o["group"] for o in saved] == [q.group for q in reqs]
     assert all(len(o["token_ids"]) == 4 and o["status"] == "OK" for o in saved)
     assert sum(o["cached_tokens"] for o in saved) == rep["cached_tokens"]
+
+
+def test_outputs_compared_with_a_saved_run(server, capsys, tmp_path):
+    """Two greedy runs of one seed, one request at a time, produce the same tokens (the second
+    from cached prefixes); a reference with other tokens is reported, not hidden."""
+    saved = tmp_path / "ref.jsonl"
+    argv = ["--server", server.address, "--num-requests", "4", "--input-len", "20:40", "--max-tokens", "5",
+            "--concurrency", "1", "--seed", "11", "--json", "--no-progress"]
+    assert bench.cmd_bench(parse(argv + ["--save-outputs", str(saved)])) == 0
+    assert _strict_json(capsys.readouterr().out)["outputs_vs_reference"] is None
+    assert bench.cmd_bench(parse(argv + ["--compare-outputs", str(saved)])) == 0
+    rep = _strict_json(capsys.readouterr().out)
+    assert rep["outputs_vs_reference"]["compared"] == 4 and rep["outputs_vs_reference"]["mismatched"] == 0
+    lines = [json.loads(line) for line in saved.read_text().splitlines()]
+    lines[2]["token_ids"][0] += 1
+    saved.write_text("".join(json.dumps(o) + "\n" for o in lines))
+    assert bench.cmd_bench(parse(argv[:-2] + ["--compare-outputs", str(saved), "--no-progress"])) == 0
+    assert re.search(r"outputs equal to the reference +3 of 4; differ: \[2\]", capsys.readouterr().out)
+    with pytest.raises(CLIError):
+        bench.cmd_bench(parse(argv + ["--num-requests", "3", "--compare-outputs", str(saved)]))
 
 
 def test_human_table_against_a_real_cluster(server, capsys):
