@@ -456,17 +456,23 @@ def save_outputs(path: str, requests: list[BenchRequest], results: list[RequestR
                                 "decode_worker": r.decode_worker}) + "\n")
 
 
-def compare_outputs(path: str, results: list[RequestResult]) -> dict:
-    """This run's tokens against a run saved with --save-outputs (same workload and seed), request by
-    request; only requests that succeeded in both are compared."""
+def load_reference(path: str, n: int) -> list[dict]:
+    """A --save-outputs file for a run of `n` requests (read before the run, so a wrong file costs
+    nothing)."""
     from pdserve.cli import CLIError
 
     try:
         ref = [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as e:
         raise CLIError(f"--compare-outputs {path}: {e}") from None
-    if len(ref) != len(results):
-        raise CLIError(f"--compare-outputs {path} holds {len(ref)} requests; this run has {len(results)}")
+    if len(ref) != n or not all(isinstance(o, dict) and {"status", "token_ids"} <= set(o) for o in ref):
+        raise CLIError(f"--compare-outputs {path} holds {len(ref)} saved requests; this run has {n}")
+    return ref
+
+
+def compare_outputs(path: str, ref: list[dict], results: list[RequestResult]) -> dict:
+    """This run's tokens against a saved run of the same workload and seed, request by request;
+    only requests that succeeded in both are compared."""
     pairs = [(i, o["token_ids"], r.token_ids) for i, (o, r) in enumerate(zip(ref, results))
              if o["status"] == "OK" and r.ok]
     bad = [i for i, a, b in pairs if a != b]
@@ -550,6 +556,7 @@ async def bench(args) -> dict:
     ids_only = all(q.prompt_token_ids is not None for q in requests)
     oracle = (oracle_hit_rate([q.prompt_token_ids for q in requests], int(model.get("block_size") or 16))
               if ids_only else None)
+    reference = load_reference(args.compare_outputs, len(requests)) if args.compare_outputs else None
     kw = {"ignore_eos": args.ignore_eos, "seed": args.sampling_seed, "temperature": args.temperature,
           "timeout": args.request_timeout,
           "progress": not args.no_progress}
@@ -569,7 +576,7 @@ async def bench(args) -> dict:
         await asyncio.gather(watcher, return_exceptions=True)
     if args.save_outputs:
         save_outputs(args.save_outputs, requests, results)
-    compared = compare_outputs(args.compare_outputs, results) if args.compare_outputs else None
+    compared = compare_outputs(args.compare_outputs, reference, results) if args.compare_outputs else None
     _, cluster_after = await _server_info(args.server, args.connect_timeout)
     rep = build_report(results, duration, goodput_ttft=args.goodput_ttft, goodput_tpot=args.goodput_tpot,
                        oracle=oracle)
