@@ -26,11 +26,10 @@ def register(sub) -> None:
     from pdserve import demo
 
     demo.register(sub)
-    for mod in ("pdserve.bench", "pdserve.eval"):  # each lands with its own issue
-        try:
-            __import__(mod, fromlist=["register"]).register(sub)
-        except ImportError:
-            pass
+    from pdserve import bench, eval as eval_cmd
+
+    bench.register(sub)
+    eval_cmd.register(sub)
 
 
 def load_serve_config(args):

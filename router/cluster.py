@@ -30,7 +30,9 @@ def init_ray(config: Config) -> None:
         return
     need = config.prefill.num_cpus * max(config.prefill.replicas, 1) + config.decode.num_cpus * max(config.decode.replicas, 1)
     num_cpus = config.ray.num_cpus or max(int(need + 0.999) + 2, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True, namespace=NAMESPACE,
+    # address="local": always a new Ray of our own, even if another one runs on this machine
+    ray.init(address="local", num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True,
+             namespace=NAMESPACE,
              configure_logging=True, logging_level=logging.WARNING)
 
 
