@@ -1,6 +1,7 @@
 """Cache-aware routing vs round-robin on a shared-prefix workload, measured in one run.
 
 Starts a real cluster (2 prefill + 1 decode workers on the embedded model, CPU) once per policy,
+where the two prefill caches together can hold the workload's system prompts but one alone cannot,
 runs the same `pdserve bench` shared-prefix workload against each, and prints/saves the hit rate
 (vs the oracle's), TTFT and throughput side by side.
 
@@ -20,13 +21,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from cluster_util import Server  # noqa: E402
 
-BENCH = ["--workload", "shared-prefix", "--num-prefixes", "8", "--users-per-prefix", "8", "--prefix-len", "512",
-         "--suffix-len", "16:48", "--max-tokens", "8", "--concurrency", "8", "--seed", "1", "--no-progress"]
+# 16 system prompts of 512 tokens x 4 users; each prefill worker's cache (280 blocks of 16 tokens)
+# holds about half of the prompts: together the two hold all of them only if each keeps its own half
+BENCH = ["--workload", "shared-prefix", "--num-prefixes", "16", "--users-per-prefix", "4", "--prefix-len", "512",
+         "--suffix-len", "16:32", "--max-tokens", "4", "--concurrency", "4", "--seed", "1", "--no-progress"]
+PREFILL_BLOCKS = 280
 
 
 def run(policy: str, tmp: Path, extra: list[str]) -> dict:
     cfg = {"model": {"dtype": "float32"}, "engine": {"kv_cache_memory_gb": 0.5, "max_num_batched_tokens": 512},
-           "prefill": {"replicas": 2, "num_cpus": 0.5}, "decode": {"replicas": 1, "num_cpus": 0.5},
+           "prefill": {"replicas": 2, "num_cpus": 0.5, "engine": {"num_blocks": PREFILL_BLOCKS}},
+           "decode": {"replicas": 1, "num_cpus": 0.5},
            "router": {"policy": policy}}
     server = Server(cfg, tmp)
     try:
