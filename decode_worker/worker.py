@@ -33,6 +33,8 @@ class DecodeWorker(WorkerBase):
             out = await q.get()
             if out is None:
                 return
+            if isinstance(out, Exception):
+                raise out
             yield {"token_ids": out.new_token_ids, "text": out.new_text, "finished": out.finished,
                    "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
                    "completion_tokens": out.num_output_tokens, "cached_tokens": cached,

@@ -2,15 +2,19 @@
 whenever it has work and routes each output to its request's queue.
 
 Invariant: the engine is touched only under `self.lock`, so the event loop can take requests
-and aborts while a step runs in the thread; a queue receives None when its request is aborted.
+and aborts while a step runs in the thread; a queue receives None when its request is aborted and
+an exception instance when the engine failed it.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from engine.engine import LLMEngine
+
+log = logging.getLogger("pdserve.engine")
 
 
 class AsyncEngine:
@@ -67,7 +71,15 @@ class AsyncEngine:
                         self._idle_hook()
                 continue
             async with self.lock:
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                except Exception as e:  # a failed step must not hang every request: fail them, keep serving
+                    log.exception("engine step failed; failing the %d requests in flight", len(self.queues))
+                    for rid, q in list(self.queues.items()):
+                        self.engine.abort(rid)
+                        q.put_nowait(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+                    self.queues.clear()
+                    continue
                 self.steps += 1
                 if self._idle_hook is not None:
                     self._idle_hook()

@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 from engine.block_hash import block_hashes
 from engine.block_manager import BlockManager, NoFreeBlocks
 from engine.loader import resolve_model_path
+from engine.prompt import prompt_ids
 from engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from engine.sampler import sample
 from engine.sampling_params import InvalidRequest, SamplingParams
@@ -73,27 +74,7 @@ class LLMEngine:
     # -- input ------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                  chat: bool = False) -> list[int]:
-        if prompt_token_ids is not None:
-            if prompt is not None:
-                raise InvalidRequest("give either a prompt or prompt_token_ids, not both")
-            ids = list(prompt_token_ids)
-            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.arch.vocab_size for t in ids):
-                raise InvalidRequest(f"prompt_token_ids must be integers in [0, {self.arch.vocab_size})")
-        else:
-            if prompt is None or not isinstance(prompt, str) or (not prompt and not chat):
-                raise InvalidRequest("prompt is empty")
-            if chat and not prompt.strip():
-                raise InvalidRequest("prompt is empty")
-            try:
-                ids = self.tokenizer.apply_chat_template(prompt) if chat else self.tokenizer.encode(prompt)
-            except ValueError as e:
-                raise InvalidRequest(str(e)) from None
-        if not ids:
-            raise InvalidRequest("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequest(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
-                                 "and at least one token must be generated")
-        return ids
+        return prompt_ids(self.tokenizer, self.arch.vocab_size, self.max_model_len, prompt, prompt_token_ids, chat)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prefill_only: bool = False, block_table: list[int] | None = None,

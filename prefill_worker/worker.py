@@ -29,6 +29,8 @@ class PrefillWorker(WorkerBase):
         out = await q.get()
         if out is None:
             raise RuntimeError(f"request {request_id} was aborted during prefill")
+        if isinstance(out, Exception):
+            raise out
         return await self.aengine.call(self._export, request_id, out.num_cached_tokens)
 
     def _export(self, request_id: str, num_cached: int) -> dict:

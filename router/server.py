@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.block_hash import block_hashes
 from engine.block_manager import NoFreeBlocks
 from engine.loader import load_arch, resolve_model_path
+from engine.prompt import prompt_ids
 from engine.sampling_params import InvalidRequest, SamplingParams
 from engine.tokenizer import Tokenizer
 from pdserve.config import Config
@@ -63,23 +64,10 @@ class Router(rpc.PDServeServicer):
     def _admit(self, request) -> tuple[str, list[int], SamplingParams]:
         params = sampling_from_proto(request.sampling)
         which = request.WhichOneof("input")
-        if which == "prompt_token_ids":
-            ids = list(request.prompt_token_ids.ids)
-            if any(not 0 <= t < self.arch.vocab_size for t in ids):
-                raise InvalidRequest(f"prompt_token_ids must be in [0, {self.arch.vocab_size})")
-        else:
-            text = request.prompt
-            if not text or (request.chat and not text.strip()):
-                raise InvalidRequest("prompt is empty")
-            try:
-                ids = self.tokenizer.apply_chat_template(text) if request.chat else self.tokenizer.encode(text)
-            except ValueError as e:
-                raise InvalidRequest(str(e)) from None
-        if not ids:
-            raise InvalidRequest("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequest(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
-                                 "and at least one token must be generated")
+        ids = prompt_ids(self.tokenizer, self.arch.vocab_size, self.max_model_len,
+                         prompt=None if which == "prompt_token_ids" else request.prompt,
+                         prompt_token_ids=list(request.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+                         chat=request.chat)
         rid = request.request_id or uuid.uuid4().hex
         if rid in self.active:
             raise InvalidRequest(f"request id {rid!r} is already in use")
