@@ -2,10 +2,8 @@
 
 - round_robin: in turn.
 - least_loaded: fewest in-flight requests (prefill: fewest uncached prompt tokens queued).
-- cache_aware (prefill): the worker that would finish this prompt's prefill soonest, counting the
-  tokens its cache already holds as free and the tokens queued before it as cost; a guard keeps a
-  hot prefix from swamping one worker (a worker whose queue exceeds slack x the lightest queue
-  plus one prompt is skipped while another one is usable).
+- cache_aware (prefill): the worker that holds the prompt's prefix, unless that worker is
+  overloaded; new prefixes go to the least loaded worker (details on CacheAware).
 Decode has no cache to aim at: least loaded, then most free KV blocks.
 """
 from __future__ import annotations
@@ -44,27 +42,32 @@ class LeastLoaded(Policy):
 
 
 class CacheAware(Policy):
+    """Send a prompt to the worker holding most of its prefix when that is a real hit (at least
+    `min_hit` of the prompt) and the worker is not overloaded; otherwise to the least loaded worker,
+    which then becomes the prefix's home. Staying with the holder even when it is a little busier
+    keeps one copy of each prefix, so the pool's caches add up instead of holding duplicates.
+
+    Overloaded: queued tokens above `slack` x the lightest queue plus `headroom` tokens (the guard
+    that keeps a hot prefix from swamping one worker)."""
+
     name = "cache_aware"
 
-    def __init__(self, index: KVIndex, slack: float = 2.0):
+    def __init__(self, index: KVIndex, slack: float = 2.0, min_hit: float = 0.5, headroom: int = 4096):
         self.index = index
         self.slack = slack
+        self.min_hit = min_hit
+        self.headroom = headroom
+        self.fallback = LeastLoaded()
 
     def pick(self, workers, num_tokens, hashes, block_size):
         if not workers:
             return None
         lightest = min(w.queued_tokens for w in workers)
-        bound = lightest * self.slack + num_tokens
-        usable = [w for w in workers if w.queued_tokens <= bound] or workers
-
-        def cost(w: Worker) -> tuple:
-            cached = min(self.index.overlap(w.name, hashes) * block_size, num_tokens)
-            return (w.queued_tokens + num_tokens - cached, w.inflight)
-
-        return min(usable, key=cost)
-
-    def cached_tokens(self, w: Worker, hashes: list, block_size: int, num_tokens: int) -> int:
-        return min(self.index.overlap(w.name, hashes) * block_size, num_tokens)
+        scored = [(min(self.index.overlap(w.name, hashes) * block_size, num_tokens), w) for w in workers]
+        hit, best = max(scored, key=lambda x: (x[0], -x[1].queued_tokens, -x[1].inflight))
+        if hit >= self.min_hit * num_tokens and best.queued_tokens <= lightest * self.slack + self.headroom:
+            return best
+        return self.fallback.pick(workers, num_tokens, hashes, block_size)
 
 
 def make_policy(name: str, index: KVIndex, slack: float) -> Policy:
