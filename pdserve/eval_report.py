@@ -20,9 +20,9 @@ def table(result: dict) -> str:
     s = result["settings"]
     b = result["baseline"]
     head = ("| prefill / decode / KV wire | KL cont. | top-1 cont. | near-ties among misses | KL text | "
-            "ppl | Δppl | flip rate |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+            "ppl | Δppl | flip rate | first flip at |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = [f"| baseline (unquantized {result['dtype']}, no transfer) | 0 | 100% | – | 0 | "
-            f"{_fmt(b['ppl'], '.3f')} | – | 0/{b['prompts']} |"]
+            f"{_fmt(b['ppl'], '.3f')} | – | 0/{b['prompts']} | – |"]
     for c in result["configs"]:
         cont, text, g = c["continuation"], c["text"], c["greedy"]
         miss = cont["disagreements"]
@@ -32,7 +32,7 @@ def table(result: dict) -> str:
         delta = "–" if text["ppl_delta_pct"] is None else f"{text['ppl_delta_pct']:+.2f}%"
         rows.append(f"| {c['prefill']} / {c['decode']} / {c['kv_wire']} | {_fmt(cont['kl'], '.2e')} | "
                     f"{_pct(cont['top1'])} | {near} | {_fmt(text['kl'], '.2e')} | {_fmt(text['ppl'], '.3f')} | "
-                    f"{delta} | {flips} |")
+                    f"{delta} | {flips} | {_median_token(g['first_divergence'])} |")
     notes = [f"KL: mean KL(baseline ‖ config) per token, nats. cont.: {b['continuation_tokens']} tokens of the "
              f"baseline's greedy continuations of {b['prompts']} prompts (≤ {s['max_tokens']} tokens, EOS stops), "
              f"teacher-forced. near-ties: disagreements where the baseline's top-2 logits are < "
@@ -41,8 +41,13 @@ def table(result: dict) -> str:
         notes.append(f"text / ppl: {s['ppl_windows']} window{'s' if s['ppl_windows'] > 1 else ''} of {s['text']['title']}: {s['ppl_prefix']} tokens "
                      f"prefilled at P, the next {s['ppl_tokens']} scored at D ({b['text_tokens']} tokens).")
     notes.append("flip rate: greedy generations (same prompts, from transferred KV) that differ from the "
-                 "baseline's in any token.")
+                 "baseline's in any token; first flip at: median index of the first differing output token "
+                 "among the flipped ones (0 = the first token, computed at the decode precision).")
     return "\n".join([head, *rows, "", *notes])
+
+
+def _median_token(positions: list) -> str:
+    return "–" if not positions else f"token {sorted(positions)[len(positions) // 2]}"
 
 
 def claims(result: dict) -> list[str]:
