@@ -8,6 +8,8 @@ descriptor per block). Layer l's view is kv_cache[:, l]; index 0 of the next dim
 A backend implements `write_kv(kv_layer, k, v, meta)` and `attend(q, kv_layer, meta, scale)`.
 The query tokens of sequence i are the last q_len_i positions of its context (causal), so one
 call serves decode (q_len 1), whole prompts, prompt chunks and prompts behind a cached prefix.
+Padding (CUDA-graph batches padded to a bucket): a negative slot writes nothing and a sequence
+with seq_len 0 attends over nothing. The Triton backend is in engine/gpu_attention.py.
 """
 from __future__ import annotations
 
@@ -22,23 +24,23 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B+1] cumulative query lengths over the flattened batch
     seq_lens: torch.Tensor  # [B] context length including this step's tokens
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded
-    slot_block: torch.Tensor  # [T] block of each new token
-    slot_offset: torch.Tensor  # [T] offset inside that block
+    slot_mapping: torch.Tensor  # [T] int64 cache slot of each new token (block * block_size + offset)
     max_query_len: int
-    max_seq_len: int
-    # host copies: the torch backend loops over sequences without device syncs
-    q_lens_list: list
-    seq_lens_list: list
-    block_tables_list: list
+    max_seq_len: int  # an upper bound is enough for the Triton backend (a captured graph uses its largest)
+    # host copies: the torch backend loops over sequences without device syncs (None inside a graph)
+    q_lens_list: list | None
+    seq_lens_list: list | None
+    block_tables_list: list | None
     block_size: int
 
     @property
     def decode_only(self) -> bool:
         return self.max_query_len == 1
 
-    @property
-    def slot_mapping(self) -> torch.Tensor:
-        return self.slot_block.long() * self.block_size + self.slot_offset.long()
+
+def slot(table: list[int], position: int, block_size: int) -> int:
+    """Cache slot of a sequence's token at `position`, given its block table."""
+    return table[position // block_size] * block_size + position % block_size
 
 
 def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -46,19 +48,15 @@ def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[li
     qsl = [0]
     for n in q_lens:
         qsl.append(qsl[-1] + n)
-    slot_block, slot_offset = [], []
-    for n, ctx, table in zip(q_lens, seq_lens, block_tables):
-        for p in range(ctx - n, ctx):
-            slot_block.append(table[p // block_size])
-            slot_offset.append(p % block_size)
+    slots = [slot(table, p, block_size) for n, ctx, table in zip(q_lens, seq_lens, block_tables)
+             for p in range(ctx - n, ctx)]
     width = max(len(t) for t in block_tables)
     padded = [t + [0] * (width - len(t)) for t in block_tables]
     return AttentionMetadata(
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-        slot_block=torch.tensor(slot_block, dtype=torch.long, device=device),
-        slot_offset=torch.tensor(slot_offset, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         max_query_len=max(q_lens),
         max_seq_len=max(seq_lens),
         q_lens_list=list(q_lens),
@@ -74,8 +72,9 @@ class TorchAttention:
     name = "torch"
 
     def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-        kv_layer[meta.slot_block, 0, meta.slot_offset] = k.to(kv_layer.dtype)
-        kv_layer[meta.slot_block, 1, meta.slot_offset] = v.to(kv_layer.dtype)
+        block, offset = meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size
+        kv_layer[block, 0, offset] = k.to(kv_layer.dtype)
+        kv_layer[block, 1, offset] = v.to(kv_layer.dtype)
 
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.decode_only and len(meta.q_lens_list) > 1:

@@ -3,7 +3,9 @@
 Numerics follow HF transformers' Llama step for step (fp32 RMSNorm statistics, rotate-half RoPE
 with fp32 angles, SDPA attention), so float32 greedy decoding is token-identical to it.
 Projections are built by a `linear_factory(weight, bias)`, which is where a pool's precision
-(bf16 / fp8 / nvfp4) enters without touching this file.
+(bf16 / fp8 / nvfp4) enters without touching this file. The elementwise ops (RMSNorm with the residual
+add, RoPE, SiLU-and-mul, the LM head) come from one ops set picked per device: TorchOps below (the
+CPU path, and the exactness contract) or engine.gpu_ops.TritonOps on CUDA.
 """
 from __future__ import annotations
 
@@ -61,6 +63,51 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+class TorchOps:
+    """HF transformers' Llama math, rounding where it rounds: the CPU path (float32 greedy tokens identical
+    to transformers). Same signatures as engine.gpu_ops.TritonOps."""
+
+    name = "torch"
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int):
+        self.inv_freq = inv_freq
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """Per-token (cos, sin), computed once per forward and shared by every layer."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # fp32 angles, as transformers
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, rope):
+        cos, sin = rope
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+        """rms_norm(x); with a residual, first x = residual + x, and returns (normed, x) (the new residual)."""
+        if residual is None:
+            return rms_norm(x, weight, eps)
+        x = residual + x
+        return rms_norm(x, weight, eps), x
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+
+def model_ops(device: torch.device, inv_freq: torch.Tensor, max_positions: int):
+    """Triton kernels on CUDA when available; the torch ops elsewhere."""
+    if device.type == "cuda":
+        try:
+            from engine.gpu_ops import TritonOps
+            return TritonOps(inv_freq, max_positions)
+        except ImportError:
+            pass
+    return TorchOps(inv_freq, max_positions)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, w: dict, prefix: str, linear: LinearFactory):
         super().__init__()
@@ -77,26 +124,29 @@ class DecoderLayer(nn.Module):
         self.gate_up = linear(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]), None)
         self.down = linear(w[m + "down_proj.weight"], None)
 
-    def forward(self, x, cos, sin, kv_layer, meta, backend, scale):
+    def forward(self, x, residual, rope, kv_layer, meta, backend, scale, ops):
+        """x: the previous layer's output (the embeddings for the first layer, residual None then);
+        returns this layer's output and the residual stream before it, which the next norm adds."""
         arch = self.arch
-        h = rms_norm(x, self.input_norm, arch.rms_norm_eps)
+        if residual is None:
+            h, residual = ops.rms_norm(x, self.input_norm, arch.rms_norm_eps), x
+        else:
+            h, residual = ops.rms_norm(x, self.input_norm, arch.rms_norm_eps, residual)
         qkv = self.qkv(h)
         q, k, v = qkv.split([arch.q_size, arch.kv_size, arch.kv_size], dim=-1)
         q = q.view(-1, arch.num_heads, arch.head_dim)
         k = k.view(-1, arch.num_kv_heads, arch.head_dim)
         v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = ops.rotary(q, k, rope)
         backend.write_kv(kv_layer, k, v, meta)
         attn = backend.attend(q, kv_layer, meta, scale)
-        x = x + self.o(attn.reshape(-1, arch.q_size))
-        h = rms_norm(x, self.post_norm, arch.rms_norm_eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        h, residual = ops.rms_norm(self.o(attn.reshape(-1, arch.q_size)), self.post_norm, arch.rms_norm_eps,
+                                   residual)
+        return self.down(ops.silu_and_mul(self.gate_up(h))), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch, weights: dict, linear: LinearFactory = DenseLinear):
+    def __init__(self, arch: ModelArch, weights: dict, linear: LinearFactory = DenseLinear, ops=None):
         super().__init__()
         self.arch = arch
         self.embed = nn.Parameter(weights["model.embed_tokens.weight"], requires_grad=False)
@@ -105,19 +155,21 @@ class LlamaModel(nn.Module):
         self.norm = nn.Parameter(weights["model.norm.weight"], requires_grad=False)
         head = weights.get("lm_head.weight")
         self.lm_head = self.embed if head is None else nn.Parameter(head, requires_grad=False)
-        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+        # computed on the CPU on every device, so the angles' inputs are the same bits everywhere
+        inv_freq = rope_inv_freq(arch).to(self.embed.device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.ops = ops or model_ops(self.embed.device, inv_freq, arch.max_position_embeddings)
         self.scale = arch.head_dim ** -0.5
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # fp32 angles, as transformers
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(x.dtype)[:, None, :]
-        sin = emb.sin().to(x.dtype)[:, None, :]
+        rope = self.ops.rope(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[:, i], meta, backend, self.scale)
-        return rms_norm(x, self.norm, self.arch.rms_norm_eps)
+            x, residual = layer(x, residual, rope, kv_cache[:, i], meta, backend, self.scale, self.ops)
+        hidden, _ = self.ops.rms_norm(x, self.norm, self.arch.rms_norm_eps, residual)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.ops.linear(hidden, self.lm_head).float()

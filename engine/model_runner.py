@@ -1,16 +1,22 @@
 """Owns the model weights, the KV cache tensor and the attention backend; turns a ScheduledBatch
-into model inputs and returns the logits of the sequences that sample this step."""
+into model inputs and returns the logits of the sequences that sample this step.
+
+On CUDA the model runs the Triton kernels (engine/gpu_ops.py, engine/gpu_attention.py) and decode-only
+steps replay CUDA graphs (engine/gpu_graphs.py; PDSERVE_CUDA_GRAPHS=0 turns them off); prefill and mixed
+steps run eagerly. On CPU everything is the torch reference path.
+"""
 from __future__ import annotations
 
 import torch
 
-from engine.attention import build_metadata, get_backend
+from engine.attention import build_metadata, get_backend, slot
 from engine.loader import load_weights
 from engine.model import DenseLinear, LlamaModel
 from engine.model_config import ModelArch
 from engine.scheduler import ScheduledBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_GRAPH_MAX_BATCH = 256  # largest decode batch replayed from a graph when max_num_seqs is not given
 
 
 def resolve_device(device: str) -> torch.device:
@@ -29,7 +35,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def linear_factory(precision: str, dtype: torch.dtype, device: torch.device):
     if precision == "bf16":  # unquantized, at the compute dtype (float32 on the exact CPU path)
-        return lambda w, b: DenseLinear(w.to(device, dtype), None if b is None else b.to(device, dtype))
+        dense = DenseLinear
+        if device.type == "cuda":
+            from engine.gpu_ops import TritonDenseLinear as dense
+        return lambda w, b: dense(w.to(device, dtype), None if b is None else b.to(device, dtype))
     from kernels.quant_linear import make_linear
 
     return lambda w, b: make_linear(w.to(device), None if b is None else b.to(device), precision, dtype)
@@ -38,7 +47,7 @@ def linear_factory(precision: str, dtype: torch.dtype, device: torch.device):
 class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, block_size: int,
                  num_blocks: int | None, kv_cache_memory_gb: float, precision: str = "bf16",
-                 progress: bool = True):
+                 progress: bool = True, max_num_seqs: int | None = None):
         self.device, self.dtype, self.block_size, self.precision = device, dtype, block_size, precision
         arch, weights = load_weights(model_path, dtype, progress=progress)
         self.arch: ModelArch = arch
@@ -50,6 +59,17 @@ class ModelRunner:
         self.kv_cache = torch.zeros(self.num_blocks, arch.num_layers, 2, block_size, arch.num_kv_heads,
                                     arch.head_dim, dtype=dtype, device=device)
         self.backend = get_backend(device)
+        self.graphs = self._decode_graphs(max_num_seqs or DEFAULT_GRAPH_MAX_BATCH)
+
+    def _decode_graphs(self, max_batch: int):
+        from engine.gpu_graphs import DecodeGraphs, graphs_enabled
+
+        # quantized projections are not yet checked under capture; decode pools run bf16
+        if not (self.device.type == "cuda" and getattr(self.backend, "graph_safe", False)
+                and self.precision == "bf16" and graphs_enabled()):
+            return None
+        max_seq_len = min(self.arch.max_position_embeddings, self.num_blocks * self.block_size)
+        return DecodeGraphs(self.model, self.kv_cache, self.backend, self.block_size, max_seq_len, max_batch)
 
     @property
     def block_bytes(self) -> int:
@@ -69,6 +89,11 @@ class ModelRunner:
             q_lens.append(n)
             seq_lens.append(start + n)
             tables.append(seq.block_table)
+        if (self.graphs is not None and not all_logits and all(n == 1 for n in q_lens)
+                and self.graphs.fits(len(ids), max(len(t) for t in tables))):
+            logits = self.graphs.run(ids, pos, [slot(t, p, self.block_size) for t, p in zip(tables, pos)],
+                                     seq_lens, tables)
+            return logits[torch.tensor(sample_rows, device=self.device)] if sample_rows else None
         meta = build_metadata(q_lens, seq_lens, tables, self.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)

@@ -1,0 +1,180 @@
+"""Engine-level decode throughput on one GPU: LLMEngine (scheduler + ModelRunner + sampler + detokenizer)
+over a random-weight Llama-3-8B-shaped model, CUDA graphs on vs off, batch 1 and 32 at 1K context.
+Compare with the standalone kernels benchmark (benchmarks/bench_gpu.py, docs/bench/gpu.md).
+
+    python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT
+
+The 16 GB of weights are made on the GPU rather than written and read back as safetensors: the run
+replaces the runner's loader with a generator of the same tensor names (unit-variance projections as in
+kernels/random_llama.py). --tokenizer: any HF directory with tokenizer files (the engine needs one; the
+prompts are token ids and out-of-vocabulary output ids decode to nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                 rope_theta=500000.0, tie_word_embeddings=False, model_type="llama", bos_token_id=1,
+                 eos_token_id=2)
+
+
+def random_weights(cfg: dict, dtype: torch.dtype, device: str = "cuda", seed: int = 0) -> dict:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, inter, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+
+    def dense(rows, cols):
+        return (torch.randn(rows, cols, generator=gen, device=device) * cols ** -0.5).to(dtype)
+
+    def norm():
+        return (1 + 0.1 * torch.randn(h, generator=gen, device=device)).to(dtype)
+
+    w = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], h, generator=gen, device=device).to(dtype),
+         "model.norm.weight": norm(), "lm_head.weight": dense(cfg["vocab_size"], h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w |= {p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
+              p + "self_attn.q_proj.weight": dense(q, h), p + "self_attn.k_proj.weight": dense(kv, h),
+              p + "self_attn.v_proj.weight": dense(kv, h), p + "self_attn.o_proj.weight": dense(h, q),
+              p + "mlp.gate_proj.weight": dense(inter, h), p + "mlp.up_proj.weight": dense(inter, h),
+              p + "mlp.down_proj.weight": dense(h, inter)}
+    return w
+
+
+def build_engine(model_dir: Path, cfg: dict, args):
+    import engine.model_runner as model_runner
+    from engine.engine import LLMEngine
+    from engine.model_config import arch_from_hf_config
+    from pdserve.config import EngineConfig
+
+    loader = model_runner.load_weights
+    # the engine's own loader would read 16 GB of safetensors; the same names, generated on the GPU
+    model_runner.load_weights = lambda path, dtype, progress=True: (arch_from_hf_config(cfg),
+                                                                   random_weights(cfg, dtype))
+    try:
+        config = EngineConfig(block_size=16, kv_cache_memory_gb=args.kv_gb, max_num_seqs=64,
+                              max_num_batched_tokens=8192, device="cuda")
+        return LLMEngine(str(model_dir), dtype="bfloat16", config=config, progress=False)
+    finally:
+        model_runner.load_weights = loader
+
+
+def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int) -> dict:
+    """All `batch` prompts of `context` tokens prefilled, then `new_tokens` decode steps; the decode steps'
+    wall time (engine.step: schedule, inputs, forward/replay, sampling, detokenization) is measured."""
+    from engine.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(batch):
+        engine.add_request(f"b{batch}-{seed}-{i}", torch.randint(3, 32000, (context,), generator=gen).tolist(),
+                           SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    kinds, times = [], []
+    execute = engine.runner.execute
+
+    def recording(b, *a, **k):
+        kinds.append(all(n == 1 for n in b.num_new))
+        return execute(b, *a, **k)
+
+    engine.runner.execute = recording
+    try:
+        while engine.has_unfinished():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)  # step() ends in a host read of the sampled tokens
+    finally:
+        engine.runner.execute = execute
+    decode = [t for t, d in zip(times, kinds) if d]
+    ms = statistics.median(decode) * 1e3
+    return dict(batch=batch, context=context, new_tokens=new_tokens, decode_steps=len(decode),
+                median_step_ms=ms, mean_step_ms=statistics.mean(decode) * 1e3,
+                tokens_per_s=batch * len(decode) / sum(decode), prefill_steps=len(kinds) - len(decode))
+
+
+def replay_ms(engine, bucket: int, reps: int = 50) -> float:
+    """GPU time of one graph replay alone (the engine step minus this is host work)."""
+    graph = engine.runner.graphs.graphs[bucket]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def load_plans(path: Path) -> int:
+    """fused.LINEAR_PLANS from a bench_gpu.py run's JSON (its tuned GEMV / skinny-GEMM choices)."""
+    from kernels import fused
+
+    count = 0
+    for model in json.loads(path.read_text())["models"]:
+        for row in model.get("linear") or []:
+            kernel, cfg = row["best"]
+            fused.LINEAR_PLANS[(row["batch"], row["n"], row["k"], row["proj"].endswith("silu"))] = (
+                kernel, tuple(cfg) if cfg else None)
+            count += 1
+    return count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--kv-gb", type=float, default=8.0)
+    ap.add_argument("--plans", default="docs/bench/gpu-run3.json",
+                    help="also run with the linear plans tuned by a bench_gpu.py run ('' to skip)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path("/tmp/engine-bench-llama3-8b")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for f in Path(args.tokenizer).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, model_dir / f.name)
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    t0 = time.time()
+    engine = build_engine(model_dir, LLAMA3_8B, args)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  command="python benchmarks/bench_engine_gpu.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+                  load_s=time.time() - t0, runs=[])
+    graphs = engine.runner.graphs
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = [("graphs", True), ("eager", False)]
+    for plans in ([False, True] if args.plans else [False]):
+        if plans:
+            result["plans_loaded"] = load_plans(Path(args.plans))
+            graphs = engine.runner._decode_graphs(64)  # recapture: the plans change the kernels
+        for name, on in variants:
+            if plans and not on:
+                continue
+            engine.runner.graphs = graphs if on else None
+            for batch in batches:
+                t1 = time.time()
+                decode_run(engine, batch, 64, 4, seed=99)  # compile, capture the bucket
+                warm = time.time() - t1
+                row = decode_run(engine, batch, args.context, args.new_tokens, seed=batch)
+                row |= dict(mode=name, tuned_plans=plans, warmup_s=warm)
+                if on:
+                    row["replay_ms"] = replay_ms(engine, graphs.bucket_for(batch))
+                result["runs"].append(row)
+                print(json.dumps(row), flush=True)
+    result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    (out / "engine_bench.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The Triton attention backend: the engine's AttentionMetadata fed to kernels/attention.py and the KV
+write of kernels/fused.py (their torch twins in kernels/reference.py are the contract).
+
+Every argument is a device tensor or a host int that only picks a launch shape, so a decode step can be
+captured in a CUDA graph (engine/gpu_graphs.py) and replayed with new metadata in the same buffers.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.attention import AttentionMetadata
+from kernels import attention, fused
+
+
+class TritonAttention:
+    name = "triton"
+    graph_safe = True  # no host reads of the metadata's tensors, no host lists
+
+    def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        fused.write_kv(kv_layer, k, v, meta.slot_mapping)
+
+    def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return attention.paged_attention(q, kv_layer, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
+                                         meta.max_query_len, meta.max_seq_len)
