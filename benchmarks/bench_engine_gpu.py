@@ -2,7 +2,7 @@
 over a random-weight Llama-3-8B-shaped model, CUDA graphs on vs off, batch 1 and 32 at 1K context.
 Compare with the standalone kernels benchmark (benchmarks/bench_gpu.py, docs/bench/gpu.md).
 
-    python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT
+    PYTHONPATH=. python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT
 
 The 16 GB of weights are made on the GPU rather than written and read back as safetensors: the run
 replaces the runner's loader with a generator of the same tensor names (unit-variance projections as in
@@ -147,9 +147,10 @@ def main() -> None:
     (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
     t0 = time.time()
     engine = build_engine(model_dir, LLAMA3_8B, args)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  command="python benchmarks/bench_engine_gpu.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-                  load_s=time.time() - t0, runs=[])
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  command="python benchmarks/bench_engine_gpu.py " + flags, load_s=time.time() - t0, runs=[])
     graphs = engine.runner.graphs
     batches = [int(b) for b in args.batches.split(",")]
     variants = [("graphs", True), ("eager", False)]
