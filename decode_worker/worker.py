@@ -53,11 +53,11 @@ class DecodeWorker(WorkerBase):
         handle = None
         self.pulls[request_id] = None
         try:
-            async with self.aengine.lock:
-                handle = self.agent.pull(ticket, blocks)
+            # the agent has its own lock and these blocks are not the engine's yet: no need to wait
+            # for a running step (that wait would count as transfer time)
+            handle = self.agent.pull(ticket, blocks)
             while True:
-                async with self.aengine.lock:
-                    state = self.agent.check(handle)
+                state = self.agent.check(handle)
                 if state == "DONE":
                     break
                 if state == "ERROR":
