@@ -224,7 +224,7 @@ def test_cli_json_run(tmp_path, capsys):
 # ---- the full table (issue 4) --------------------------------------------------------------------
 @pytest.mark.slow
 def test_full_table_phase_aware_beats_uniform(tmp_path):
-    """The Done-when relations on the default run (about 40 minutes on 2 shared CPU cores)."""
+    """The Done-when relations on the default run (2,953 s on 2 shared CPU cores, docs/bench/eval.md)."""
     from pdserve import eval_report
 
     settings = ev.Settings()
