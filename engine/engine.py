@@ -49,7 +49,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         # weights first: a corrupt checkpoint is then reported as such, not as a tokenizer problem
         self.runner = ModelRunner(self.model_path, self.dtype, self.device, config.block_size, config.num_blocks,
-                                  config.kv_cache_memory_gb, precision=precision, progress=progress)
+                                  config.kv_cache_memory_gb, precision=precision, progress=progress,
+                                  max_num_seqs=config.max_num_seqs)
         self.tokenizer = Tokenizer(self.model_path)
         arch = self.runner.arch
         self.arch = arch
