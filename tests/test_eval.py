@@ -88,6 +88,12 @@ def test_eval_text_is_installed_and_is_alice():
     assert 140_000 < len(t.text) < 152_089
 
 
+def test_missing_text_names_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path))
+    with pytest.raises(TextMissing, match="pip download --no-deps --no-binary :all: Brotli==1.2.1"):
+        load_text()
+
+
 def test_normalize_unwraps_paragraphs(tmp_path):
     assert normalize("  A  title\r\n\r\n\r\nline one\r\nline  two\r\n\r\nnext\r\n") == "A title\n\nline one line two\n\nnext\n"
     f = tmp_path / "t.txt"
