@@ -34,7 +34,7 @@ def table(result: dict) -> str:
                     f"{_pct(cont['top1'])} | {near} | {_fmt(text['kl'], '.2e')} | {_fmt(text['ppl'], '.3f')} | "
                     f"{delta} | {flips} | {_median_token(g['first_divergence'])} |")
     notes = [f"KL: mean KL(baseline ‖ config) per token, nats. cont.: {b['continuation_tokens']} tokens of the "
-             f"baseline's greedy continuations of {b['prompts']} prompts (≤ {s['max_tokens']} tokens, EOS stops), "
+             f"baseline's greedy continuations of {b['prompts']} prompt{'s' if b['prompts'] != 1 else ''} (≤ {s['max_tokens']} tokens, EOS stops), "
              f"teacher-forced. near-ties: disagreements where the baseline's top-2 logits are < "
              f"{s['near_tie_logits']} apart."]
     if s["text"]:
