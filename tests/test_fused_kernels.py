@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernel_cases
+
 ROOT = Path(__file__).resolve().parents[1]
 BF16_TOL = 1e-2
 FP32_TOL = 1e-5
@@ -191,24 +193,13 @@ TOLERANCE_OVERRIDES_GPU = {"write_kv_fp8": 1e-3}
 
 
 def run_cases(device: str, dtype: torch.dtype, names, seed: int) -> dict:
-    results = {}
-    for i, name in enumerate(names):
-        gen = torch.Generator().manual_seed(seed + i)
-        try:
-            results[name] = CASES[name](device, dtype, gen)
-        except Exception as exc:
-            results[name] = f"{type(exc).__name__}: {exc}"
-    return results
+    return kernel_cases.run_cases(CASES, device, dtype, names, seed)
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    seed = int.from_bytes(os.urandom(3), "little")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__, str(seed)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
+    """All cases in one TRITON_INTERPRET=1 subprocess."""
+    return kernel_cases.run_interpreted(__file__, ROOT)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -223,7 +214,7 @@ def test_interpreted_float32(interpreted, name):
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, BF16_TOL), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gpu(name, dtype, tol):
-    seed = int.from_bytes(os.urandom(3), "little")
+    seed = kernel_cases.test_seed()
     err = run_cases("cuda", dtype, [name], seed)[name]
     tol = TOLERANCE_OVERRIDES_GPU.get(name, tol)
     assert isinstance(err, float) and err <= tol, f"{name} {dtype}: {err} (seed {seed})"

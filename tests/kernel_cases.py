@@ -1,0 +1,40 @@
+"""Shared driver of the kernel-vs-reference case tables (attention, fused ops).
+
+Seeds: fixed by default so CI is deterministic; `PDSERVE_TEST_SEED=random` draws fresh inputs (as
+the GPU runs do), and any failure message names the seed to reproduce it with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def test_seed() -> int:
+    s = os.environ.get("PDSERVE_TEST_SEED", "20261122")
+    return int.from_bytes(os.urandom(3), "little") if s == "random" else int(s)
+
+
+def run_cases(cases: dict, device: str, dtype: torch.dtype, names, seed: int) -> dict:
+    results = {}
+    for i, name in enumerate(names):
+        gen = torch.Generator().manual_seed(seed + i)
+        try:
+            results[name] = cases[name](device, dtype, gen)
+        except Exception as exc:  # reported per case, so one failure does not hide the rest
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def run_interpreted(test_file: str, root) -> tuple[int, dict]:
+    """All of a file's cases in one TRITON_INTERPRET=1 subprocess (the variable must not leak into
+    the other tests of this session)."""
+    seed = test_seed()
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, test_file, str(seed)], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
