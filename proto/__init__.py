@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,14 +17,13 @@ _PROTO = _HERE / "pdserve.proto"
 
 
 def _generate(out_dir: Path) -> None:
-    from grpc_tools import protoc
-    import grpc_tools
-
-    include = str(Path(grpc_tools.__file__).parent / "_proto")
-    rc = protoc.main(["protoc", f"-I{_HERE}", f"-I{include}", f"--python_out={out_dir}",
-                      f"--grpc_python_out={out_dir}", str(_PROTO)])
-    if rc != 0:
-        raise RuntimeError(f"protoc failed on {_PROTO} (exit {rc})")
+    # protoc runs in a child process: grpc_tools' native module and NIXL's bundled protobuf/gRPC
+    # libraries crash when both are loaded into one process (seen with grpcio-tools 1.85, nixl 1.5)
+    cmd = [sys.executable, "-m", "grpc_tools.protoc", f"-I{_HERE}", f"--python_out={out_dir}",
+           f"--grpc_python_out={out_dir}", str(_PROTO)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"protoc failed on {_PROTO} (exit {r.returncode}): {r.stderr.strip()}")
 
 
 def _load():
