@@ -227,7 +227,9 @@ def test_blackwell_compiles_for_sm100():
     except Exception as e:  # e.g. a Triton without a Blackwell-capable ptxas
         pytest.skip(f"cannot compile for sm_100 here: {type(e).__name__}: {e}")
     mma = [line for line in kernel.asm["ptx"].splitlines() if "tcgen05.mma" in line]
-    assert mma and all("kind::mxf4nvf4.block_scale.scale_vec::4X" in line for line in mma), mma[:2]
+    # one 16-element block scale per operand: spelled scale_vec::4X by Triton 3.6's PTX, block16 by later ones
+    assert mma and all("kind::mxf4nvf4.block_scale" in line and ("scale_vec::4X" in line or ".block16" in line)
+                       for line in mma), mma[:2]
     sass = blackwell_sass(kernel.asm["cubin"])
     if sass is None:
         pytest.skip("no cuobjdump to disassemble the cubin")
