@@ -1,0 +1,254 @@
+"""Prefill forward of the engine's own model at each pool precision, on one GPU, in one run.
+
+    PYTHONPATH=. python benchmarks/bench_prefill.py --out OUT [--layers 32] [--tokens 512,2048,8192]
+
+What runs is engine/model.py's LlamaModel with the linears and the attention backend a pool of that
+precision builds (engine/model_runner.py linear_factory, engine/attention.py get_backend), over a random-
+weight Llama-3-8B (all 32 layers by default), one fresh prompt of T tokens, plus the LM head of its last
+token: the work of one prefill step. Precisions:
+    bf16                 TritonDenseLinear (cuBLAS) + the paged Triton prefill attention
+    fp8                  the fp8 pool: W8A8 with the quantizers fused into RMSNorm and SiLU*up, cuBLAS
+                         rowwise scaled_mm with fp32 accumulation, attention's matmuls in fp8
+                         (kernels/attention_fp8.py)
+    fp8_bf16_attention   the same linears, attention in bf16 (how much the fp8 attention adds)
+    fp8_unfused          fp8 attention, quantizers in their own passes (how much the fusion adds)
+    nvfp4                W4A4, exact emulation on Hopper (bf16 GEMM of scale-folded operands)
+Timing: CUDA events, median; "eager" is how the engine runs a prefill step (kernel launches from Python),
+"graph" replays a CUDA graph of the same forward (GPU time alone). Before the forwards, the two prefill
+attention kernels are timed alone over a few tile configurations and each uses its best (both tuned in the
+same run, so the bf16 baseline is not handicapped); torch SDPA (flash) on contiguous K/V is timed too, as
+an outside reference for the attention rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
+from bench_quant import eager_time_ms, graph_time_ms  # noqa: E402
+
+PRECISIONS = ("bf16", "fp8", "fp8_bf16_attention", "fp8_unfused", "nvfp4")
+TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)]
+
+
+def attention_inputs(tokens: int, arch, gen):
+    from engine.attention import build_metadata
+
+    bs = 16
+    nblk = -(-tokens // bs)
+    kv = torch.randn(nblk + 1, 2, bs, arch.num_kv_heads, arch.head_dim, generator=gen, device="cuda").to(torch.bfloat16)
+    q = torch.randn(tokens, arch.num_heads, arch.head_dim, generator=gen, device="cuda").to(torch.bfloat16)
+    meta = build_metadata([tokens], [tokens], [list(range(nblk))], bs, torch.device("cuda"))
+    return q, kv, meta
+
+
+def attention_flops(tokens: int, arch) -> float:
+    return 4.0 * arch.num_heads * arch.head_dim * tokens * (tokens + 1) / 2  # causal QK^T and PV
+
+
+def bench_attention(arch, tokens_list, log) -> tuple[list[dict], dict, dict]:
+    """Both prefill attention kernels over the tile candidates, and SDPA; returns rows and the best tiles."""
+    import torch.nn.functional as F
+
+    from kernels import attention, attention_fp8
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows, best = [], {"bf16": {}, "fp8": {}}
+    for tokens in tokens_list:
+        q, kv, meta = attention_inputs(tokens, arch, gen)
+        flops = attention_flops(tokens, arch)
+        scale = arch.head_dim ** -0.5
+
+        def bf16():
+            return attention.paged_attention(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
+                                             meta.max_query_len, meta.max_seq_len)
+
+        def fp8():
+            return attention_fp8.prefill_attention_fp8(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                                       meta.context_start_loc, meta.total_context, scale,
+                                                       meta.max_query_len, meta.max_seq_len)
+
+        exact = bf16().float()
+        for kernel, fn, configs in (("bf16", bf16, attention.PREFILL_CONFIGS), ("fp8", fp8, None)):
+            for tile in TILES:
+                if kernel == "bf16":
+                    configs[arch.head_dim] = tile
+                else:
+                    attention_fp8.PREFILL_FP8_CONFIG = tile
+                try:
+                    ms = graph_time_ms([fn], reps=10)
+                    err = ((fn().float() - exact).norm() / exact.norm()).item()
+                    row = dict(what=f"{kernel} prefill attention", tokens=tokens, tile=tile, ms=ms,
+                               TFLOPs=flops / ms / 1e9, rel_err_vs_bf16_kernel=err)
+                except Exception as e:  # a tile that does not fit is a result, not a crash
+                    row = dict(what=f"{kernel} prefill attention", tokens=tokens, tile=tile, error=str(e)[:200])
+                rows.append(row)
+                log(json.dumps(row))
+        k8, ks, vt, vs, vmax = attention_fp8.quantize_context(kv, meta.seq_lens, meta.block_tables,
+                                                              meta.context_start_loc, meta.total_context,
+                                                              meta.max_seq_len)
+        ms = graph_time_ms([lambda: attention_fp8.quantize_context(kv, meta.seq_lens, meta.block_tables,
+                                                                   meta.context_start_loc, meta.total_context,
+                                                                   meta.max_seq_len)], reps=10)
+        rows.append(dict(what="fp8 context quantizer (inside the fp8 time above)", tokens=tokens, ms=ms))
+        log(json.dumps(rows[-1]))
+        k = kv[:, 0].reshape(-1, arch.num_kv_heads, arch.head_dim)[:tokens].transpose(0, 1).unsqueeze(0)
+        v = kv[:, 1].reshape(-1, arch.num_kv_heads, arch.head_dim)[:tokens].transpose(0, 1).unsqueeze(0)
+        k, v = k.contiguous(), v.contiguous()
+        qt = q.transpose(0, 1).unsqueeze(0).contiguous()
+        try:
+            ms = graph_time_ms([lambda: F.scaled_dot_product_attention(qt, k, v, is_causal=True, scale=scale,
+                                                                         enable_gqa=True)], reps=10)
+            rows.append(dict(what="torch SDPA (contiguous K/V, enable_gqa)", tokens=tokens, ms=ms,
+                             TFLOPs=flops / ms / 1e9))
+        except Exception as e:
+            rows.append(dict(what="torch SDPA (contiguous K/V, enable_gqa)", tokens=tokens, error=str(e)[:200]))
+        log(json.dumps(rows[-1]))
+    for kernel in ("bf16", "fp8"):  # one tile per kernel: the fastest summed over the lengths
+        totals = {}
+        for r in rows:
+            if r["what"] == f"{kernel} prefill attention" and "ms" in r:
+                key = json.dumps(r["tile"], sort_keys=True)
+                totals.setdefault(key, []).append(r["ms"])
+        full = {k: sum(v) for k, v in totals.items() if len(v) == len(tokens_list)}
+        best[kernel] = json.loads(min(full, key=full.get))
+    attention.PREFILL_CONFIGS[arch.head_dim] = best["bf16"]
+    attention_fp8.PREFILL_FP8_CONFIG = best["fp8"]
+    return rows, best["bf16"], best["fp8"]
+
+
+def build(precision: str, arch, weights):
+    from engine.attention import get_backend
+    from engine.model import LlamaModel
+    from engine.model_runner import linear_factory
+
+    linear_precision = "fp8" if precision.startswith("fp8") else precision
+    model = LlamaModel(arch, weights, linear_factory(linear_precision, torch.bfloat16, torch.device("cuda"))).eval()
+    backend = get_backend(torch.device("cuda"), prefill_fp8=precision in ("fp8", "fp8_unfused"))
+    return model, backend
+
+
+def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
+    from engine.attention import build_metadata
+    from kernels import quant_linear
+
+    bs = 16
+    nblk = max(-(-t // bs) for t in tokens_list)
+    kv_cache = torch.zeros(nblk, layers, 2, bs, arch.num_kv_heads, arch.head_dim, dtype=torch.bfloat16, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    ids = {t: torch.randint(3, arch.vocab_size, (t,), generator=gen, device="cuda") for t in tokens_list}
+    rows, outputs = [], {}
+    for precision in PRECISIONS:
+        quant_linear.FUSE_PRODUCERS = precision != "fp8_unfused"
+        t0 = time.perf_counter()
+        model, backend = build(precision, arch, weights)
+        build_s = time.perf_counter() - t0
+        for t in tokens_list:
+            meta = build_metadata([t], [t], [list(range(-(-t // bs)))], bs, torch.device("cuda"))
+            pos = torch.arange(t, device="cuda")
+
+            def forward():
+                hidden = model(ids[t], pos, kv_cache, meta, backend)
+                return model.logits(hidden[-1:])
+
+            row = dict(precision=precision, tokens=t, layers=layers, build_s=build_s)
+            try:
+                with torch.no_grad():
+                    row["eager_ms"] = eager_time_ms(forward, warmup=2, reps=7)
+                    row["graph_ms"] = graph_time_ms([forward], warmup=2, reps=7)
+                    outputs[(precision, t)] = model(ids[t], pos, kv_cache, meta, backend).float()
+                row["eager_tok_s"] = t / row["eager_ms"] * 1e3
+                row["graph_tok_s"] = t / row["graph_ms"] * 1e3
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+        del model, backend
+        torch.cuda.empty_cache()
+    quant_linear.FUSE_PRODUCERS = True
+    for row in rows:
+        base = next(r for r in rows if r["precision"] == "bf16" and r["tokens"] == row["tokens"])
+        if "eager_ms" in row and "eager_ms" in base:
+            row["eager_x"] = base["eager_ms"] / row["eager_ms"]
+            row["graph_x"] = base["graph_ms"] / row["graph_ms"]
+        key, bkey = (row["precision"], row["tokens"]), ("bf16", row["tokens"])
+        if key in outputs and bkey in outputs:  # how far the quantized stack drifts (random weights)
+            ref = outputs[bkey]
+            row["rel_err_vs_bf16"] = ((outputs[key] - ref).norm() / ref.norm()).item()
+    return rows
+
+
+def markdown(env, attn_rows, best_bf16, best_fp8, fwd_rows) -> str:
+    lines = [f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}", "",
+             "### Prefill attention alone (one layer, causal, 32 query / 8 KV heads, head_dim 128)", "",
+             "| kernel | tokens | tile (BLOCK_M, BLOCK_N, warps, stages) | ms | TFLOP/s | rel. err vs bf16 kernel |",
+             "|---|---|---|---|---|---|"]
+    for r in attn_rows:
+        tile = r.get("tile")
+        tile_s = f"{tile['BLOCK_M']}, {tile['BLOCK_N']}, {tile['num_warps']}, {tile['num_stages']}" if tile else ""
+        if "error" in r:
+            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | error: {r['error'][:60]} | | |")
+        else:
+            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | {r['ms']:.3f} "
+                         f"| {r.get('TFLOPs', float('nan')):.0f} | {r.get('rel_err_vs_bf16_kernel', float('nan')):.4f} |")
+    lines += ["", f"Chosen tiles: bf16 {best_bf16}, fp8 {best_fp8}", "",
+              f"### Prefill forward, {fwd_rows[0]['layers']} Llama-3-8B layers + LM head of the last token "
+              "(tokens/s; x = vs bf16 in the same run)", "",
+              "| precision | tokens | eager ms | eager tok/s | x | graph ms | graph tok/s | x | rel. err vs bf16 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in fwd_rows:
+        if "error" in r:
+            lines.append(f"| {r['precision']} | {r['tokens']} | error: {r['error'][:80]} | | | | | | |")
+            continue
+        lines.append(f"| {r['precision']} | {r['tokens']} | {r['eager_ms']:.2f} | {r['eager_tok_s']:.0f} | "
+                     f"{r.get('eager_x', float('nan')):.2f} | {r['graph_ms']:.2f} | {r['graph_tok_s']:.0f} | "
+                     f"{r.get('graph_x', float('nan')):.2f} | {r.get('rel_err_vs_bf16', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokens", default="512,2048,8192")
+    args = ap.parse_args()
+    import triton
+
+    from engine.model_config import arch_from_hf_config
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.out / "bench_prefill.log", "a")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    tokens = [int(t) for t in args.tokens.split(",")]
+    cfg = dict(LLAMA3_8B, num_hidden_layers=args.layers, max_position_embeddings=max(8192, max(tokens)))
+    arch = arch_from_hf_config(cfg)
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    log(json.dumps(env))
+    attn_rows, best_bf16, best_fp8 = bench_attention(arch, [t for t in tokens if t >= 2048] or tokens, log)
+    weights = random_weights(cfg, torch.bfloat16)
+    fwd_rows = bench_forward(arch, weights, tokens, args.layers, log)
+    md = markdown(env, attn_rows, best_bf16, best_fp8, fwd_rows)
+    (args.out / "bench_prefill.json").write_text(json.dumps(dict(env=env, attention=attn_rows, best_bf16=best_bf16,
+                                                                 best_fp8=best_fp8, forward=fwd_rows), indent=1))
+    (args.out / "bench_prefill.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
