@@ -6,18 +6,16 @@ What runs is engine/model.py's LlamaModel with the linears and the attention bac
 precision builds (engine/model_runner.py linear_factory, engine/attention.py get_backend), over a random-
 weight Llama-3-8B (all 32 layers by default), one fresh prompt of T tokens, plus the LM head of its last
 token: the work of one prefill step. Precisions:
-    bf16                 TritonDenseLinear (cuBLAS) + the paged Triton prefill attention
-    fp8                  the fp8 pool: W8A8 with the quantizers fused into RMSNorm and SiLU*up, cuBLAS
-                         rowwise scaled_mm with fp32 accumulation, attention's matmuls in fp8
-                         (kernels/attention_fp8.py)
-    fp8_bf16_attention   the same linears, attention in bf16 (how much the fp8 attention adds)
-    fp8_unfused          fp8 attention, quantizers in their own passes (how much the fusion adds)
-    nvfp4                W4A4, exact emulation on Hopper (bf16 GEMM of scale-folded operands)
+    bf16          TritonDenseLinear (cuBLAS) + the paged Triton prefill attention
+    fp8           the fp8 pool: W8A8 with the quantizers fused into RMSNorm and SiLU*up, cuBLAS rowwise
+                  scaled_mm with fp32 accumulation; attention in bf16 as in every pool
+    fp8_unfused   the same with the quantizers in their own passes (what the fusion adds)
+    nvfp4         W4A4, exact emulation on Hopper (bf16 GEMM of scale-folded operands)
 Timing: CUDA events, median; "eager" is how the engine runs a prefill step (kernel launches from Python),
-"graph" replays a CUDA graph of the same forward (GPU time alone). Before the forwards, the two prefill
-attention kernels are timed alone over a few tile configurations and each uses its best (both tuned in the
-same run, so the bf16 baseline is not handicapped); torch SDPA (flash) on contiguous K/V is timed too, as
-an outside reference for the attention rate.
+"graph" replays a CUDA graph of the same forward (GPU time alone). Before the forwards the paged prefill
+attention kernel is timed alone over a few tile configurations and the best is used; torch SDPA (flash)
+on contiguous K/V is timed too, as an outside reference for the attention rate: attention is the part of
+a long prefill that the precision does not change.
 """
 from __future__ import annotations
 
@@ -34,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
 from bench_quant import eager_time_ms, graph_time_ms  # noqa: E402
 
-PRECISIONS = ("bf16", "fp8", "fp8_bf16_attention", "fp8_unfused", "nvfp4")
+PRECISIONS = ("bf16", "fp8", "fp8_unfused", "nvfp4")
 TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -56,52 +54,33 @@ def attention_flops(tokens: int, arch) -> float:
     return 4.0 * arch.num_heads * arch.head_dim * tokens * (tokens + 1) / 2  # causal QK^T and PV
 
 
-def bench_attention(arch, tokens_list, log) -> tuple[list[dict], dict, dict]:
-    """Both prefill attention kernels over the tile candidates, and SDPA; returns rows and the best tiles."""
+def bench_attention(arch, tokens_list, log) -> tuple[list[dict], dict]:
+    """The paged prefill attention over the tile candidates, and SDPA; sets and returns the best tile."""
     import torch.nn.functional as F
 
-    from kernels import attention, attention_fp8
+    from kernels import attention
 
     gen = torch.Generator(device="cuda").manual_seed(1)
-    rows, best = [], {"bf16": {}, "fp8": {}}
+    rows = []
     for tokens in tokens_list:
         q, kv, meta = attention_inputs(tokens, arch, gen)
         flops = attention_flops(tokens, arch)
         scale = arch.head_dim ** -0.5
 
-        def bf16():
+        def paged():
             return attention.paged_attention(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
                                              meta.max_query_len, meta.max_seq_len)
 
-        def fp8():
-            return attention_fp8.prefill_attention_fp8(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                                       meta.context_start_loc, meta.total_context, scale,
-                                                       meta.max_query_len, meta.max_seq_len)
-
-        exact = bf16().float()
-        for kernel, fn, configs in (("bf16", bf16, attention.PREFILL_CONFIGS), ("fp8", fp8, None)):
-            for tile in TILES:
-                if kernel == "bf16":
-                    configs[arch.head_dim] = tile
-                else:
-                    attention_fp8.PREFILL_FP8_CONFIG = tile
-                try:
-                    ms = graph_time_ms([fn], reps=10)
-                    err = ((fn().float() - exact).norm() / exact.norm()).item()
-                    row = dict(what=f"{kernel} prefill attention", tokens=tokens, tile=tile, ms=ms,
-                               TFLOPs=flops / ms / 1e9, rel_err_vs_bf16_kernel=err)
-                except Exception as e:  # a tile that does not fit is a result, not a crash
-                    row = dict(what=f"{kernel} prefill attention", tokens=tokens, tile=tile, error=str(e)[:200])
-                rows.append(row)
-                log(json.dumps(row))
-        k8, ks, vt, vs, vmax = attention_fp8.quantize_context(kv, meta.seq_lens, meta.block_tables,
-                                                              meta.context_start_loc, meta.total_context,
-                                                              meta.max_seq_len)
-        ms = graph_time_ms([lambda: attention_fp8.quantize_context(kv, meta.seq_lens, meta.block_tables,
-                                                                   meta.context_start_loc, meta.total_context,
-                                                                   meta.max_seq_len)], reps=10)
-        rows.append(dict(what="fp8 context quantizer (inside the fp8 time above)", tokens=tokens, ms=ms))
-        log(json.dumps(rows[-1]))
+        for tile in TILES:
+            attention.PREFILL_CONFIGS[arch.head_dim] = tile
+            try:
+                ms = graph_time_ms([paged], reps=10)
+                row = dict(what="paged prefill attention (bf16)", tokens=tokens, tile=tile, ms=ms,
+                           TFLOPs=flops / ms / 1e9)
+            except Exception as e:  # a tile that does not fit is a result, not a crash
+                row = dict(what="paged prefill attention (bf16)", tokens=tokens, tile=tile, error=str(e)[:200])
+            rows.append(row)
+            log(json.dumps(row))
         k = kv[:, 0].reshape(-1, arch.num_kv_heads, arch.head_dim)[:tokens].transpose(0, 1).unsqueeze(0)
         v = kv[:, 1].reshape(-1, arch.num_kv_heads, arch.head_dim)[:tokens].transpose(0, 1).unsqueeze(0)
         k, v = k.contiguous(), v.contiguous()
@@ -114,18 +93,14 @@ def bench_attention(arch, tokens_list, log) -> tuple[list[dict], dict, dict]:
         except Exception as e:
             rows.append(dict(what="torch SDPA (contiguous K/V, enable_gqa)", tokens=tokens, error=str(e)[:200]))
         log(json.dumps(rows[-1]))
-    for kernel in ("bf16", "fp8"):  # one tile per kernel: the fastest summed over the lengths
-        totals = {}
-        for r in rows:
-            if r["what"] == f"{kernel} prefill attention" and "ms" in r:
-                key = json.dumps(r["tile"], sort_keys=True)
-                totals.setdefault(key, []).append(r["ms"])
-        full = {k: sum(v) for k, v in totals.items() if len(v) == len(tokens_list)}
-        best[kernel] = json.loads(min(full, key=full.get))
-    attention.PREFILL_CONFIGS[arch.head_dim] = best["bf16"]
-    attention_fp8.PREFILL_FP8_CONFIG = best["fp8"]
-    return rows, best["bf16"], best["fp8"]
-
+    totals = {}  # one tile: the fastest summed over the lengths
+    for r in rows:
+        if r.get("tile") and "ms" in r:
+            totals.setdefault(json.dumps(r["tile"], sort_keys=True), []).append(r["ms"])
+    full = {k: sum(v) for k, v in totals.items() if len(v) == len(tokens_list)}
+    best = json.loads(min(full, key=full.get))
+    attention.PREFILL_CONFIGS[arch.head_dim] = best
+    return rows, best
 
 def build(precision: str, arch, weights):
     from engine.attention import get_backend
@@ -134,8 +109,7 @@ def build(precision: str, arch, weights):
 
     linear_precision = "fp8" if precision.startswith("fp8") else precision
     model = LlamaModel(arch, weights, linear_factory(linear_precision, torch.bfloat16, torch.device("cuda"))).eval()
-    backend = get_backend(torch.device("cuda"), prefill_fp8=precision in ("fp8", "fp8_unfused"))
-    return model, backend
+    return model, get_backend(torch.device("cuda"))
 
 
 def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
@@ -188,20 +162,19 @@ def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
     return rows
 
 
-def markdown(env, attn_rows, best_bf16, best_fp8, fwd_rows) -> str:
+def markdown(env, attn_rows, best, fwd_rows) -> str:
     lines = [f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}", "",
              "### Prefill attention alone (one layer, causal, 32 query / 8 KV heads, head_dim 128)", "",
-             "| kernel | tokens | tile (BLOCK_M, BLOCK_N, warps, stages) | ms | TFLOP/s | rel. err vs bf16 kernel |",
-             "|---|---|---|---|---|---|"]
+             "| kernel | tokens | tile (BLOCK_M, BLOCK_N, warps, stages) | ms | TFLOP/s |",
+             "|---|---|---|---|---|"]
     for r in attn_rows:
         tile = r.get("tile")
         tile_s = f"{tile['BLOCK_M']}, {tile['BLOCK_N']}, {tile['num_warps']}, {tile['num_stages']}" if tile else ""
         if "error" in r:
-            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | error: {r['error'][:60]} | | |")
+            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | error: {r['error'][:60]} | |")
         else:
-            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | {r['ms']:.3f} "
-                         f"| {r.get('TFLOPs', float('nan')):.0f} | {r.get('rel_err_vs_bf16_kernel', float('nan')):.4f} |")
-    lines += ["", f"Chosen tiles: bf16 {best_bf16}, fp8 {best_fp8}", "",
+            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | {r['ms']:.3f} | {r['TFLOPs']:.0f} |")
+    lines += ["", f"Chosen tile: {best}", "",
               f"### Prefill forward, {fwd_rows[0]['layers']} Llama-3-8B layers + LM head of the last token "
               "(tokens/s; x = vs bf16 in the same run)", "",
               "| precision | tokens | eager ms | eager tok/s | x | graph ms | graph tok/s | x | rel. err vs bf16 |",
@@ -240,12 +213,12 @@ def main() -> None:
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     log(json.dumps(env))
-    attn_rows, best_bf16, best_fp8 = bench_attention(arch, [t for t in tokens if t >= 2048] or tokens, log)
+    attn_rows, best = bench_attention(arch, [t for t in tokens if t >= 2048] or tokens, log)
     weights = random_weights(cfg, torch.bfloat16)
     fwd_rows = bench_forward(arch, weights, tokens, args.layers, log)
-    md = markdown(env, attn_rows, best_bf16, best_fp8, fwd_rows)
-    (args.out / "bench_prefill.json").write_text(json.dumps(dict(env=env, attention=attn_rows, best_bf16=best_bf16,
-                                                                 best_fp8=best_fp8, forward=fwd_rows), indent=1))
+    md = markdown(env, attn_rows, best, fwd_rows)
+    (args.out / "bench_prefill.json").write_text(json.dumps(dict(env=env, attention=attn_rows, best_tile=best,
+                                                                 forward=fwd_rows), indent=1))
     (args.out / "bench_prefill.md").write_text(md)
     print(md)
 

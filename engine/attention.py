@@ -32,10 +32,6 @@ class AttentionMetadata:
     seq_lens_list: list | None
     block_tables_list: list | None
     block_size: int
-    # where each sequence's context starts in a flat, concatenated copy of all contexts (cumulative
-    # seq_lens, device and host total): the fp8 prefill attention quantizes the contexts into one
-    context_start_loc: torch.Tensor | None = None
-    total_context: int = 0
 
     @property
     def decode_only(self) -> bool:
@@ -49,10 +45,9 @@ def slot(table: list[int], position: int, block_size: int) -> int:
 
 def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
                    device: torch.device) -> AttentionMetadata:
-    qsl, csl = [0], [0]
-    for n, ctx in zip(q_lens, seq_lens):
+    qsl = [0]
+    for n in q_lens:
         qsl.append(qsl[-1] + n)
-        csl.append(csl[-1] + ctx)
     slots = [slot(table, p, block_size) for n, ctx, table in zip(q_lens, seq_lens, block_tables)
              for p in range(ctx - n, ctx)]
     width = max(len(t) for t in block_tables)
@@ -68,20 +63,13 @@ def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[li
         seq_lens_list=list(seq_lens),
         block_tables_list=[list(t) for t in block_tables],
         block_size=block_size,
-        context_start_loc=torch.tensor(csl, dtype=torch.int32, device=device),
-        total_context=csl[-1],
     )
 
 
 class TorchAttention:
-    """Reference backend: gathers each sequence's blocks and calls SDPA. Runs anywhere.
-    prefill_fp8: steps with a prompt chunk run kernels.reference.prefill_attention_fp8 (the fp8 pool's
-    attention, both matmuls on e4m3 operands); decode-only steps stay unquantized."""
+    """Reference backend: gathers each sequence's blocks and calls SDPA. Runs anywhere."""
 
     name = "torch"
-
-    def __init__(self, prefill_fp8: bool = False):
-        self.prefill_fp8 = prefill_fp8
 
     def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         block, offset = meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size
@@ -89,10 +77,6 @@ class TorchAttention:
         kv_layer[block, 1, offset] = v.to(kv_layer.dtype)
 
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        if self.prefill_fp8 and not meta.decode_only:
-            from kernels import reference
-            return reference.prefill_attention_fp8(q, kv_layer, meta.query_start_loc, meta.seq_lens,
-                                                   meta.block_tables, scale)
         if meta.decode_only and len(meta.q_lens_list) > 1:
             return self._decode_batch(q, kv_layer, meta, scale)
         out = torch.empty_like(q)
@@ -134,13 +118,12 @@ def _gather(kv_layer: torch.Tensor, table: list[int], ctx: int, block_size: int)
     return k, v
 
 
-def get_backend(device: torch.device, prefill_fp8: bool = False):
-    """Triton kernels on CUDA when available; the torch reference elsewhere. prefill_fp8: the fp8
-    prefill pool's attention (both matmuls on e4m3 operands) for steps with a prompt chunk."""
+def get_backend(device: torch.device):
+    """Triton kernels on CUDA when available; the torch reference elsewhere."""
     if device.type == "cuda":
         try:
             from engine.gpu_attention import TritonAttention
-            return TritonAttention(prefill_fp8)
+            return TritonAttention()
         except ImportError:
             pass
-    return TorchAttention(prefill_fp8)
+    return TorchAttention()

@@ -58,8 +58,7 @@ class ModelRunner:
         self.num_blocks = num_blocks or max(16, int(kv_cache_memory_gb * 2**30) // per_block)
         self.kv_cache = torch.zeros(self.num_blocks, arch.num_layers, 2, block_size, arch.num_kv_heads,
                                     arch.head_dim, dtype=dtype, device=device)
-        # the fp8 pool runs attention's matmuls in fp8 too, on prompt chunks (kernels/attention_fp8.py)
-        self.backend = get_backend(device, prefill_fp8=precision == "fp8")
+        self.backend = get_backend(device)
         self.graphs = self._decode_graphs(max_num_seqs or DEFAULT_GRAPH_MAX_BATCH)
 
     def _decode_graphs(self, max_batch: int):

@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 
 FP8_MAX = 448.0
-LOG2E = 1.4426950408889634
 FP8_KV_EPS = 1e-8  # keeps an all-zero head from dividing by zero; its codes are then all zero
 
 
@@ -64,52 +63,6 @@ def paged_attention_fp8(q: torch.Tensor, kv_layer: torch.Tensor, kv_scales: torc
     """paged_attention over an FP8 cache: K/V dequantized with their per-token-per-head scales."""
     return _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, scale)
 
-
-
-def prefill_attention_fp8(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
-                          seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
-    """paged_attention with both matmuls on e4m3 operands (the fp8 prefill pool's attention; the
-    cache itself stays in its own dtype). Per sequence, query head h, kv head g:
-      q8, s_q = per token-head e4m3 of q; k8, s_k and v8, s_v likewise of the context's K and V
-        (quantize_fp8_per_head: s = max(amax, eps) / 448);
-      S = (q8 k8^T) * (s_q * scale * log2(e)) s_k^T in fp32 (log2 units), causal;
-      m = ceil(rowmax S): an integer, so the kernel's online softmax, whose running maximum is an
-        integer too, scales P by exact powers of two, which e4m3 rounding commutes with;
-      P = 2^(S - m); l = rowsum(P) in fp32;
-      c = max over the context of s_v (per sequence and kv head), so P * s_v / c lies in [0, 1];
-      P8 = e4m3(min(P * (s_v * 448 / c), 448)): the per-token V scales folded into P, P scaled to
-        use e4m3's range (probabilities below 2^-9 would otherwise flush to zero);
-      O = (P8 v8) * (c / 448) / l.
-    """
-    out = torch.empty_like(q)
-    group = q.shape[1] // kv_layer.shape[3]
-    block_size = kv_layer.shape[2]
-    starts = query_start_loc.tolist()
-    fp8_max = torch.tensor(FP8_MAX, dtype=torch.float32, device=q.device)
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        q_start, q_end = starts[i], starts[i + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        k8, s_k = quantize_fp8_per_head(_gather(kv_layer, None, blocks, 0, seq_len))  # [ctx, Hkv, D], [ctx, Hkv]
-        v8, s_v = quantize_fp8_per_head(_gather(kv_layer, None, blocks, 1, seq_len))
-        q8, s_q = quantize_fp8_per_head(q[q_start:q_end])  # [n, Hq, D], [n, Hq]
-        c = s_v.amax(dim=0)  # [Hkv]
-        k8, s_k, v8 = (t.repeat_interleave(group, dim=1) for t in (k8.float(), s_k, v8.float()))
-        s_v, c = s_v.repeat_interleave(group, dim=1), c.repeat_interleave(group)
-        q_scale = s_q.T * torch.tensor(scale * LOG2E, dtype=torch.float32, device=q.device)  # [Hq, n]
-        scores = torch.einsum("qhd,khd->hqk", q8.float(), k8) * q_scale[:, :, None] * s_k.T[:, None, :]
-        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        p = torch.exp2(scores - scores.amax(dim=-1, keepdim=True).ceil())  # [Hq, n, ctx]
-        denom = p.sum(dim=-1)
-        folded = p * (s_v.T * (fp8_max / c[:, None]))[:, None, :]
-        p8 = folded.clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float()
-        o = torch.einsum("hqk,khd->qhd", p8, v8) * (c / fp8_max)[None, :, None] / denom.T[:, :, None]
-        out[q_start:q_end] = o.to(q.dtype)
-    return out
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
     """HF Llama RMSNorm; with a residual, first adds it (rounded to x.dtype, as HF does) and returns both."""
