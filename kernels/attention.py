@@ -284,7 +284,7 @@ def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, 
                 HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
                 **launch_options(q.device))
         return out
-    cfg = _prefill_config(head_dim)
+    cfg = _prefill_config(head_dim, q.dtype)
     grid = (triton.cdiv(max_query_len, cfg["BLOCK_M"]), batch, num_q_heads)
     _prefill_kernel[grid](
         q, kv_layer, scales, query_start_loc, seq_lens, block_tables, out,
@@ -330,14 +330,18 @@ def _decode_config(head_dim: int) -> dict:
 PREFILL_CONFIGS: dict[int, dict] = {}
 
 
-def _prefill_config(head_dim: int) -> dict:
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
     if _interpreted():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if head_dim in PREFILL_CONFIGS:
         return PREFILL_CONFIGS[head_dim]
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if dtype.itemsize <= 2:
+        # H100, head_dim 128 (benchmarks/bench_prefill.py, docs/bench/prefill.md): 379 TFLOP/s at 8192
+        # tokens and 240 at 2048 against 333 and 216 with BLOCK_N=64
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)  # fp32 tiles twice the bytes
 
 
 def _default_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
