@@ -122,11 +122,22 @@ def quantize_fp8_rows(x: torch.Tensor, codes: torch.Tensor | None = None,
 # (same expressions, same block and warp count, so the same rounding), then fp8_codes.
 
 @triton.jit
-def rms_norm_quant_kernel(x_ptr, w_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c, eps, BLOCK_K: tl.constexpr):
+def rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, new_res_ptr, codes_ptr, scale_ptr, K, stride_x, stride_res,
+                          stride_new_res, stride_c, eps, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr):
+    """kernels/fused.py _rms_norm_kernel line for line (residual add rounded to x's dtype and written
+    out, normalized row rounded to x's dtype, times the weight rounded again), then the row's fp8."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_K)
+    # The widest store picks the layout the whole row lives in, so also the order of the sum of squares.
+    # 16-byte fp8 stores would hold 16 elements per thread where fused.rms_norm's bf16 ones hold 8 (rows
+    # over 4096): a different summation order, a different rstd. Vectors of 8 keep fused.rms_norm's order
+    # (tests/test_fp8_fused.py compiles both for sm_90 and compares).
+    offs = tl.max_contiguous(tl.arange(0, BLOCK_K), 8)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if RESIDUAL:
+        res = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(new_res_ptr + row * stride_new_res + offs, x, mask=mask)
     h = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
     normed = (h * rstd).to(x_ptr.dtype.element_ty)
@@ -168,15 +179,29 @@ def silu_mul_quant_kernel(x_ptr, codes_ptr, scale_ptr, INTER, stride_x, stride_c
             tl.store(c_row + kt * BLOCK_K + offs, fp8_codes(h, s), mask=mask)
 
 
-def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, codes=None, scale=None):
-    """fp8 rows of rms_norm(x) * weight (rounded to x.dtype first, as the unfused pair does)."""
+# widest row rms_norm_quant_fp8 takes: the row is held in registers by one program
+RMS_NORM_QUANT_MAX = 16384
+
+
+def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+                       codes=None, scale=None, new_residual=None):
+    """fp8 rows of kernels.fused.rms_norm(x, weight, eps, residual), byte-equal to that followed by
+    quantize_fp8_rows. Returns (codes, scale), or with a residual (codes, scale, new_residual) where
+    new_residual = x + residual rounded to x.dtype (the next norm's residual, as fused.rms_norm's)."""
     m, k = x.shape
-    assert x.stride(-1) == 1 and k <= 16384, "one row per program, held in registers"
+    assert x.stride(-1) == 1 and k <= RMS_NORM_QUANT_MAX, "one row per program, held in registers"
     codes, scale = _outputs(m, k, x.device, codes, scale)
+    if residual is None:
+        res = new_res = x  # not read or written
+    else:
+        assert residual.shape == x.shape and residual.stride(-1) == 1
+        res, new_res = residual, torch.empty_like(x) if new_residual is None else new_residual
     block = triton.next_power_of_2(k)
-    rms_norm_quant_kernel[(m,)](x, weight, codes, scale, k, x.stride(0), codes.stride(0), eps, BLOCK_K=block,
-                                num_warps=min(max(block // 256, 1), 16))
-    return codes, scale
+    if m:
+        rms_norm_quant_kernel[(m,)](x, res, weight, new_res, codes, scale, k, x.stride(0), res.stride(0),
+                                    new_res.stride(0), codes.stride(0), eps, BLOCK_K=block,
+                                    RESIDUAL=residual is not None, num_warps=min(max(block // 256, 1), 16))
+    return (codes, scale) if residual is None else (codes, scale, new_res)
 
 
 def silu_mul_quant_fp8(x: torch.Tensor, codes=None, scale=None):
@@ -185,7 +210,8 @@ def silu_mul_quant_fp8(x: torch.Tensor, codes=None, scale=None):
     inter = width // 2
     assert x.stride(-1) == 1
     codes, scale = _outputs(m, inter, x.device, codes, scale)
-    silu_mul_quant_kernel[(m,)](x, codes, scale, inter, x.stride(0), codes.stride(0), **row_launch(inter))
+    if m:
+        silu_mul_quant_kernel[(m,)](x, codes, scale, inter, x.stride(0), codes.stride(0), **row_launch(inter))
     return codes, scale
 
 

@@ -139,7 +139,7 @@ def check_fused_producers(device, m, k, seed, inter=None):
     w = (1 + 0.1 * random_activations(1, k, device, seed=seed + 1)).reshape(-1)
     codes = poison_bytes(torch.empty(m, k, dtype=torch.float8_e4m3fn, device=device))
     scale = poison_bytes(torch.empty(m, 1, dtype=torch.float32, device=device))
-    triton_fp8.rms_norm_quant_fp8(x, w, 1e-5, codes, scale)
+    triton_fp8.rms_norm_quant_fp8(x, w, 1e-5, codes=codes, scale=scale)
     pair_codes, pair_scale = triton_fp8.quantize_fp8_rows(fused.rms_norm(x, w, 1e-5))
     assert same_bytes(codes, pair_codes) and same_bytes(scale, pair_scale), "rms_norm_quant != rms_norm + quant"
     ref_codes, ref_scale = fp8.quantize_fp8_rows(reference.rms_norm(x.cpu(), w.cpu(), 1e-5))
