@@ -5,7 +5,8 @@ with fp32 angles, SDPA attention), so float32 greedy decoding is token-identical
 Projections are built by a `linear_factory(weight, bias)`, which is where a pool's precision
 (bf16 / fp8 / nvfp4) enters without touching this file. The elementwise ops (RMSNorm with the residual
 add, RoPE, SiLU-and-mul, the LM head) come from one ops set picked per device: TorchOps below (the
-CPU path, and the exactness contract) or engine.gpu_ops.TritonOps on CUDA.
+CPU path, and the exactness contract) or engine.gpu_ops.TritonOps on CUDA. A projection may take over
+the op that produces its input (rms_norm_linear, silu_mul_linear), e.g. to quantize inside it.
 """
 from __future__ import annotations
 
@@ -108,6 +109,28 @@ def model_ops(device: torch.device, inv_freq: torch.Tensor, max_positions: int):
     return TorchOps(inv_freq, max_positions)
 
 
+def rms_norm_linear(linear: nn.Module, ops, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    residual: Optional[torch.Tensor]):
+    """(linear(rms_norm(x + residual)), x + residual); residual None: (linear(rms_norm(x)), x).
+    A projection may take the whole step (`rms_norm_forward`, same arguments plus ops, None where it
+    does not apply), e.g. an fp8 one whose input quantizer is fused into the norm."""
+    fused = getattr(linear, "rms_norm_forward", None)
+    out = fused(x, weight, eps, residual, ops) if fused is not None else None
+    if out is not None:
+        return out
+    if residual is None:
+        return linear(ops.rms_norm(x, weight, eps)), x
+    h, residual = ops.rms_norm(x, weight, eps, residual)
+    return linear(h), residual
+
+
+def silu_mul_linear(linear: nn.Module, ops, gate_up: torch.Tensor) -> torch.Tensor:
+    """linear(silu(gate) * up), or the projection's own `silu_mul_forward(gate_up, ops)` (as above)."""
+    fused = getattr(linear, "silu_mul_forward", None)
+    out = fused(gate_up, ops) if fused is not None else None
+    return out if out is not None else linear(ops.silu_and_mul(gate_up))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, w: dict, prefix: str, linear: LinearFactory):
         super().__init__()
@@ -128,11 +151,7 @@ class DecoderLayer(nn.Module):
         """x: the previous layer's output (the embeddings for the first layer, residual None then);
         returns this layer's output and the residual stream before it, which the next norm adds."""
         arch = self.arch
-        if residual is None:
-            h, residual = ops.rms_norm(x, self.input_norm, arch.rms_norm_eps), x
-        else:
-            h, residual = ops.rms_norm(x, self.input_norm, arch.rms_norm_eps, residual)
-        qkv = self.qkv(h)
+        qkv, residual = rms_norm_linear(self.qkv, ops, x, self.input_norm, arch.rms_norm_eps, residual)
         q, k, v = qkv.split([arch.q_size, arch.kv_size, arch.kv_size], dim=-1)
         q = q.view(-1, arch.num_heads, arch.head_dim)
         k = k.view(-1, arch.num_kv_heads, arch.head_dim)
@@ -140,9 +159,9 @@ class DecoderLayer(nn.Module):
         q, k = ops.rotary(q, k, rope)
         backend.write_kv(kv_layer, k, v, meta)
         attn = backend.attend(q, kv_layer, meta, scale)
-        h, residual = ops.rms_norm(self.o(attn.reshape(-1, arch.q_size)), self.post_norm, arch.rms_norm_eps,
-                                   residual)
-        return self.down(ops.silu_and_mul(self.gate_up(h))), residual
+        gate_up, residual = rms_norm_linear(self.gate_up, ops, self.o(attn.reshape(-1, arch.q_size)), self.post_norm,
+                                            arch.rms_norm_eps, residual)
+        return silu_mul_linear(self.down, ops, gate_up), residual
 
 
 class LlamaModel(nn.Module):

@@ -29,6 +29,9 @@ NVFP4_HOPPER_GEMM = "triton"  # or "cublas"
 # error over K = 4096 as measured here) is faster but breaks the fp32-accumulation contract; off by
 # default, an explicit opt-in for throughput runs.
 FP8_FAST_ACCUM = False
+# Fp8Linear feeds qkv/gate_up from RMSNorm and down from SiLU*up with the quantizer fused into those
+# producers (byte-equal to the unfused pair); False: the producers write bf16 and the quantizer runs apart.
+FUSE_PRODUCERS = True
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str, dtype: torch.dtype) -> nn.Module:
@@ -49,6 +52,11 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
 
 def _is_blackwell(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
+
+
+def _fusable(x: torch.Tensor, ops) -> bool:
+    return (FUSE_PRODUCERS and getattr(ops, "name", None) == "triton" and x.dim() == 2 and x.stride(-1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16))
 
 
 class DenseLinear(nn.Module):
@@ -100,6 +108,31 @@ class Fp8Linear(QuantizedLinear):
         else:
             y = self.forward_quantized(*fp8.quantize_fp8_rows(x2), x.dtype)
         return y.reshape(*x.shape[:-1], -1)
+
+    # The fused entry points of engine/model.py (rms_norm_linear, silu_mul_linear): they stand in for the
+    # Triton ops' rms_norm / silu_and_mul plus this layer's quantizer, whose arithmetic the fused kernels
+    # repeat, so they apply only with those ops (on CUDA, or interpreted); None = not applicable here.
+
+    def rms_norm_forward(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                         ops) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(rms_norm(x + residual)), x + residual), the norm writing e4m3 codes instead of bf16:
+        removes a write and a read of every activation row."""
+        if not _fusable(x, ops) or (residual is not None and residual.stride(-1) != 1):
+            return None
+        from kernels import triton_fp8
+        if x.shape[1] > triton_fp8.RMS_NORM_QUANT_MAX:
+            return None
+        if residual is None:
+            return self.forward_quantized(*triton_fp8.rms_norm_quant_fp8(x, weight, eps), x.dtype), x
+        x8, s_x, residual = triton_fp8.rms_norm_quant_fp8(x, weight, eps, residual)
+        return self.forward_quantized(x8, s_x, x.dtype), residual
+
+    def silu_mul_forward(self, gate_up: torch.Tensor, ops) -> torch.Tensor | None:
+        """self(silu(gate) * up), SiLU*up writing e4m3 codes instead of bf16 (as rms_norm_forward)."""
+        if not _fusable(gate_up, ops):
+            return None
+        from kernels import triton_fp8
+        return self.forward_quantized(*triton_fp8.silu_mul_quant_fp8(gate_up), gate_up.dtype)
 
     def _forward_cuda(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         from kernels import triton_fp8
