@@ -79,11 +79,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prefill_only: bool = False, block_table: list[int] | None = None,
-                    num_computed_tokens: int = 0, cache_namespace=None) -> Sequence:
+                    num_computed_tokens: int = 0, cache_namespace=None, refresh_tokens: int = 0) -> Sequence:
         """Queue a request. `block_table` + `num_computed_tokens`: KV already present in this
-        engine's cache (transferred in); the blocks become the sequence's own. `cache_namespace`
-        (a tenant, an adapter) keeps prefix-cache sharing within its namespace. One engine has one
-        precision, so precision needs no namespace of its own."""
+        engine's cache (transferred in); the blocks become the sequence's own. `refresh_tokens`:
+        recompute the KV of that many first tokens of it (at most num_computed_tokens) in the
+        request's first step, in this engine's precision, over what arrived (kv_transfer/sinks.py).
+        `cache_namespace` (a tenant, an adapter) keeps prefix-cache sharing within its namespace.
+        One engine has one precision, so precision needs no namespace of its own."""
+        if refresh_tokens < 0:
+            raise ValueError(f"refresh_tokens must be >= 0, got {refresh_tokens}")
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -95,6 +99,7 @@ class LLMEngine:
         if block_table is not None:
             seq.block_table = list(block_table)
             seq.num_computed_tokens = seq.num_cached_tokens = num_computed_tokens
+            seq.num_refresh_tokens = min(refresh_tokens, num_computed_tokens)
         elif self.block_manager.enable_prefix_caching:
             seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, cache_namespace)
         seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
@@ -132,10 +137,11 @@ class LLMEngine:
         self.block_manager.release(blocks)
 
     def score(self, token_ids: list[int], block_table: list[int] | None = None,
-              num_computed_tokens: int = 0) -> "torch.Tensor":
+              num_computed_tokens: int = 0, refresh_tokens: int = 0) -> "torch.Tensor":
         """Teacher-forced logits [len(token_ids) - num_computed_tokens, vocab] (row i predicts
         token num_computed_tokens + i + 1), for tokens after a prefix whose KV is already in
-        `block_table`. Runs alone (call it with no requests in flight); frees its own blocks."""
+        `block_table`; `refresh_tokens` as in add_request, in the same forward. Runs alone (call it
+        with no requests in flight); frees its own blocks."""
         from engine.scheduler import ScheduledBatch
 
         if self.has_unfinished():
@@ -143,6 +149,8 @@ class LLMEngine:
         own = block_table is None
         if own and num_computed_tokens:
             raise ValueError("num_computed_tokens needs the block_table that holds their KV")
+        if refresh_tokens < 0:
+            raise ValueError(f"refresh_tokens must be >= 0, got {refresh_tokens}")
         table = [] if own else list(block_table)
         extra_from = len(table)
         if not self.block_manager.ensure(table, len(token_ids)):
@@ -150,7 +158,8 @@ class LLMEngine:
         seq = Sequence("score", list(token_ids), len(token_ids), SamplingParams(max_tokens=1))
         seq.block_table, seq.num_computed_tokens = table, num_computed_tokens
         try:
-            batch = ScheduledBatch([seq], [len(token_ids) - num_computed_tokens])
+            batch = ScheduledBatch([seq], [len(token_ids) - num_computed_tokens],
+                                   num_refresh=[min(refresh_tokens, num_computed_tokens)])
             return self.runner.execute(batch, [], all_logits=True)
         finally:
             self.block_manager.release(table if own else table[extra_from:])
@@ -167,9 +176,10 @@ class LLMEngine:
         sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new))
                        if not s.prefill_only and s.num_computed_tokens + n == s.num_tokens]
         logits = self.runner.execute(batch, sample_rows)
-        for seq, n in zip(batch.seqs, batch.num_new):
+        for seq, n, r in zip(batch.seqs, batch.num_new, batch.num_refresh):
             seq.num_computed_tokens += n
-            self.num_computed_tokens_total += n
+            seq.num_refresh_tokens -= r  # done: a refresh runs once
+            self.num_computed_tokens_total += n + r
             self._cache_full_blocks(seq)
         if logits is not None:
             seqs = [batch.seqs[i] for i in sample_rows]

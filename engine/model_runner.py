@@ -89,8 +89,20 @@ class ModelRunner:
             q_lens.append(n)
             seq_lens.append(start + n)
             tables.append(seq.block_table)
-        if (self.graphs is not None and not all_logits and all(n == 1 for n in q_lens)
-                and self.graphs.fits(len(ids), max(len(t) for t in tables))):
+        num_main = len(ids)
+        # A refresh is one more varlen entry over the same blocks: positions 0..r-1 attending only to
+        # themselves. Every layer writes all new KV before any attention reads it, so the sequence's
+        # own entry already reads the refreshed sinks in this step. Appended last, so entry i is still
+        # batch.seqs[i] (sample_rows) and the refresh's logits are never returned.
+        for seq, r in zip(batch.seqs, batch.num_refresh):
+            if r:
+                ids.extend(seq.token_ids[:r])
+                pos.extend(range(r))
+                q_lens.append(r)
+                seq_lens.append(r)
+                tables.append(seq.block_table)
+        if (self.graphs is not None and not all_logits and len(q_lens) == len(batch.seqs)
+                and all(n == 1 for n in q_lens) and self.graphs.fits(len(ids), max(len(t) for t in tables))):
             logits = self.graphs.run(ids, pos, [slot(t, p, self.block_size) for t, p in zip(tables, pos)],
                                      seq_lens, tables)
             return logits[torch.tensor(sample_rows, device=self.device)] if sample_rows else None
@@ -99,7 +111,7 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         if all_logits:
-            return self.model.logits(hidden)
+            return self.model.logits(hidden[:num_main])
         if not sample_rows:
             return None
         last = torch.tensor(sample_rows, device=self.device)

@@ -16,14 +16,17 @@ from engine.sequence import Sequence, Status
 @dataclass
 class ScheduledBatch:
     """What one model step computes: for each sequence, `num_new` tokens starting at its
-    num_computed_tokens. Plain data: the runner needs nothing else."""
+    num_computed_tokens, and `num_refresh` of its first tokens again (KV that arrived from another
+    engine, recomputed here; 0 for most; the list may be empty: none). Plain data: the runner needs
+    nothing else."""
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_refresh: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.num_new)
+        return sum(self.num_new) + sum(self.num_refresh)
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -62,6 +65,7 @@ class Scheduler:
             else:
                 batch.seqs.append(seq)
                 batch.num_new.append(n)
+                batch.num_refresh.append(0)
                 budget -= n
                 i += 1
         if batch.preempted:
@@ -70,6 +74,9 @@ class Scheduler:
             seq = self.waiting[0]
             self._match_prefix(seq)
             n = min(seq.num_pending_tokens, budget)
+            r = seq.num_refresh_tokens  # rides with the sequence's first step
+            if r and batch and n + r > budget:
+                break  # the next step has room for both (an empty step takes them even over budget)
             if n > 0 and not self.bm.ensure(seq.block_table, seq.num_computed_tokens + n):
                 self._unmatch_prefix(seq)
                 break
@@ -79,7 +86,8 @@ class Scheduler:
             if n > 0:
                 batch.seqs.append(seq)
                 batch.num_new.append(n)
-                budget -= n
+                batch.num_refresh.append(r)
+                budget -= n + r
         return batch
 
     def _match_prefix(self, seq: Sequence) -> None:
@@ -107,6 +115,7 @@ class Scheduler:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_cached_tokens = 0
+        seq.num_refresh_tokens = 0  # everything is recomputed here now
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

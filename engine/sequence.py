@@ -28,6 +28,9 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from a prefix cache or a transfer
+    # first prompt tokens whose transferred KV this engine recomputes in the sequence's first step
+    # (attention sinks, kv_transfer/sinks.py); 0 once done
+    num_refresh_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list = field(default_factory=list)  # chained hashes of full prompt blocks
     finish_reason: Optional[str] = None

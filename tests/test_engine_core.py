@@ -36,6 +36,31 @@ def test_block_manager_refcounts_and_prefix_cache():
         bm.release([t2[0], t2[0]])
 
 
+def test_scheduler_runs_a_sink_refresh_once_within_the_token_budget():
+    """A request admitted with transferred KV and a pending refresh: the refresh rides with its first
+    step, counts against the step's token budget (waiting for a step with room), then is gone."""
+    from engine.scheduler import Scheduler
+    from engine.sequence import Sequence
+
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
+    seqs = []
+    for i in range(2):  # 9-token prompts, 8 tokens' KV arrived, the first 4 to refresh
+        s = Sequence(f"s{i}", list(range(9)), 9, SamplingParams(max_tokens=4))
+        bm.ensure(s.block_table, 8)
+        s.num_computed_tokens = s.num_cached_tokens = 8
+        s.num_refresh_tokens = 4
+        sched.add(s)
+        seqs.append(s)
+    batch = sched.schedule()  # 1 + 4 for s0; s1's 1 + 4 would exceed 8
+    assert (batch.seqs, batch.num_new, batch.num_refresh, batch.num_tokens) == ([seqs[0]], [1], [4], 5)
+    seqs[0].num_computed_tokens += 1  # what LLMEngine.step does after the model step
+    seqs[0].num_refresh_tokens -= 4
+    seqs[0].token_ids.append(0)
+    batch = sched.schedule()
+    assert (batch.seqs, batch.num_new, batch.num_refresh, batch.num_tokens) == (seqs, [1, 1], [0, 4], 6)
+
+
 def test_no_leaks_after_finished_stopped_aborted_and_preempted(engine_f32):
     from engine.engine import LLMEngine
     from pdserve.config import EngineConfig
