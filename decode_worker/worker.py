@@ -1,6 +1,8 @@
 """Decode worker: pulls a request's prompt KV through kv_transfer into its own cache, admits the
 request once the KV has arrived, recomputes the last prompt token in its own precision (so the
 first output token comes from the decode path) and decodes in continuous batches, streaming.
+Where the KV it got is not its own numbers (fp8 wire, another prefill precision), the same step also
+recomputes the first prompt tokens, the attention sinks (kv_transfer/sinks.py).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import asyncio
 from engine.block_manager import NoFreeBlocks
 from engine.sampling_params import SamplingParams
 from engine.worker_base import WorkerBase
+from kv_transfer.sinks import sink_refresh_tokens
 
 
 class DecodeWorker(WorkerBase):
@@ -27,6 +30,10 @@ class DecodeWorker(WorkerBase):
         kw = {}
         if prefill.get("ticket") is not None:
             kw = await self._receive(request_id, prefill["ticket"], prefill["num_tokens"])
+            kt = self.config.kv_transfer
+            # a prefill worker that does not say its precision: refresh (exact sink KV can only help)
+            kw["refresh_tokens"] = sink_refresh_tokens(kt.refresh_sink_tokens, kt.dtype,
+                                                       prefill.get("precision", "unknown"), self.engine.precision)
         q = await self.aengine.add(request_id, prompt_token_ids, sp, **kw)
         cached = prefill.get("num_cached_tokens", 0)
         while True:

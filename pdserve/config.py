@@ -5,7 +5,7 @@ chart renders from its values; unknown keys are errors, so a typo never silently
     engine:      {block_size, num_blocks, kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens, device}
     prefill:     {replicas, precision, num_gpus, num_cpus, resources}
     decode:      {replicas, precision, num_gpus, num_cpus, resources}
-    kv_transfer: {dtype, backend, lease_seconds}
+    kv_transfer: {dtype, backend, lease_seconds, refresh_sink_tokens}
     router:      {host, port, metrics_port, policy, max_queued_requests, ...}
     autoscaling: {enabled, interval_s, cooldown_s, prefill: {...}, decode: {...}}
     ray:         {address, num_cpus}
@@ -83,11 +83,17 @@ class KVTransferConfig:
     dtype: str = "bf16"  # bf16: the cache's own dtype on the wire; fp8: e4m3 + per-token-per-head scales
     backend: str = "nixl"  # nixl (UCX); "tcp-fallback" only when named here explicitly
     lease_seconds: float = 30.0  # prefill frees exported blocks if no pull completes in time
+    # decode recomputes the KV of this many first prompt tokens (attention sinks) when the KV it got
+    # differs from its own (fp8 wire, or another prefill precision); 0: never (kv_transfer/sinks.py)
+    refresh_sink_tokens: int = 4
 
     def validate(self, at: str) -> None:
         _choice(at + ".dtype", self.dtype, KV_WIRE_DTYPES)
         _choice(at + ".backend", self.backend, ("nixl", "tcp-fallback"))
         _positive(at + ".lease_seconds", self.lease_seconds)
+        v = self.refresh_sink_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{at}.refresh_sink_tokens: expected an integer >= 0 (0 disables), got {v!r}")
 
 
 @dataclass

@@ -48,7 +48,8 @@ class PrefillWorker(WorkerBase):
                 raise
         else:
             self.engine.release(request_id)
-        return {"ticket": ticket, "num_tokens": n, "num_cached_tokens": num_cached, "worker": self.name}
+        return {"ticket": ticket, "num_tokens": n, "num_cached_tokens": num_cached, "worker": self.name,
+                "precision": self.engine.precision}
 
     async def abort(self, request_id: str) -> bool:
         """Wherever the request is: exported (lease cancelled, blocks released through on_release)

@@ -235,6 +235,7 @@ def test_defaults_are_a_two_pool_blackwell_h200_deployment(tmp_path):
     assert group(cluster, "prefill")["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-B200"}
     assert group(cluster, "decode")["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert (config.prefill.precision, config.decode.precision, config.kv_transfer.dtype) == ("nvfp4", "bf16", "bf16")
+    assert config.kv_transfer.refresh_sink_tokens == 4  # nvfp4 prefill: decode recomputes the sinks
     assert config.ray.address == "auto" and config.router.host == "0.0.0.0"
     assert not config.autoscaling.enabled
 
@@ -406,6 +407,7 @@ def test_the_commands_the_chart_runs_parse_with_the_cli(subcommand):
     ("prefill:\n  replicas: two\n", "/prefill/replicas", "want integer"),
     ("decode:\n  gpus: 1.5\n", "/decode/gpus", "want integer"),
     ("kvTransfer:\n  dtype: fp4\n", "/kvTransfer/dtype", "'bf16', 'fp8'"),
+    ("kvTransfer:\n  refreshSinkTokens: -1\n", "/kvTransfer/refreshSinkTokens", "minimum: got -1, want 0"),
     ("router:\n  port: 70000\n", "/router/port", "want 65,535"),
     ("metrics:\n  serviceMonitor:\n    enabled: yes please\n", "/metrics/serviceMonitor/enabled", "want boolean"),
     ("modle:\n  path: /models/llama\n", "", "additional properties 'modle' not allowed"),

@@ -84,6 +84,7 @@ kv_transfer:
   dtype: {{ $v.kvTransfer.dtype | toJson }}
   backend: {{ $v.kvTransfer.backend | toJson }}
   lease_seconds: {{ $v.kvTransfer.leaseSeconds | toJson }}
+  refresh_sink_tokens: {{ $v.kvTransfer.refreshSinkTokens | toJson }}
 router:
   host: "0.0.0.0"
   port: {{ $v.router.port | toJson }}
