@@ -3,8 +3,9 @@
 A configuration P/D/W: an engine at precision P computes the prompt's KV (all tokens but the
 last), the KV crosses wire W (bf16: the cache's own bytes; fp8: e4m3 + per token-head scales),
 and an engine at precision D recomputes the last prompt token and produces everything after it
-(pdserve/eval_handoff.py). The baseline is one unquantized engine at --dtype (float32 on CPU:
-the exact path) with no transfer.
+(pdserve/eval_handoff.py), recomputing the first --refresh-sink-tokens prompt tokens (attention
+sinks) in that step wherever a decode worker would (kv_transfer/sinks.py: fp8 wire or P != D).
+The baseline is one unquantized engine at --dtype (float32 on CPU: the exact path) with no transfer.
 
 Per configuration, against the baseline:
   continuation  the baseline's greedy continuation of each fixed prompt (natural EOS stops),
@@ -27,7 +28,9 @@ from datetime import datetime, timezone
 
 import torch
 
+from kv_transfer.sinks import sink_refresh_tokens
 from pdserve import eval_handoff as handoff
+from pdserve.config import KVTransferConfig
 from pdserve.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence
 from pdserve.eval_prompts import PROMPTS
 
@@ -79,6 +82,7 @@ class Settings:
     ppl_windows: int = 16
     ppl_prefix: int = 256
     ppl_tokens: int = 256
+    refresh_sink_tokens: int = KVTransferConfig.refresh_sink_tokens  # 0: off
 
     def validate(self) -> None:
         if not 0 <= self.num_prompts <= len(PROMPTS):
@@ -87,6 +91,8 @@ class Settings:
             raise EvalInputError("--max-tokens must be >= 1")
         if self.ppl_windows < 0 or self.ppl_prefix < 2 or self.ppl_tokens < 1:
             raise EvalInputError("--ppl-windows must be >= 0, --ppl-prefix >= 2 and --ppl-tokens >= 1")
+        if self.refresh_sink_tokens < 0:
+            raise EvalInputError("--refresh-sink-tokens must be >= 0")
         if self.num_prompts == 0 and self.ppl_windows == 0:
             raise EvalInputError("nothing to measure: --num-prompts and --ppl-windows are both 0")
 
@@ -119,6 +125,7 @@ def pool_blocks(settings: Settings, block_size: int = 16) -> int:
 @dataclass
 class ConfigResult:
     config: EvalConfig
+    refresh_sink_tokens: int = 0
     continuation: Agreement = field(default_factory=Agreement)
     text: Agreement = field(default_factory=Agreement)
     perplexity: Perplexity = field(default_factory=Perplexity)
@@ -131,7 +138,7 @@ class ConfigResult:
         ppl = self.perplexity.value
         return {
             "config": self.config.name, "prefill": self.config.prefill, "decode": self.config.decode,
-            "kv_wire": self.config.wire,
+            "kv_wire": self.config.wire, "refresh_sink_tokens": self.refresh_sink_tokens,
             "continuation": {"tokens": c.tokens, "kl": _num(c.kl), "top1": _num(c.top1),
                              "disagreements": c.disagreements, "near_tie_fraction": c.near_tie_fraction,
                              "median_gap_at_disagreement": _median(c.gaps)},
@@ -169,7 +176,8 @@ class Harness:
         self.base = pool.get("bf16")
         for p in sorted({c.prefill for c in configs} | {c.decode for c in configs}):
             pool.get(p)
-        self.results = {c.name: ConfigResult(c) for c in configs}
+        self.results = {c.name: ConfigResult(c, sink_refresh_tokens(settings.refresh_sink_tokens, c.wire, c.prefill,
+                                                                    c.decode)) for c in configs}
         self.baseline_ppl = Perplexity()
         self.baseline_gen: list[list[int]] = []
 
@@ -193,14 +201,16 @@ class Harness:
             kv_p = self._prefill_all(p, f"p{i}")
             kvs.append(kv_p)
             for c in self.configs:
-                got = handoff.score(self.pool.get(c.decode), full, self._wired(kv_p[c.prefill], c))[:-1]
+                got = handoff.score(self.pool.get(c.decode), full, self._wired(kv_p[c.prefill], c),
+                                    self.results[c.name].refresh_sink_tokens)[:-1]
                 self.results[c.name].continuation.add(ref, got)
             if (i + 1) % 8 == 0 or i + 1 == len(prompts):
                 self.log(f"prompt {i + 1}/{len(prompts)} teacher-forced ({time.monotonic() - t0:.1f} s)")
         for c in self.configs:
             t1 = time.monotonic()
             got = handoff.generate(self.pool.get(c.decode), prompts,
-                                   [self._wired(kv[c.prefill], c) for kv in kvs], s.max_tokens)
+                                   [self._wired(kv[c.prefill], c) for kv in kvs], s.max_tokens,
+                                   self.results[c.name].refresh_sink_tokens)
             r = self.results[c.name]
             for ref_ids, ids in zip(self.baseline_gen, got):
                 d = first_divergence(ref_ids, ids)
@@ -219,7 +229,8 @@ class Harness:
             self.baseline_ppl.add(ref, targets)
             kv_p = self._prefill_all(w[:prefix], f"w{i}")
             for c in self.configs:
-                got = handoff.score(self.pool.get(c.decode), w, self._wired(kv_p[c.prefill], c))[:-1]
+                got = handoff.score(self.pool.get(c.decode), w, self._wired(kv_p[c.prefill], c),
+                                    self.results[c.name].refresh_sink_tokens)[:-1]
                 r = self.results[c.name]
                 r.text.add(ref, got)
                 r.perplexity.add(got, targets)
@@ -263,7 +274,8 @@ def run_eval(pool: EnginePool, configs: list[EvalConfig], settings: Settings, te
     out = h.report()
     out["settings"] = {"num_prompts": settings.num_prompts, "max_tokens": settings.max_tokens,
                        "ppl_windows": settings.ppl_windows, "ppl_prefix": settings.ppl_prefix,
-                       "ppl_tokens": settings.ppl_tokens, "near_tie_logits": NEAR_TIE, "text": text_info}
+                       "ppl_tokens": settings.ppl_tokens, "near_tie_logits": NEAR_TIE, "text": text_info,
+                       "refresh_sink_tokens": settings.refresh_sink_tokens}
     out["model"] = base.model_path
     out["dtype"] = str(base.dtype).removeprefix("torch.")
     out["device"] = describe_device(base.device)
@@ -292,6 +304,9 @@ def register(sub) -> None:
     e.add_argument("--ppl-tokens", type=int, default=256, help="tokens of each window scored at D")
     e.add_argument("--text", default=None, help="UTF-8 text file for perplexity (default: alice29.txt, "
                                                 "see pdserve/eval_text.py)")
+    e.add_argument("--refresh-sink-tokens", type=int, default=KVTransferConfig.refresh_sink_tokens,
+                   help="first prompt tokens the decode side recomputes where the KV is not its own (fp8 wire "
+                        "or P != D), as config kv_transfer.refresh_sink_tokens (0: off)")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
                    help="compute dtype of every engine; auto: float32 on CPU, bfloat16 on CUDA")
     e.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
@@ -303,7 +318,8 @@ def register(sub) -> None:
 def command_line(args) -> str:
     parts = ["pdserve eval", f"--configs {args.configs}", f"--num-prompts {args.num_prompts}",
              f"--max-tokens {args.max_tokens}", f"--ppl-windows {args.ppl_windows}",
-             f"--ppl-prefix {args.ppl_prefix}", f"--ppl-tokens {args.ppl_tokens}", f"--dtype {args.dtype}"]
+             f"--ppl-prefix {args.ppl_prefix}", f"--ppl-tokens {args.ppl_tokens}",
+             f"--refresh-sink-tokens {args.refresh_sink_tokens}", f"--dtype {args.dtype}"]
     parts += [f"--{k} {v}" for k, v in (("model", args.model), ("text", args.text), ("out-dir", args.out_dir)) if v]
     return " ".join(parts)
 
@@ -314,7 +330,8 @@ def cmd_eval(args) -> int:
     from pdserve.cli import EXIT_BAD_INPUT, EXIT_MODEL, CLIError
     from pdserve.eval_text import TextMissing, load_text
 
-    settings = Settings(args.num_prompts, args.max_tokens, args.ppl_windows, args.ppl_prefix, args.ppl_tokens)
+    settings = Settings(args.num_prompts, args.max_tokens, args.ppl_windows, args.ppl_prefix, args.ppl_tokens,
+                        args.refresh_sink_tokens)
     try:
         configs = parse_configs(args.configs)
         settings.validate()

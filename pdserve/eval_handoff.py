@@ -8,7 +8,8 @@ Only the network copy in between is skipped.
 
 The prefill engine computes KV for all prompt tokens but the last (prefill_only), so the decode
 engine recomputes the last prompt token in its own precision: the first output token always
-comes from the decode precision.
+comes from the decode precision. `refresh_tokens` recomputes the first prompt tokens (the attention
+sinks) in that same step, as a decode worker does (kv_transfer/sinks.py decides how many).
 """
 from __future__ import annotations
 
@@ -73,17 +74,19 @@ def load(engine, kv: PromptKV) -> list[int]:
     return blocks
 
 
-def score(engine, token_ids: list[int], kv: PromptKV) -> torch.Tensor:
+def score(engine, token_ids: list[int], kv: PromptKV, refresh_tokens: int = 0) -> torch.Tensor:
     """Teacher-forced logits of `engine` for token_ids after the transferred prefix: row i predicts
     token kv.num_tokens + i + 1 (row 0 is the decode engine's own pass over the last prompt token)."""
     blocks = load(engine, kv)
     try:
-        return engine.score(token_ids, block_table=blocks, num_computed_tokens=kv.num_tokens)
+        return engine.score(token_ids, block_table=blocks, num_computed_tokens=kv.num_tokens,
+                            refresh_tokens=refresh_tokens)
     finally:
         engine.free_blocks(blocks)
 
 
-def generate(engine, prompts: list[list[int]], kvs: list[PromptKV], max_tokens: int) -> list[list[int]]:
+def generate(engine, prompts: list[list[int]], kvs: list[PromptKV], max_tokens: int,
+             refresh_tokens: int = 0) -> list[list[int]]:
     """Greedy continuations (natural EOS stops) of every prompt on `engine`, from transferred KV,
     batched as a decode worker runs them."""
     ids = []
@@ -93,7 +96,7 @@ def generate(engine, prompts: list[list[int]], kvs: list[PromptKV], max_tokens: 
             blocks = load(engine, kv)
             try:
                 engine.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens), block_table=blocks,
-                                   num_computed_tokens=kv.num_tokens)
+                                   num_computed_tokens=kv.num_tokens, refresh_tokens=refresh_tokens)
             except Exception:
                 engine.free_blocks(blocks)
                 raise

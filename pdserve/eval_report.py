@@ -40,6 +40,10 @@ def table(result: dict) -> str:
     if s["text"]:
         notes.append(f"text / ppl: {s['ppl_windows']} window{'s' if s['ppl_windows'] > 1 else ''} of {s['text']['title']}: {s['ppl_prefix']} tokens "
                      f"prefilled at P, the next {s['ppl_tokens']} scored at D ({b['text_tokens']} tokens).")
+    if s.get("refresh_sink_tokens"):
+        notes.append(f"sink refresh: where the KV is not the decode side's own (fp8 wire or P ≠ D), decode "
+                     f"recomputes the first {s['refresh_sink_tokens']} prompt tokens (attention sinks) in its "
+                     f"first step, as a decode worker does (kv_transfer.refresh_sink_tokens).")
     notes.append("flip rate: greedy generations (same prompts, from transferred KV) that differ from the "
                  "baseline's in any token; first flip at: median index of the first differing output token "
                  "among the flipped ones (0 = the first token, computed at the decode precision).")

@@ -179,6 +179,7 @@ def test_reduced_run_structure_and_exactness(engine_f32, tmp_path):
     assert 1 < b["ppl"] < 1000
     exact, fp8 = res["configs"]
     assert exact["config"] == "bf16/bf16/bf16" and fp8["kv_wire"] == "fp8"
+    assert (exact["refresh_sink_tokens"], fp8["refresh_sink_tokens"]) == (0, 4)  # as a decode worker decides
     for c in (exact, fp8):
         assert c["continuation"]["tokens"] == b["continuation_tokens"] and c["text"]["tokens"] == 32
         assert c["greedy"]["prompts"] == 3
