@@ -10,6 +10,8 @@ token: the work of one prefill step. Precisions:
     fp8           the fp8 pool: W8A8 with the quantizers fused into RMSNorm and SiLU*up, cuBLAS rowwise
                   scaled_mm with fp32 accumulation; attention in bf16 as in every pool
     fp8_unfused   the same with the quantizers in their own passes (what the fusion adds)
+    fp8_fastacc   fp8 with Hopper's fast fp8 accumulation (kernels.quant_linear.FP8_FAST_ACCUM, opt-in: not
+                  fp32 accumulation)
     nvfp4         W4A4, exact emulation on Hopper (bf16 GEMM of scale-folded operands)
 Timing: CUDA events, median; "eager" is how the engine runs a prefill step (kernel launches from Python),
 "graph" replays a CUDA graph of the same forward (GPU time alone). Before the forwards the paged prefill
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
 from bench_quant import eager_time_ms, graph_time_ms  # noqa: E402
 
-PRECISIONS = ("bf16", "fp8", "fp8_unfused", "nvfp4")
+PRECISIONS = ("bf16", "fp8", "fp8_unfused", "fp8_fastacc", "nvfp4")
 TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -124,6 +126,7 @@ def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
     rows, outputs = [], {}
     for precision in PRECISIONS:
         quant_linear.FUSE_PRODUCERS = precision != "fp8_unfused"
+        quant_linear.FP8_FAST_ACCUM = precision == "fp8_fastacc"
         t0 = time.perf_counter()
         model, backend = build(precision, arch, weights)
         build_s = time.perf_counter() - t0
@@ -149,7 +152,7 @@ def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
             log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
         del model, backend
         torch.cuda.empty_cache()
-    quant_linear.FUSE_PRODUCERS = True
+    quant_linear.FUSE_PRODUCERS, quant_linear.FP8_FAST_ACCUM = True, False
     for row in rows:
         base = next(r for r in rows if r["precision"] == "bf16" and r["tokens"] == row["tokens"])
         if "eager_ms" in row and "eager_ms" in base:
