@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
-from bench_quant import eager_time_ms, graph_time_ms  # noqa: E402
+from bench_quant import add_ratios, eager_time_ms, graph_time_ms  # noqa: E402
 
 PRECISIONS = ("bf16", "fp8", "fp8_unfused", "fp8_fastacc", "nvfp4")
 TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -153,15 +153,7 @@ def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
         del model, backend
         torch.cuda.empty_cache()
     quant_linear.FUSE_PRODUCERS, quant_linear.FP8_FAST_ACCUM = True, False
-    for row in rows:
-        base = next(r for r in rows if r["precision"] == "bf16" and r["tokens"] == row["tokens"])
-        if "eager_ms" in row and "eager_ms" in base:
-            row["eager_x"] = base["eager_ms"] / row["eager_ms"]
-            row["graph_x"] = base["graph_ms"] / row["graph_ms"]
-        key, bkey = (row["precision"], row["tokens"]), ("bf16", row["tokens"])
-        if key in outputs and bkey in outputs:  # how far the quantized stack drifts (random weights)
-            ref = outputs[bkey]
-            row["rel_err_vs_bf16"] = ((outputs[key] - ref).norm() / ref.norm()).item()
+    add_ratios(rows, outputs)
     return rows
 
 

@@ -403,17 +403,24 @@ def bench_prefill(log, num_layers: int, profile_dir=None) -> tuple[list[dict], s
         del mods, forward
         quant_linear.FP8_FAST_ACCUM = False
         torch.cuda.empty_cache()
+    add_ratios(rows, outputs)
+    for row in rows:
+        log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    return rows, which
+
+
+def add_ratios(rows: list[dict], outputs: dict) -> None:
+    """Per row: speed vs the bf16 row of the same length (graph_x, eager_x) and how far its output
+    drifts from bf16's (rel_err_vs_bf16; outputs keyed by (precision, tokens), random weights)."""
     for row in rows:
         base = next(r for r in rows if r["precision"] == "bf16" and r["tokens"] == row["tokens"])
         if "graph_ms" in row and "graph_ms" in base:
             row["graph_x"] = base["graph_ms"] / row["graph_ms"]
             row["eager_x"] = base["eager_ms"] / row["eager_ms"]
         key, bkey = (row["precision"], row["tokens"]), ("bf16", row["tokens"])
-        if key in outputs and bkey in outputs:  # how far the quantized stack drifts (random weights)
+        if key in outputs and bkey in outputs:
             ref = outputs[bkey]
             row["rel_err_vs_bf16"] = ((outputs[key] - ref).norm() / ref.norm()).item()
-        log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
-    return rows, which
 
 
 def markdown(env, ceil, gemms, prefill, which, variants=()) -> str:

@@ -29,12 +29,34 @@ def run_cases(cases: dict, device: str, dtype: torch.dtype, names, seed: int) ->
     return results
 
 
-def run_interpreted(test_file: str, root) -> tuple[int, dict]:
-    """All of a file's cases in one TRITON_INTERPRET=1 subprocess (the variable must not leak into
-    the other tests of this session)."""
-    seed = test_seed()
+def interpreted_json(test_file: str, root, *args: str):
+    """Run test_file as a script under TRITON_INTERPRET=1 in a subprocess (the variable must not leak into
+    the other tests of this session) and return the JSON its last output line holds."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    proc = subprocess.run([sys.executable, test_file, str(seed)], env=env, cwd=root, capture_output=True,
+    proc = subprocess.run([sys.executable, test_file, *args], env=env, cwd=root, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return seed, json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_interpreted(test_file: str, root) -> tuple[int, dict]:
+    """All of a file's cases in one interpreted subprocess, with this session's seed."""
+    seed = test_seed()
+    return seed, interpreted_json(test_file, root, str(seed))
+
+
+def run_checks(checks: dict, other_errors: str) -> dict:
+    """{name: "ok" | "fail: ..." | "<other_errors>: ..."} for zero-argument checks that assert; an
+    exception other than AssertionError is labelled `other_errors` (a file decides whether that means
+    an interpreter limitation to skip or an error)."""
+    results = {}
+    for name, fn in checks.items():
+        try:
+            fn()
+            results[name] = "ok"
+        except AssertionError as e:
+            results[name] = f"fail: {e}"
+        except Exception as e:
+            last = str(e).splitlines()[-1][:300] if str(e) else ""
+            results[name] = f"{other_errors}: {type(e).__name__}: {last}"
+    return results

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ for path in (str(ROOT), str(Path(__file__).parent)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import kernel_cases  # noqa: E402
 from test_quant_kernels_gpu import poison_bytes, random_activations, rel_err, same_bytes  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -202,26 +202,10 @@ INTERP_CHECKS = {
 }
 
 
-def run_interpreter_checks() -> dict:
-    results = {}
-    for name, fn in INTERP_CHECKS.items():
-        try:
-            fn()
-            results[name] = "ok"
-        except AssertionError as e:
-            results[name] = f"fail: {e}"
-        except Exception as e:  # reported, with the reason
-            results[name] = f"error: {type(e).__name__}: {str(e).splitlines()[-1][:300] if str(e) else ''}"
-    return results
-
-
 @pytest.fixture(scope="module")
 def interpreter_results():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return kernel_cases.interpreted_json(__file__, ROOT)
 
 
 @pytest.mark.parametrize("name", list(INTERP_CHECKS))
@@ -389,4 +373,4 @@ def test_engine_fp8_prefill_fused_matches_unfused():
 
 
 if __name__ == "__main__":  # child process of interpreter_results, TRITON_INTERPRET=1
-    print(json.dumps(run_interpreter_checks()))
+    print(json.dumps(kernel_cases.run_checks(INTERP_CHECKS, "error")))

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import kernel_cases  # noqa: E402
 from kernels import fp8, nvfp4  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -180,26 +181,10 @@ INTERP_CHECKS = {
 }
 
 
-def run_interpreter_checks() -> dict:
-    results = {}
-    for name, fn in INTERP_CHECKS.items():
-        try:
-            fn()
-            results[name] = "ok"
-        except AssertionError as e:
-            results[name] = f"fail: {e}"
-        except Exception as e:  # the interpreter lacks a feature: reported as a skip with the reason
-            results[name] = f"unsupported: {type(e).__name__}: {str(e).splitlines()[-1][:300]}"
-    return results
-
-
 @pytest.fixture(scope="module")
 def interpreter_results():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return kernel_cases.interpreted_json(__file__, ROOT)
 
 
 @pytest.mark.parametrize("name", list(INTERP_CHECKS))
@@ -354,4 +339,4 @@ def test_blackwell_gemm_matches_reference():
 
 
 if __name__ == "__main__":  # child process of interpreter_results, TRITON_INTERPRET=1
-    print(json.dumps(run_interpreter_checks()))
+    print(json.dumps(kernel_cases.run_checks(INTERP_CHECKS, "unsupported")))
