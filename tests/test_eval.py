@@ -231,7 +231,8 @@ def test_cli_json_run(tmp_path, capsys):
 # ---- the full table (issue 4) --------------------------------------------------------------------
 @pytest.mark.slow
 def test_full_table_phase_aware_beats_uniform(tmp_path):
-    """The Done-when relations on the default run (2,953 s on 2 shared CPU cores, docs/bench/eval.md)."""
+    """The Done-when relations on the default run (docs/bench/eval-sink-refresh; 4.6 min on the 2-core
+    box when quiet, 2,953 s when it was shared)."""
     from pdserve import eval_report
 
     settings = ev.Settings()
