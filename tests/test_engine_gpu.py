@@ -167,6 +167,43 @@ def test_graph_replay_equals_eager_step(monkeypatch):
     assert max(d for _, d in diffs) < 1e-3, diffs
 
 
+
+@gpu
+def test_sink_refresh_on_cuda(monkeypatch):
+    """The decode side's sink refresh (kv_transfer/sinks.py) on the Triton path with CUDA graphs on: the
+    refresh step runs eagerly (its varlen batch is not a decode batch), slots 0..W-1 get this engine's
+    own KV (float32: up to matmul-shape rounding), every other slot keeps what arrived through the fp8
+    wire, and the next steps replay graphs again."""
+    from engine.sampling_params import SamplingParams
+    from pdserve import eval_handoff as handoff
+
+    monkeypatch.setenv("PDSERVE_CUDA_GRAPHS", "1")
+    eng, W = _engine("cuda"), 4
+    ids = list(range(3, 40))
+    n = len(ids) - 1
+    local = handoff.prefill(eng, ids)
+    exact = local.blocks.permute(0, 3, 1, 2, 4, 5).flatten(0, 1)[:n]  # [n, layers, 2, heads, dim]
+    wired = handoff.through_wire(local, "fp8", eng.runner.kv_cache.dtype)
+    arrived = wired.blocks.permute(0, 3, 1, 2, 4, 5).flatten(0, 1)
+    assert (arrived[:W] - exact[:W]).abs().max() > 1e-3  # the wire's error, for the refresh to undo
+
+    replays = []
+    graphs = eng.runner.graphs
+    run = graphs.run
+    graphs.run = lambda *a, **k: (replays.append(len(a[0])), run(*a, **k))[1]
+    seq = eng.add_request("sinks", ids, SamplingParams(max_tokens=4, ignore_eos=True),
+                          block_table=handoff.load(eng, wired), num_computed_tokens=n, refresh_tokens=W)
+    eng.step()
+    assert not replays, "the refresh step replayed a decode graph"
+    bs = eng.config.block_size
+    got = torch.stack([eng.runner.kv_cache[seq.block_table[t // bs], :, :, t % bs] for t in range(len(arrived))])
+    assert (got[:W] - exact[:W]).abs().max() <= 1e-5 * exact[:W].abs().max()
+    assert torch.equal(got[W:n], arrived[W:n])
+    while eng.has_unfinished():
+        eng.step()
+    assert replays, "the decode steps after the refresh did not replay graphs"
+    eng.block_manager.check_no_leaks()
+
 @pytest.mark.slow
 def test_interpreted_triton_wiring_matches_torch_path(tmp_path):
     build_fixture(str(tmp_path / "model"))
