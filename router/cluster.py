@@ -30,8 +30,8 @@ def init_ray(config: Config) -> None:
         return
     need = config.prefill.num_cpus * max(config.prefill.replicas, 1) + config.decode.num_cpus * max(config.decode.replicas, 1)
     num_cpus = config.ray.num_cpus or max(int(need + 0.999) + 2, os.cpu_count() or 1)
-    # Ray waits 30 s for its GCS to come up; a loaded 2-core box has been seen to miss that (CI, twice).
-    # The raylet's own 30 s wait has no setting.
+    # Ray waits 30 s for its GCS and 30 s for its raylet to come up; on the loaded 2-core CI box each was
+    # missed once. The GCS wait can be raised; the raylet's has no setting.
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     # address="local": always a new Ray of our own, even if another one runs on this machine
     ray.init(address="local", num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True,
