@@ -86,8 +86,7 @@ class LLMEngine:
         request's first step, in this engine's precision, over what arrived (kv_transfer/sinks.py).
         `cache_namespace` (a tenant, an adapter) keeps prefix-cache sharing within its namespace.
         One engine has one precision, so precision needs no namespace of its own."""
-        if refresh_tokens < 0:
-            raise ValueError(f"refresh_tokens must be >= 0, got {refresh_tokens}")
+        refresh = _refresh_count(refresh_tokens, num_computed_tokens)
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -99,7 +98,7 @@ class LLMEngine:
         if block_table is not None:
             seq.block_table = list(block_table)
             seq.num_computed_tokens = seq.num_cached_tokens = num_computed_tokens
-            seq.num_refresh_tokens = min(refresh_tokens, num_computed_tokens)
+            seq.num_refresh_tokens = refresh
         elif self.block_manager.enable_prefix_caching:
             seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, cache_namespace)
         seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
@@ -149,8 +148,7 @@ class LLMEngine:
         own = block_table is None
         if own and num_computed_tokens:
             raise ValueError("num_computed_tokens needs the block_table that holds their KV")
-        if refresh_tokens < 0:
-            raise ValueError(f"refresh_tokens must be >= 0, got {refresh_tokens}")
+        refresh = _refresh_count(refresh_tokens, num_computed_tokens)
         table = [] if own else list(block_table)
         extra_from = len(table)
         if not self.block_manager.ensure(table, len(token_ids)):
@@ -159,7 +157,7 @@ class LLMEngine:
         seq.block_table, seq.num_computed_tokens = table, num_computed_tokens
         try:
             batch = ScheduledBatch([seq], [len(token_ids) - num_computed_tokens],
-                                   num_refresh=[min(refresh_tokens, num_computed_tokens)])
+                                   num_refresh=[refresh])
             return self.runner.execute(batch, [], all_logits=True)
         finally:
             self.block_manager.release(table if own else table[extra_from:])
@@ -281,3 +279,9 @@ class LLMEngine:
                     pending.discard(out.request_id)
         return results
 
+
+def _refresh_count(refresh_tokens: int, num_computed_tokens: int) -> int:
+    """How many first tokens to recompute: at most the ones whose KV arrived."""
+    if refresh_tokens < 0:
+        raise ValueError(f"refresh_tokens must be >= 0, got {refresh_tokens}")
+    return min(refresh_tokens, num_computed_tokens)

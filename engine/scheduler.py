@@ -17,7 +17,7 @@ from engine.sequence import Sequence, Status
 class ScheduledBatch:
     """What one model step computes: for each sequence, `num_new` tokens starting at its
     num_computed_tokens, and `num_refresh` of its first tokens again (KV that arrived from another
-    engine, recomputed here; 0 for most; the list may be empty: none). Plain data: the runner needs
+    engine, recomputed here; 0 for most; one entry per sequence). Plain data: the runner needs
     nothing else."""
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
