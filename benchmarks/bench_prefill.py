@@ -7,9 +7,13 @@ precision builds (engine/model_runner.py linear_factory, engine/attention.py get
 weight Llama-3-8B (all 32 layers by default), one fresh prompt of T tokens, plus the LM head of its last
 token: the work of one prefill step. Precisions:
     bf16          TritonDenseLinear (cuBLAS) + the paged Triton prefill attention
-    fp8           the fp8 pool: W8A8 with the quantizers fused into RMSNorm and SiLU*up, cuBLAS rowwise
-                  scaled_mm with fp32 accumulation; attention in bf16 as in every pool
-    fp8_unfused   the same with the quantizers in their own passes (what the fusion adds)
+    fp8           the fp8 pool as configured by default: W8A8 with the quantizers fused into RMSNorm and
+                  SiLU*up, cuBLAS rowwise scaled_mm with fp32 accumulation; attention with both matmuls in
+                  fp8 (kernels/attention_fp8.py) from engine.fp8_attention_min_tokens (4096) prompt tokens,
+                  bf16 below
+    fp8_fp8attn   fp8 with the fp8 attention at every length (fp8_attention_min_tokens 0)
+    fp8_bf16attn  fp8 with the bf16 attention at every length (what the fp8 attention adds)
+    fp8_unfused   fp8_bf16attn with the quantizers in their own passes (what the fusion adds)
     fp8_fastacc   fp8 with Hopper's fast fp8 accumulation (kernels.quant_linear.FP8_FAST_ACCUM, opt-in: not
                   fp32 accumulation)
     nvfp4         W4A4, exact emulation on Hopper (bf16 GEMM of scale-folded operands)
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
 from bench_quant import add_ratios, eager_time_ms, graph_time_ms  # noqa: E402
 
-PRECISIONS = ("bf16", "fp8", "fp8_unfused", "fp8_fastacc", "nvfp4")
+PRECISIONS = ("bf16", "fp8", "fp8_fp8attn", "fp8_bf16attn", "fp8_unfused", "fp8_fastacc", "nvfp4")
+# the fp8 pool's attention (kernels/attention_fp8.py): tile and variant candidates
+def _fp8_tile(m, n, warps, stages, tma=True, acc=None, qk_acc=0):
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, TMA=tma,
+                ACC_EVERY=n if acc is None else acc, QK_ACC_EVERY=qk_acc)
+
+
+FP8_TILES = [_fp8_tile(64, 128, 4, 3), _fp8_tile(64, 128, 4, 3, acc=0), _fp8_tile(64, 128, 4, 2),
+             _fp8_tile(128, 128, 8, 3)]
 TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -83,6 +94,7 @@ def bench_attention(arch, tokens_list, log) -> tuple[list[dict], dict]:
                 row = dict(what="paged prefill attention (bf16)", tokens=tokens, tile=tile, error=str(e)[:200])
             rows.append(row)
             log(json.dumps(row))
+        rows += bench_fp8_attention(q, kv, meta, tokens, flops, scale, log)
         k = kv[:, 0].reshape(-1, arch.num_kv_heads, arch.head_dim)[:tokens].transpose(0, 1).unsqueeze(0)
         v = kv[:, 1].reshape(-1, arch.num_kv_heads, arch.head_dim)[:tokens].transpose(0, 1).unsqueeze(0)
         k, v = k.contiguous(), v.contiguous()
@@ -97,24 +109,142 @@ def bench_attention(arch, tokens_list, log) -> tuple[list[dict], dict]:
         log(json.dumps(rows[-1]))
     totals = {}  # one tile: the fastest summed over the lengths
     for r in rows:
-        if r.get("tile") and "ms" in r:
+        if r.get("tile") and "ms" in r and r["what"].endswith("(bf16)"):
             totals.setdefault(json.dumps(r["tile"], sort_keys=True), []).append(r["ms"])
     full = {k: sum(v) for k, v in totals.items() if len(v) == len(tokens_list)}
     best = json.loads(min(full, key=full.get))
     attention.PREFILL_CONFIGS[arch.head_dim] = best
-    return rows, best
+    best_fp8 = pick_fp8_tile(rows, len(tokens_list))
+    if best_fp8:
+        from kernels import attention_fp8
+        attention_fp8.PREFILL_FP8_CONFIG = best_fp8
+    return rows, dict(bf16=best, fp8=best_fp8)
+
+
+def pick_fp8_tile(rows, lengths: int) -> dict | None:
+    """The fastest fp8 attention variant over all lengths among those within 1e-2 of the reference."""
+    totals, bad = {}, set()
+    for r in rows:
+        if r["what"] != "fp8 prefill attention" or "ms" not in r:
+            continue
+        key = json.dumps(r["tile"], sort_keys=True)
+        totals.setdefault(key, []).append(r["ms"])
+        if r.get("rel_err_vs_ref", 0.0) > 1e-2:
+            bad.add(key)
+    full = {k: sum(v) for k, v in totals.items() if len(v) == lengths and k not in bad}
+    return json.loads(min(full, key=full.get)) if full else None
+
+def kernel_facts(jit_fn) -> list[dict]:
+    """Registers, spills and MMA instructions of each compiled variant of a Triton kernel (for the log)."""
+    facts = []
+    try:
+        for cache in jit_fn.device_caches.values():
+            for key, k in cache[0].items():
+                ptx = k.asm.get("ptx", "")
+                facts.append(dict(n_regs=k.n_regs, n_spills=k.n_spills, wgmma=ptx.count("wgmma.mma_async"),
+                                  mma_sync=ptx.count("mma.sync"), key=str(key)[-160:]))
+    except Exception as e:  # introspection is a diagnostic, never a failure
+        facts.append(dict(error=str(e)[:200]))
+    return facts
+
+
+def host_cost(q, kv, meta, tokens, scale, ctx_start, log, calls=200) -> dict:
+    """Host time per call of the bf16 and the fp8 attention on 64 tokens of the batch (the GPU's share is then
+    a few us, so back-to-back calls are bound by the host: what an eager prefill pays per layer)."""
+    from kernels import attention, attention_fp8
+
+    n = 64
+    qs = q[:n]
+    small = dict(query_start_loc=torch.tensor([0, n], dtype=torch.int32, device="cuda"),
+                 seq_lens=torch.tensor([n], dtype=torch.int32, device="cuda"), block_tables=meta.block_tables)
+    fns = {"bf16": lambda: attention.paged_attention(qs, kv, small["query_start_loc"], small["seq_lens"],
+                                                     small["block_tables"], scale, n, n),
+           "fp8": lambda: attention_fp8.prefill_attention_fp8(qs, kv, small["query_start_loc"], small["seq_lens"],
+                                                              small["block_tables"], ctx_start, n, scale, n, n)}
+    row = dict(what="host time per attention call (us)", tokens=n)
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        row[name] = (time.perf_counter() - t0) / calls * 1e6
+    log(json.dumps(row))
+    return row
+
+
+def bench_fp8_attention(q, kv, meta, tokens, flops, scale, log) -> list[dict]:
+    """kernels/attention_fp8.py over its candidates, each with its relative error against the torch
+    reference (up to 4096 tokens: the reference materialises the whole score matrix)."""
+    from kernels import attention_fp8, reference
+
+    ctx_start = torch.zeros(1, dtype=torch.int32, device="cuda")
+    ref = None
+    if tokens <= 4096:
+        ref = reference.prefill_attention_fp8(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale)
+    rows = []
+    for tile in FP8_TILES:
+        def run(tile=tile):
+            return attention_fp8.prefill_attention_fp8(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                                       ctx_start, tokens, scale, meta.max_query_len,
+                                                       meta.max_seq_len, config=tile)
+        row = dict(what="fp8 prefill attention", tokens=tokens, tile=tile)
+        try:
+            out = run()
+            if ref is not None:
+                row["rel_err_vs_ref"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            row["ms"] = graph_time_ms([run], reps=10)
+            row["TFLOPs"] = flops / row["ms"] / 1e9
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        log(json.dumps(row))
+    rows.append(host_cost(q, kv, meta, tokens, scale, ctx_start, log))
+    quantize = dict(what="fp8 attention's context quantization (in the rows above)", tokens=tokens)
+    quantize["ms"] = graph_time_ms([lambda: attention_fp8.quantize_context(kv, meta.seq_lens, meta.block_tables,
+                                                                           ctx_start, tokens, tokens)], reps=10)
+    quantize["TFLOPs"] = 0.0
+    rows.append(quantize)
+    log(json.dumps(quantize))
+    log(json.dumps(dict(kernel_facts=kernel_facts(attention_fp8._prefill_fp8_kernel))))
+    return rows
+
 
 def build(precision: str, arch, weights):
     from engine.attention import get_backend
     from engine.model import LlamaModel
     from engine.model_runner import linear_factory
+    from pdserve.config import EngineConfig
 
     linear_precision = "fp8" if precision.startswith("fp8") else precision
     model = LlamaModel(arch, weights, linear_factory(linear_precision, torch.bfloat16, torch.device("cuda"))).eval()
-    return model, get_backend(torch.device("cuda"))
+    min_tokens = {"fp8": EngineConfig.fp8_attention_min_tokens, "fp8_fastacc": EngineConfig.fp8_attention_min_tokens,
+                  "fp8_fp8attn": 0}.get(precision)
+    return model, get_backend(torch.device("cuda"), fp8_min_tokens=min_tokens)
 
 
-def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
+def kernel_profile(forward, log, label: str, top: int = 14) -> None:
+    """GPU time per kernel name over one eager forward (torch.profiler), largest first: where a
+    precision's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            t = totals.setdefault(e.name[:90], [0.0, 0])
+            t[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            t[1] += 1
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    total = sum(v[0] for _, v in rows)
+    log(json.dumps(dict(profile=label, total_gpu_ms=total / 1e3,
+                        kernels=[dict(name=k, ms=round(v[0] / 1e3, 3), calls=v[1]) for k, v in rows[:top]])))
+
+
+def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int = 0) -> list[dict]:
     from engine.attention import build_metadata
     from kernels import quant_linear
 
@@ -139,6 +269,8 @@ def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
                 return model.logits(hidden[-1:])
 
             row = dict(precision=precision, tokens=t, layers=layers, build_s=build_s)
+            if t == profile_tokens:
+                kernel_profile(forward, log, f"{precision} {t} tokens")
             try:
                 with torch.no_grad():
                     row["eager_ms"] = eager_time_ms(forward, warmup=2, reps=7)
@@ -160,16 +292,22 @@ def bench_forward(arch, weights, tokens_list, layers, log) -> list[dict]:
 def markdown(env, attn_rows, best, fwd_rows) -> str:
     lines = [f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}", "",
              "### Prefill attention alone (one layer, causal, 32 query / 8 KV heads, head_dim 128)", "",
-             "| kernel | tokens | tile (BLOCK_M, BLOCK_N, warps, stages) | ms | TFLOP/s |",
-             "|---|---|---|---|---|"]
+             "| kernel | tokens | tile (BLOCK_M, BLOCK_N, warps, stages[, loads, fp32 accumulation]) | ms | TFLOP/s "
+             "| rel. err vs reference |", "|---|---|---|---|---|---|"]
     for r in attn_rows:
         tile = r.get("tile")
         tile_s = f"{tile['BLOCK_M']}, {tile['BLOCK_N']}, {tile['num_warps']}, {tile['num_stages']}" if tile else ""
-        if "error" in r:
-            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | error: {r['error'][:60]} | |")
+        if tile and "TMA" in tile:
+            tile_s += (f", {'TMA' if tile['TMA'] else 'pointers'}, fp32 sums every {tile['ACC_EVERY'] or '-'} (PV) "
+                       f"{tile['QK_ACC_EVERY'] or '-'} (QK)")
+        err = f"{r['rel_err_vs_ref']:.1e}" if "rel_err_vs_ref" in r else ""
+        if "fp8" in r and "ms" not in r:  # the host-time row
+            lines.append(f"| {r['what']} | {r['tokens']} | bf16 {r['bf16']:.0f}, fp8 {r['fp8']:.0f} | | | |")
+        elif "error" in r:
+            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | error: {r['error'][:60]} | | |")
         else:
-            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | {r['ms']:.3f} | {r['TFLOPs']:.0f} |")
-    lines += ["", f"Chosen tile: {best}", "",
+            lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | {r['ms']:.3f} | {r['TFLOPs']:.0f} | {err} |")
+    lines += ["", f"Chosen tiles: {best}", "",
               f"### Prefill forward, {fwd_rows[0]['layers']} Llama-3-8B layers + LM head of the last token "
               "(tokens/s; x = vs bf16 in the same run)", "",
               "| precision | tokens | eager ms | eager tok/s | x | graph ms | graph tok/s | x | rel. err vs bf16 |",
@@ -189,6 +327,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", default="512,2048,8192")
+    ap.add_argument("--attention-only", action="store_true", help="the attention candidates, no forwards")
+    ap.add_argument("--profile", type=int, default=0, metavar="T",
+                    help="also print each precision's top kernels (torch.profiler, eager) at T tokens")
     args = ap.parse_args()
     import triton
 
@@ -209,10 +350,12 @@ def main() -> None:
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     log(json.dumps(env))
     attn_rows, best = bench_attention(arch, [t for t in tokens if t >= 2048] or tokens, log)
+    if args.attention_only:
+        return
     weights = random_weights(cfg, torch.bfloat16)
-    fwd_rows = bench_forward(arch, weights, tokens, args.layers, log)
+    fwd_rows = bench_forward(arch, weights, tokens, args.layers, log, args.profile)
     md = markdown(env, attn_rows, best, fwd_rows)
-    (args.out / "bench_prefill.json").write_text(json.dumps(dict(env=env, attention=attn_rows, best_tile=best,
+    (args.out / "bench_prefill.json").write_text(json.dumps(dict(env=env, attention=attn_rows, best_tiles=best,
                                                                  forward=fwd_rows), indent=1))
     (args.out / "bench_prefill.md").write_text(md)
     print(md)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import CONTEXT_ALIGN
+
 
 @dataclass
 class AttentionMetadata:
@@ -32,6 +34,10 @@ class AttentionMetadata:
     seq_lens_list: list | None
     block_tables_list: list | None
     block_size: int
+    # where each sequence's context starts in one flat copy of all contexts, and its length (host int): the
+    # fp8 pool's prefill attention quantizes the contexts into such a copy (kernels/attention_fp8.py)
+    context_start_loc: torch.Tensor | None = None
+    total_context: int = 0
 
     @property
     def decode_only(self) -> bool:
@@ -43,6 +49,15 @@ def slot(table: list[int], position: int, block_size: int) -> int:
     return table[position // block_size] * block_size + position % block_size
 
 
+def context_offsets(seq_lens: list[int]) -> tuple[list[int], int]:
+    """Start of each sequence's context in the flat copy (aligned), and the copy's length."""
+    starts, total = [], 0
+    for n in seq_lens:
+        starts.append(total)
+        total += -(-n // CONTEXT_ALIGN) * CONTEXT_ALIGN
+    return starts, total
+
+
 def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], block_size: int,
                    device: torch.device) -> AttentionMetadata:
     qsl = [0]
@@ -52,6 +67,7 @@ def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[li
              for p in range(ctx - n, ctx)]
     width = max(len(t) for t in block_tables)
     padded = [t + [0] * (width - len(t)) for t in block_tables]
+    starts, total = context_offsets(seq_lens)
     return AttentionMetadata(
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
@@ -63,13 +79,26 @@ def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[li
         seq_lens_list=list(seq_lens),
         block_tables_list=[list(t) for t in block_tables],
         block_size=block_size,
+        context_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        total_context=total,
     )
 
 
+def uses_fp8_attention(fp8_min_tokens: int | None, meta: AttentionMetadata) -> bool:
+    """The fp8 pool's rule (config engine.fp8_attention_min_tokens): a step whose longest prompt chunk has
+    at least fp8_min_tokens tokens (and more than one) runs both attention matmuls on e4m3 operands.
+    None: never (every other pool). Every backend applies the same rule, so CPU and GPU numerics agree."""
+    return fp8_min_tokens is not None and meta.max_query_len >= max(fp8_min_tokens, 2)
+
+
 class TorchAttention:
-    """Reference backend: gathers each sequence's blocks and calls SDPA. Runs anywhere."""
+    """Reference backend: gathers each sequence's blocks and calls SDPA. Runs anywhere. Steps that
+    uses_fp8_attention() picks run kernels.reference.prefill_attention_fp8 instead."""
 
     name = "torch"
+
+    def __init__(self, fp8_min_tokens: int | None = None):
+        self.fp8_min_tokens = fp8_min_tokens
 
     def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         block, offset = meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size
@@ -77,6 +106,10 @@ class TorchAttention:
         kv_layer[block, 1, offset] = v.to(kv_layer.dtype)
 
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if uses_fp8_attention(self.fp8_min_tokens, meta):
+            from kernels import reference
+            return reference.prefill_attention_fp8(q, kv_layer, meta.query_start_loc, meta.seq_lens,
+                                                   meta.block_tables, scale)
         if meta.decode_only and len(meta.q_lens_list) > 1:
             return self._decode_batch(q, kv_layer, meta, scale)
         out = torch.empty_like(q)
@@ -118,12 +151,13 @@ def _gather(kv_layer: torch.Tensor, table: list[int], ctx: int, block_size: int)
     return k, v
 
 
-def get_backend(device: torch.device):
-    """Triton kernels on CUDA when available; the torch reference elsewhere."""
+def get_backend(device: torch.device, fp8_min_tokens: int | None = None):
+    """Triton kernels on CUDA when available; the torch reference elsewhere. fp8_min_tokens: the fp8
+    pool's attention rule (uses_fp8_attention); None for every other pool."""
     if device.type == "cuda":
         try:
             from engine.gpu_attention import TritonAttention
-            return TritonAttention()
+            return TritonAttention(fp8_min_tokens)
         except ImportError:
             pass
-    return TorchAttention()
+    return TorchAttention(fp8_min_tokens)

@@ -50,7 +50,8 @@ class LLMEngine:
         # weights first: a corrupt checkpoint is then reported as such, not as a tokenizer problem
         self.runner = ModelRunner(self.model_path, self.dtype, self.device, config.block_size, config.num_blocks,
                                   config.kv_cache_memory_gb, precision=precision, progress=progress,
-                                  max_num_seqs=config.max_num_seqs)
+                                  max_num_seqs=config.max_num_seqs,
+                                  fp8_attention_min_tokens=config.fp8_attention_min_tokens)
         self.tokenizer = Tokenizer(self.model_path)
         arch = self.runner.arch
         self.arch = arch

@@ -47,7 +47,7 @@ def linear_factory(precision: str, dtype: torch.dtype, device: torch.device):
 class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, block_size: int,
                  num_blocks: int | None, kv_cache_memory_gb: float, precision: str = "bf16",
-                 progress: bool = True, max_num_seqs: int | None = None):
+                 progress: bool = True, max_num_seqs: int | None = None, fp8_attention_min_tokens: int = 4096):
         self.device, self.dtype, self.block_size, self.precision = device, dtype, block_size, precision
         arch, weights = load_weights(model_path, dtype, progress=progress)
         self.arch: ModelArch = arch
@@ -58,7 +58,8 @@ class ModelRunner:
         self.num_blocks = num_blocks or max(16, int(kv_cache_memory_gb * 2**30) // per_block)
         self.kv_cache = torch.zeros(self.num_blocks, arch.num_layers, 2, block_size, arch.num_kv_heads,
                                     arch.head_dim, dtype=dtype, device=device)
-        self.backend = get_backend(device)
+        # the fp8 pool runs attention's matmuls in fp8 too, on long prompt chunks (kernels/attention_fp8.py)
+        self.backend = get_backend(device, fp8_min_tokens=fp8_attention_min_tokens if precision == "fp8" else None)
         self.graphs = self._decode_graphs(max_num_seqs or DEFAULT_GRAPH_MAX_BATCH)
 
     def _decode_graphs(self, max_batch: int):

@@ -18,6 +18,10 @@ from typing import Optional
 import torch
 
 FP8_MAX = 448.0
+LOG2E = 1.4426950408889634
+# the fp8 prefill attention's flat copy of the contexts starts each sequence at a multiple of this many
+# tokens (TMA reads from 16-byte aligned offsets); engine.attention.context_offsets lays it out
+CONTEXT_ALIGN = 16
 FP8_KV_EPS = 1e-8  # keeps an all-zero head from dividing by zero; its codes are then all zero
 
 
@@ -62,6 +66,56 @@ def paged_attention_fp8(q: torch.Tensor, kv_layer: torch.Tensor, kv_scales: torc
                         scale: float, max_query_len: int, max_seq_len: int) -> torch.Tensor:
     """paged_attention over an FP8 cache: K/V dequantized with their per-token-per-head scales."""
     return _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, scale)
+
+
+def prefill_attention_fp8(q: torch.Tensor, kv_layer: torch.Tensor, query_start_loc: torch.Tensor,
+                          seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """paged_attention with both matmuls on e4m3 operands: the fp8 prefill pool's attention (the cache
+    keeps its own dtype; only the matmuls' operands are quantized). Per sequence and kv head:
+      c_K, c_V = max(amax over the context, eps) / 448 per channel (head_dim element) of K and V;
+      k8 = e4m3(K / c_K), v8 = e4m3(V / c_V);
+      q8, s_q = per token-head e4m3 of q * c_K (s = max(amax, eps) / 448): K's channel scales ride on q,
+        q.k = (q * c_K).(k / c_K), which keeps the kernel's inner loop free of per-key scales;
+      S = (q8 k8^T) * s_q * scale * log2(e) in fp32 (log2 units), causal;
+      m = ceil(rowmax S): an integer, like the kernel's running maximum, so the kernel's P differs from
+        this one by exact powers of two only;
+      P = 2^(S - m + 8): up to 256, inside e4m3's range (probabilities below 2^-9 would flush to zero
+        without the 2^8); l = rowsum(P) in fp32; P8 = e4m3(P);
+      O = (P8 v8) * c_V / l.
+    """
+    out = torch.empty_like(q)
+    group = q.shape[1] // kv_layer.shape[3]
+    block_size = kv_layer.shape[2]
+    starts = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[i], starts[i + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        blocks = block_tables[i, : -(-seq_len // block_size)].long()
+        k8, c_k = quantize_fp8_per_channel(_gather(kv_layer, None, blocks, 0, seq_len))  # [ctx, Hkv, D], [Hkv, D]
+        v8, c_v = quantize_fp8_per_channel(_gather(kv_layer, None, blocks, 1, seq_len))
+        k8, v8 = k8.float().repeat_interleave(group, dim=1), v8.float().repeat_interleave(group, dim=1)
+        c_k, c_v = c_k.repeat_interleave(group, dim=0), c_v.repeat_interleave(group, dim=0)  # [Hq, D]
+        q8, s_q = quantize_fp8_per_head(q[q_start:q_end].float() * c_k)  # [n, Hq, D], [n, Hq]
+        q_scale = s_q.T * torch.tensor(scale * LOG2E, dtype=torch.float32, device=q.device)  # [Hq, n]
+        scores = torch.einsum("qhd,khd->hqk", q8.float(), k8) * q_scale[:, :, None]
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        p = torch.exp2(scores - (scores.amax(dim=-1, keepdim=True).ceil() - 8))  # [Hq, n, ctx]
+        p8 = p.to(torch.float8_e4m3fn).float()  # p <= 256: no clamp needed
+        o = torch.einsum("hqk,khd->qhd", p8, v8) * c_v[None] / p.sum(dim=-1).T[:, :, None]
+        out[q_start:q_end] = o.to(q.dtype)
+    return out
+
+
+def quantize_fp8_per_channel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, H, D] -> (e4m3 codes [T, H, D], fp32 scales [H, D]): s = max(amax over T, eps) / 448."""
+    xf = x.float()
+    fp8_max = torch.tensor(FP8_MAX, dtype=torch.float32, device=x.device)
+    scale = xf.abs().amax(dim=0).clamp_min(FP8_KV_EPS) / fp8_max
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):

@@ -49,9 +49,18 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # token budget of one scheduler step (chunked prefill)
     device: str = "auto"  # auto: cuda when available, else cpu
+    # an fp8 pool runs attention's matmuls in fp8 on steps whose longest prompt chunk has at least this many
+    # tokens (kernels/attention_fp8.py); 0: every step with a prompt chunk. Shorter chunks keep bf16
+    # attention: on an H100 the fp8 kernel is 1.4x faster at 8192 tokens, no faster at 2048
+    # (docs/bench/prefill.md), and every step it runs costs its numerics
+    fp8_attention_min_tokens: int = 4096
 
     def validate(self, at: str) -> None:
         _positive(at + ".block_size", self.block_size)
+        v = self.fp8_attention_min_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{at}.fp8_attention_min_tokens: expected an integer >= 0 (0: every prompt step), "
+                              f"got {v!r}")
         _positive(at + ".num_blocks", self.num_blocks, allow_none=True)
         _positive(at + ".kv_cache_memory_gb", self.kv_cache_memory_gb)
         _positive(at + ".max_num_seqs", self.max_num_seqs)

@@ -30,7 +30,7 @@ import torch
 
 from kv_transfer.sinks import sink_refresh_tokens
 from pdserve import eval_handoff as handoff
-from pdserve.config import KVTransferConfig
+from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence
 from pdserve.eval_prompts import PROMPTS
 
@@ -83,6 +83,7 @@ class Settings:
     ppl_prefix: int = 256
     ppl_tokens: int = 256
     refresh_sink_tokens: int = KVTransferConfig.refresh_sink_tokens  # 0: off
+    fp8_attention_min_tokens: int = EngineConfig.fp8_attention_min_tokens  # 0: every prompt step
 
     def validate(self) -> None:
         if not 0 <= self.num_prompts <= len(PROMPTS):
@@ -93,6 +94,8 @@ class Settings:
             raise EvalInputError("--ppl-windows must be >= 0, --ppl-prefix >= 2 and --ppl-tokens >= 1")
         if self.refresh_sink_tokens < 0:
             raise EvalInputError("--refresh-sink-tokens must be >= 0")
+        if self.fp8_attention_min_tokens < 0:
+            raise EvalInputError("--fp8-attention-min-tokens must be >= 0")
         if self.num_prompts == 0 and self.ppl_windows == 0:
             raise EvalInputError("nothing to measure: --num-prompts and --ppl-windows are both 0")
 
@@ -100,17 +103,18 @@ class Settings:
 class EnginePool:
     """One engine per precision, built on first use (`engines` pre-seeds it, e.g. in tests)."""
 
-    def __init__(self, model: str | None, dtype: str, num_blocks: int, engines: dict | None = None):
+    def __init__(self, model: str | None, dtype: str, num_blocks: int, engines: dict | None = None,
+                 fp8_attention_min_tokens: int = EngineConfig.fp8_attention_min_tokens):
         self.model, self.dtype, self.num_blocks = model, dtype, num_blocks
+        self.fp8_attention_min_tokens = fp8_attention_min_tokens
         self.engines = dict(engines or {})
 
     def get(self, precision: str):
         if precision not in self.engines:
             from engine.engine import LLMEngine
-            from pdserve.config import EngineConfig
 
-            self.engines[precision] = LLMEngine(self.model, self.dtype, EngineConfig(num_blocks=self.num_blocks),
-                                                precision=precision, progress=False)
+            config = EngineConfig(num_blocks=self.num_blocks, fp8_attention_min_tokens=self.fp8_attention_min_tokens)
+            self.engines[precision] = LLMEngine(self.model, self.dtype, config, precision=precision, progress=False)
         return self.engines[precision]
 
 
@@ -275,7 +279,8 @@ def run_eval(pool: EnginePool, configs: list[EvalConfig], settings: Settings, te
     out["settings"] = {"num_prompts": settings.num_prompts, "max_tokens": settings.max_tokens,
                        "ppl_windows": settings.ppl_windows, "ppl_prefix": settings.ppl_prefix,
                        "ppl_tokens": settings.ppl_tokens, "near_tie_logits": NEAR_TIE, "text": text_info,
-                       "refresh_sink_tokens": settings.refresh_sink_tokens}
+                       "refresh_sink_tokens": settings.refresh_sink_tokens,
+                       "fp8_attention_min_tokens": settings.fp8_attention_min_tokens}
     out["model"] = base.model_path
     out["dtype"] = str(base.dtype).removeprefix("torch.")
     out["device"] = describe_device(base.device)
@@ -307,6 +312,10 @@ def register(sub) -> None:
     e.add_argument("--refresh-sink-tokens", type=int, default=KVTransferConfig.refresh_sink_tokens,
                    help="first prompt tokens the decode side recomputes where the KV is not its own (fp8 wire "
                         "or P != D), as config kv_transfer.refresh_sink_tokens (0: off)")
+    e.add_argument("--fp8-attention-min-tokens", type=int, default=EngineConfig.fp8_attention_min_tokens,
+                   help="fp8 engines run attention's matmuls in fp8 on prompt chunks of at least this many tokens, "
+                        "as config engine.fp8_attention_min_tokens (0: every prompt step; the default leaves "
+                        "this harness's short prompts in bf16 attention)")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
                    help="compute dtype of every engine; auto: float32 on CPU, bfloat16 on CUDA")
     e.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
@@ -319,7 +328,8 @@ def command_line(args) -> str:
     parts = ["pdserve eval", f"--configs {args.configs}", f"--num-prompts {args.num_prompts}",
              f"--max-tokens {args.max_tokens}", f"--ppl-windows {args.ppl_windows}",
              f"--ppl-prefix {args.ppl_prefix}", f"--ppl-tokens {args.ppl_tokens}",
-             f"--refresh-sink-tokens {args.refresh_sink_tokens}", f"--dtype {args.dtype}"]
+             f"--refresh-sink-tokens {args.refresh_sink_tokens}",
+             f"--fp8-attention-min-tokens {args.fp8_attention_min_tokens}", f"--dtype {args.dtype}"]
     parts += [f"--{k} {v}" for k, v in (("model", args.model), ("text", args.text), ("out-dir", args.out_dir)) if v]
     return " ".join(parts)
 
@@ -331,7 +341,7 @@ def cmd_eval(args) -> int:
     from pdserve.eval_text import TextMissing, load_text
 
     settings = Settings(args.num_prompts, args.max_tokens, args.ppl_windows, args.ppl_prefix, args.ppl_tokens,
-                        args.refresh_sink_tokens)
+                        args.refresh_sink_tokens, args.fp8_attention_min_tokens)
     try:
         configs = parse_configs(args.configs)
         settings.validate()
@@ -343,7 +353,8 @@ def cmd_eval(args) -> int:
         raise CLIError(str(e), EXIT_BAD_INPUT) from None
     log = (lambda msg: print(f"eval: {msg}", file=sys.stderr, flush=True))
     try:
-        pool = EnginePool(args.model, args.dtype, pool_blocks(settings))
+        pool = EnginePool(args.model, args.dtype, pool_blocks(settings),
+                          fp8_attention_min_tokens=settings.fp8_attention_min_tokens)
         result = run_eval(pool, configs, settings, text, log)
     except ModelLoadError as e:
         raise CLIError(str(e), EXIT_MODEL) from None

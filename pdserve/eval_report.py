@@ -44,6 +44,11 @@ def table(result: dict) -> str:
         notes.append(f"sink refresh: where the KV is not the decode side's own (fp8 wire or P ≠ D), decode "
                      f"recomputes the first {s['refresh_sink_tokens']} prompt tokens (attention sinks) in its "
                      f"first step, as a decode worker does (kv_transfer.refresh_sink_tokens).")
+    if "fp8_attention_min_tokens" in s:
+        n = s["fp8_attention_min_tokens"]
+        where = "every prompt step" if n <= 1 else f"prompt chunks of at least {n} tokens"
+        notes.append(f"fp8 attention: engines at fp8 ran attention's two matmuls on e4m3 operands on {where} "
+                     f"(engine.fp8_attention_min_tokens), bf16/float32 attention elsewhere.")
     notes.append("flip rate: greedy generations (same prompts, from transferred KV) that differ from the "
                  "baseline's in any token; first flip at: median index of the first differing output token "
                  "among the flipped ones (0 = the first token, computed at the decode precision).")

@@ -60,3 +60,17 @@ def run_checks(checks: dict, other_errors: str) -> dict:
             last = str(e).splitlines()[-1][:300] if str(e) else ""
             results[name] = f"{other_errors}: {type(e).__name__}: {last}"
     return results
+
+
+def patch_interpreter_for_numpy2() -> None:
+    """Triton 3.6's interpreter turns a loop bound into an int with int(array), which NumPy >= 2.3 refuses
+    for its 1-element arrays (program ids are shape (1,)); take the element explicitly."""
+    import triton.runtime.interpreter as interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched

@@ -182,21 +182,8 @@ def test_gpu(name, dtype, tol):
     assert isinstance(err, float) and err <= tol, f"{name} {dtype}: {err} (seed {seed})"
 
 
-def _patch_interpreter_for_numpy2() -> None:
-    """Triton 3.6's interpreter turns a loop bound into an int with int(array), which NumPy >= 2.3 refuses
-    for its 1-element arrays (program ids are shape (1,)); take the element explicitly."""
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-
 
 if __name__ == "__main__":  # the interpreter subprocess: print {case: relative error} as JSON
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    _patch_interpreter_for_numpy2()
+    kernel_cases.patch_interpreter_for_numpy2()
     print(json.dumps(run_cases("cpu", torch.float32, sorted(CASES), int(sys.argv[1]))))

@@ -219,13 +219,13 @@ def test_interpreted_triton_wiring_matches_torch_path(tmp_path):
 def _interpreted(path: str) -> dict:
     """The CPU engine twice: torch path, then Triton ops + Triton attention + the graph runner with its
     replay done eagerly over the same padded static buffers (no CUDA here)."""
-    from test_attention_kernels import _patch_interpreter_for_numpy2
+    import kernel_cases
 
     from engine.gpu_attention import TritonAttention
     from engine.gpu_graphs import DecodeGraphs
     from engine.gpu_ops import TritonOps
 
-    _patch_interpreter_for_numpy2()
+    kernel_cases.patch_interpreter_for_numpy2()
 
     class EagerReplay:
         def __init__(self, graphs, bucket):

@@ -220,20 +220,8 @@ def test_gpu(name, dtype, tol):
     assert isinstance(err, float) and err <= tol, f"{name} {dtype}: {err} (seed {seed})"
 
 
-def _patch_interpreter_for_numpy2() -> None:
-    """See test_attention_kernels.py: Triton 3.6's interpreter vs NumPy >= 2.3 on loop bounds."""
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    _patch_interpreter_for_numpy2()
+    kernel_cases.patch_interpreter_for_numpy2()
     print(json.dumps(run_cases("cpu", torch.float32, sorted(CASES), int(sys.argv[1]))))

@@ -117,9 +117,9 @@ def test_bf16_teacher_forced_agreement():
 
 def _interpreted_tiny_model() -> dict:
     """Greedy tokens of a tiny fp32 model through the Triton ops (interpreted) and the torch ops."""
-    from test_attention_kernels import _patch_interpreter_for_numpy2
+    import kernel_cases
 
-    _patch_interpreter_for_numpy2()
+    kernel_cases.patch_interpreter_for_numpy2()
     from kernels import fused
     from kernels.random_llama import TORCH_OPS, LlamaShape, RandomLlama, greedy_generate
 
