@@ -9,7 +9,7 @@ token: the work of one prefill step. Precisions:
     bf16          TritonDenseLinear (cuBLAS) + the paged Triton prefill attention
     fp8           the fp8 pool as configured by default: W8A8 with the quantizers fused into RMSNorm and
                   SiLU*up, cuBLAS rowwise scaled_mm with fp32 accumulation; attention with both matmuls in
-                  fp8 (kernels/attention_fp8.py) from engine.fp8_attention_min_tokens (4096) prompt tokens,
+                  fp8 (kernels/attention_fp8.py) from engine.fp8_attention_min_tokens (2048) prompt tokens,
                   bf16 below
     fp8_fp8attn   fp8 with the fp8 attention at every length (fp8_attention_min_tokens 0)
     fp8_bf16attn  fp8 with the bf16 attention at every length (what the fp8 attention adds)
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
@@ -211,6 +212,45 @@ def bench_fp8_attention(q, kv, meta, tokens, flops, scale, log) -> list[dict]:
     return rows
 
 
+def bench_silu_mul_quant(arch, tokens_list, log) -> list[dict]:
+    """The fp8 pool's fused SiLU*up + quantizer over its launch candidates: rows in flight per SM (the
+    two-pass kernel's second read must hit L2), one pass from registers; sets the fastest."""
+    from kernels import triton_fp8
+
+    inter = arch.intermediate_size
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    two_pass = triton_fp8.row_launch(inter)
+    candidates = {f"two passes, {r} rows/SM, {w} warps": dict(two_pass, num_warps=w, PROGRAMS=sms * r)
+                  for r in (2, 4, 8, 16) for w in (4, 8)}
+    candidates["two passes, every row at once"] = dict(two_pass, PROGRAMS=1 << 20)
+    candidates["one pass, 32 warps"] = dict(BLOCK_K=triton.next_power_of_2(inter), K_TILES=1, ONE_PASS=True,
+                                            num_warps=32, PROGRAMS=1 << 20)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    rows, totals = [], {}
+    for t in tokens_list:
+        x = torch.randn(t, 2 * inter, generator=gen, device="cuda").to(torch.bfloat16)
+        ref = triton_fp8.silu_mul_quant_fp8(x, launch=candidates["two passes, every row at once"])
+        for name, launch in candidates.items():
+            out = triton_fp8.silu_mul_quant_fp8(x, launch=launch)
+            same = torch.equal(out[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(out[1], ref[1])
+            ms = graph_time_ms([lambda launch=launch: triton_fp8.silu_mul_quant_fp8(x, launch=launch)], reps=20)
+            row = dict(what="fp8 SiLU*up + quantizer", tokens=t, setting=name, us=ms * 1e3, same_bytes=same,
+                       GBps=t * inter * (4 + 1) / ms / 1e6)
+            rows.append(row)
+            log(json.dumps(row))
+            if same:
+                totals.setdefault(name, []).append(ms)
+    full = {k: sum(v) for k, v in totals.items() if len(v) == len(tokens_list)}
+    best = min(full, key=full.get)
+    launch = candidates[best]
+    if not launch["ONE_PASS"] and launch["PROGRAMS"] < 1 << 20:
+        triton_fp8.SILU_ROWS_PER_SM = launch["PROGRAMS"] // sms
+        triton_fp8.SILU_NUM_WARPS = launch["num_warps"]
+    log(json.dumps({"silu_mul_quant launch chosen": best, "engine default now": triton_fp8.silu_mul_launch(
+        inter, torch.device("cuda"))}))
+    return rows
+
+
 def build(precision: str, arch, weights):
     from engine.attention import get_backend
     from engine.model import LlamaModel
@@ -269,8 +309,6 @@ def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int =
                 return model.logits(hidden[-1:])
 
             row = dict(precision=precision, tokens=t, layers=layers, build_s=build_s)
-            if t == profile_tokens:
-                kernel_profile(forward, log, f"{precision} {t} tokens")
             try:
                 with torch.no_grad():
                     row["eager_ms"] = eager_time_ms(forward, warmup=2, reps=7)
@@ -286,10 +324,25 @@ def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int =
         torch.cuda.empty_cache()
     quant_linear.FUSE_PRODUCERS, quant_linear.FP8_FAST_ACCUM = True, False
     add_ratios(rows, outputs)
+    if profile_tokens:  # after every timing: the profiler slows the launches of later eager runs
+        meta = build_metadata([profile_tokens], [profile_tokens], [list(range(-(-profile_tokens // bs)))], bs,
+                              torch.device("cuda"))
+        pos = torch.arange(profile_tokens, device="cuda")
+        ids_p = torch.randint(3, arch.vocab_size, (profile_tokens,), generator=gen, device="cuda")
+        for precision in PRECISIONS:
+            quant_linear.FUSE_PRODUCERS = precision != "fp8_unfused"
+            quant_linear.FP8_FAST_ACCUM = precision == "fp8_fastacc"
+            model, backend = build(precision, arch, weights)
+            with torch.no_grad():
+                model(ids_p, pos, kv_cache, meta, backend)  # compiled before the profile
+            kernel_profile(lambda: model.logits(model(ids_p, pos, kv_cache, meta, backend)[-1:]), log,
+                           f"{precision} {profile_tokens} tokens")
+            del model, backend
+        quant_linear.FUSE_PRODUCERS, quant_linear.FP8_FAST_ACCUM = True, False
     return rows
 
 
-def markdown(env, attn_rows, best, fwd_rows) -> str:
+def markdown(env, attn_rows, best, fwd_rows, silu_rows=()) -> str:
     lines = [f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}", "",
              "### Prefill attention alone (one layer, causal, 32 query / 8 KV heads, head_dim 128)", "",
              "| kernel | tokens | tile (BLOCK_M, BLOCK_N, warps, stages[, loads, fp32 accumulation]) | ms | TFLOP/s "
@@ -307,7 +360,11 @@ def markdown(env, attn_rows, best, fwd_rows) -> str:
             lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | error: {r['error'][:60]} | | |")
         else:
             lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | {r['ms']:.3f} | {r['TFLOPs']:.0f} | {err} |")
-    lines += ["", f"Chosen tiles: {best}", "",
+    lines += ["", f"Chosen tiles: {best}", "", "### fp8 SiLU*up + quantizer (Llama-3-8B's 14336-wide rows)", "",
+              "| tokens | launch | us | GB/s | bytes equal to the two-pass launch |", "|---|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['setting']} | {r['us']:.1f} | {r['GBps']:.0f} | {r['same_bytes']} |"
+              for r in silu_rows]
+    lines += ["",
               f"### Prefill forward, {fwd_rows[0]['layers']} Llama-3-8B layers + LM head of the last token "
               "(tokens/s; x = vs bf16 in the same run)", "",
               "| precision | tokens | eager ms | eager tok/s | x | graph ms | graph tok/s | x | rel. err vs bf16 |",
@@ -331,8 +388,6 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="T",
                     help="also print each precision's top kernels (torch.profiler, eager) at T tokens")
     args = ap.parse_args()
-    import triton
-
     from engine.model_config import arch_from_hf_config
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -344,6 +399,8 @@ def main() -> None:
         log_file.flush()
 
     tokens = [int(t) for t in args.tokens.split(",")]
+    if args.profile and args.profile not in tokens:
+        ap.error("--profile T needs T among --tokens")
     cfg = dict(LLAMA3_8B, num_hidden_layers=args.layers, max_position_embeddings=max(8192, max(tokens)))
     arch = arch_from_hf_config(cfg)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -352,10 +409,12 @@ def main() -> None:
     attn_rows, best = bench_attention(arch, [t for t in tokens if t >= 2048] or tokens, log)
     if args.attention_only:
         return
+    silu_rows = bench_silu_mul_quant(arch, tokens, log)
     weights = random_weights(cfg, torch.bfloat16)
     fwd_rows = bench_forward(arch, weights, tokens, args.layers, log, args.profile)
-    md = markdown(env, attn_rows, best, fwd_rows)
-    (args.out / "bench_prefill.json").write_text(json.dumps(dict(env=env, attention=attn_rows, best_tiles=best,
+    md = markdown(env, attn_rows, best, fwd_rows, silu_rows)
+    (args.out / "bench_prefill.json").write_text(json.dumps(dict(env=env, attention=attn_rows, silu_mul_quant=silu_rows,
+                                                                 best_tiles=best,
                                                                  forward=fwd_rows), indent=1))
     (args.out / "bench_prefill.md").write_text(md)
     print(md)

@@ -47,7 +47,7 @@ def linear_factory(precision: str, dtype: torch.dtype, device: torch.device):
 class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, block_size: int,
                  num_blocks: int | None, kv_cache_memory_gb: float, precision: str = "bf16",
-                 progress: bool = True, max_num_seqs: int | None = None, fp8_attention_min_tokens: int = 4096):
+                 progress: bool = True, max_num_seqs: int | None = None, fp8_attention_min_tokens: int = 2048):
         self.device, self.dtype, self.block_size, self.precision = device, dtype, block_size, precision
         arch, weights = load_weights(model_path, dtype, progress=progress)
         self.arch: ModelArch = arch

@@ -1,18 +1,19 @@
 """FP8 W8A8 on the GPU: the fused per-token activation quantizer (Triton) and the GEMM with the
 scale epilogue. Reference: kernels/fp8.py.
 
-The e4m3 rounding is done in fp32 arithmetic (e4m3_rne) and only then cast, so the cast is exact:
-the hardware cast on sm_89+ is round-to-nearest-even too, but Triton's interpreter (CPU CI) rounds
-ties away from zero, and one code path checked in both places is worth a few ALU ops in a
-memory-bound kernel.
+e4m3 rounding: on the GPU the hardware cast (cvt.rn.satfinite, sm_89+) rounds to nearest even, as
+the reference does; Triton's interpreter (CPU CI) rounds ties away from zero, so there e4m3_rne rounds
+in fp32 arithmetic first and the cast is exact. The fused SiLU*up quantizer is bound by instructions,
+not bytes (docs/bench/prefill.md), which is why the GPU does not run the emulation too.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
-
-from kernels.fp8 import E4M3_MAX
 
 # 1.5 * 2**23: adding and subtracting it rounds an fp32 in [-2**22, 2**22] to an integer, ties to even.
 RINT_MAGIC = tl.constexpr(12582912.0)
@@ -34,10 +35,18 @@ def e4m3_rne(v):
     return r * exp2_int(quantum_exp)
 
 
+HW_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
 @triton.jit
 def fp8_codes(x, s):
     """e4m3 codes of fp32 x at scale s: e4m3_rne(clamp(x/s)), no -0 (see kernels/fp8.py)."""
-    r = e4m3_rne(tl.minimum(tl.abs(tl.math.div_rn(x, s)), 448.0))
+    a = tl.minimum(tl.abs(tl.math.div_rn(x, s)), 448.0)
+    if HW_E4M3:
+        # the cast rounds like e4m3_rne; a magnitude <= 2^-10 rounds to zero, which must not come out -0
+        r = tl.where(a <= 0.0009765625, 0.0, a)
+    else:
+        r = e4m3_rne(a)
     return tl.where((x < 0) & (r > 0), -r, r).to(tl.float8e4nv)
 
 
@@ -154,29 +163,32 @@ def silu_mul(x_row, offs, mask, INTER):
 
 
 @triton.jit
-def silu_mul_quant_kernel(x_ptr, codes_ptr, scale_ptr, INTER, stride_x, stride_c,
-                          BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_PASS: tl.constexpr):
-    """Wide rows (Llama's 14336) take two passes: amax, then recompute and store; the second read
-    of the row mostly hits L2."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    c_row = codes_ptr + row * stride_c
+def silu_mul_quant_kernel(x_ptr, codes_ptr, scale_ptr, M, INTER, stride_x, stride_c,
+                          BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_PASS: tl.constexpr,
+                          PROGRAMS: tl.constexpr):
+    """Rows row = program, program + PROGRAMS, ... Wide rows (Llama's 14336) take two passes: amax, then
+    recompute and store. The second read must come from L2: PROGRAMS bounds the rows in flight (every
+    row at once would be 2048 x 57 KB, more than an H100's 50 MB of L2)."""
     offs = tl.arange(0, BLOCK_K)
-    if ONE_PASS:
-        mask = offs < INTER
-        store_fp8_row(silu_mul(x_row, offs, mask, INTER), mask, offs, c_row, scale_ptr, row)
-    else:
-        acc = tl.zeros((BLOCK_K,), tl.float32)
-        for kt in range(K_TILES):
-            mask = (kt * BLOCK_K + offs) < INTER
-            acc = tl.maximum(acc, tl.abs(silu_mul(x_row + kt * BLOCK_K, offs, mask, INTER)))
-        s = tl.math.div_rn(tl.max(acc, axis=0), 448.0)
-        s = tl.where(s > 0, s, 1.0)
-        tl.store(scale_ptr + row, s)
-        for kt in range(K_TILES):
-            mask = (kt * BLOCK_K + offs) < INTER
-            h = silu_mul(x_row + kt * BLOCK_K, offs, mask, INTER)
-            tl.store(c_row + kt * BLOCK_K + offs, fp8_codes(h, s), mask=mask)
+    first = tl.program_id(0).to(tl.int64)
+    for row in range(first, M, PROGRAMS):
+        x_row = x_ptr + row * stride_x
+        c_row = codes_ptr + row * stride_c
+        if ONE_PASS:
+            mask = offs < INTER
+            store_fp8_row(silu_mul(x_row, offs, mask, INTER), mask, offs, c_row, scale_ptr, row)
+        else:
+            acc = tl.zeros((BLOCK_K,), tl.float32)
+            for kt in range(K_TILES):
+                mask = (kt * BLOCK_K + offs) < INTER
+                acc = tl.maximum(acc, tl.abs(silu_mul(x_row + kt * BLOCK_K, offs, mask, INTER)))
+            s = tl.math.div_rn(tl.max(acc, axis=0), 448.0)
+            s = tl.where(s > 0, s, 1.0)
+            tl.store(scale_ptr + row, s)
+            for kt in range(K_TILES):
+                mask = (kt * BLOCK_K + offs) < INTER
+                h = silu_mul(x_row + kt * BLOCK_K, offs, mask, INTER)
+                tl.store(c_row + kt * BLOCK_K + offs, fp8_codes(h, s), mask=mask)
 
 
 # widest row rms_norm_quant_fp8 takes: the row is held in registers by one program
@@ -204,14 +216,38 @@ def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
     return (codes, scale) if residual is None else (codes, scale, new_res)
 
 
-def silu_mul_quant_fp8(x: torch.Tensor, codes=None, scale=None):
-    """fp8 rows of silu(x[:, :I]) * x[:, I:] (rounded to x.dtype first, as the unfused pair does)."""
+def silu_mul_launch(inter: int, device: torch.device) -> dict:
+    """silu_mul_quant_kernel's launch: two passes over rows wider than FP8_ONE_PASS_MAX, with at most
+    SILU_ROWS_PER_SM rows in flight per SM (benchmarks/bench_prefill.py measures the candidates)."""
+    launch = row_launch(inter)
+    launch["PROGRAMS"] = (_sm_count(device.index or 0) if device.type == "cuda" else 4) * SILU_ROWS_PER_SM
+    if not launch["ONE_PASS"]:
+        launch["num_warps"] = SILU_NUM_WARPS
+    return launch
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# H100, 14336-wide rows (docs/bench/prefill.md): 8 rows per SM and 8 warps, 94 us at 2048 tokens and 338 at
+# 8192, against 106 and 367 with every row in flight at once (the second pass then misses L2)
+SILU_ROWS_PER_SM = 8
+SILU_NUM_WARPS = 8
+
+
+def silu_mul_quant_fp8(x: torch.Tensor, codes=None, scale=None, launch: dict | None = None):
+    """fp8 rows of silu(x[:, :I]) * x[:, I:] (rounded to x.dtype first, as the unfused pair does).
+    launch: silu_mul_quant_kernel's launch keywords (benchmarks); default silu_mul_launch(I)."""
     m, width = x.shape
     inter = width // 2
     assert x.stride(-1) == 1
     codes, scale = _outputs(m, inter, x.device, codes, scale)
     if m:
-        silu_mul_quant_kernel[(m,)](x, codes, scale, inter, x.stride(0), codes.stride(0), **row_launch(inter))
+        launch = dict(launch or silu_mul_launch(inter, x.device))
+        launch["PROGRAMS"] = min(launch["PROGRAMS"], m)
+        silu_mul_quant_kernel[(launch["PROGRAMS"],)](x, codes, scale, m, inter, x.stride(0), codes.stride(0), **launch)
     return codes, scale
 
 

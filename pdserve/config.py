@@ -51,9 +51,9 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     # an fp8 pool runs attention's matmuls in fp8 on steps whose longest prompt chunk has at least this many
     # tokens (kernels/attention_fp8.py); 0: every step with a prompt chunk. Shorter chunks keep bf16
-    # attention: on an H100 the fp8 kernel is 1.4x faster at 8192 tokens, no faster at 2048
-    # (docs/bench/prefill.md), and every step it runs costs its numerics
-    fp8_attention_min_tokens: int = 4096
+    # attention: on an H100 the fp8 kernel is 1.4x faster at 8192 tokens, 1.1x at 2048, and at 512 its
+    # three launches cost more host time than it saves (docs/bench/prefill.md)
+    fp8_attention_min_tokens: int = 2048
 
     def validate(self, at: str) -> None:
         _positive(at + ".block_size", self.block_size)

@@ -373,4 +373,5 @@ def test_engine_fp8_prefill_fused_matches_unfused():
 
 
 if __name__ == "__main__":  # child process of interpreter_results, TRITON_INTERPRET=1
+    kernel_cases.patch_interpreter_for_numpy2()
     print(json.dumps(kernel_cases.run_checks(INTERP_CHECKS, "error")))
