@@ -5,7 +5,7 @@ of Llama-3-8B it is ~13% of the FLOPs but ~28% of the fp8 forward's time (docs/b
 numerics are kernels.reference.prefill_attention_fp8's; the KV cache keeps its own dtype (it is what the
 decode side receives), only the operands of the two matmuls are quantized.
 
-Three kernels per layer, the first two cheap passes over the context (~5% of the attention at 8192 tokens):
+Three kernels per layer, the first two cheap passes over the context (~8% of the attention at 8192 tokens):
   _tile_amax_kernel  per-channel maxima of |K| and |V| over each tile of tokens, gathered from the paged
       cache;
   _quantize_context_kernel  reduces those to per (sequence, kv head) channel scales and writes e4m3 codes,
@@ -15,7 +15,11 @@ Three kernels per layer, the first two cheap passes over the context (~5% of the
       as the BF16 kernel's: K's ride on q (quantized per token-head on load), V's are applied once to
       the output. P is scaled by 2^8 through the exponent (free) so it uses e4m3's range. The P @ V
       partial sums go into the fp32 accumulator once per tile (max_num_imprecise_acc): Hopper's FP8 MMA
-      accumulates with fewer bits than fp32 across tiles.
+      accumulates with fewer bits than fp32 across tiles. Within a tile it still does, for QK^T too: on
+      an H100 the bf16 output is 3.9e-3 from the reference (P's e4m3 rounding moves with the scores), so
+      fp32 outputs run the same e4m3 operands on the bf16 tensor cores instead (EXACT_SUMS).
+Speed on an H100 (docs/bench/prefill.md): 542 TFLOP/s at 8192 tokens against 387 for the bf16 kernel; at 512
+tokens its three launches cost more host time than it saves, hence engine.fp8_attention_min_tokens.
 """
 from __future__ import annotations
 
@@ -218,7 +222,8 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# benchmarks/bench_prefill.py measures candidates on the GPU; this is its choice on an H100
+# benchmarks/bench_prefill.py measures candidates on the GPU; this is its choice on an H100 (128-row tiles on
+# 8 warps need 255 registers a thread and were 20% slower; TMA loads 1.8-2.5x faster than pointer loads)
 PREFILL_FP8_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, TMA=True, ACC_EVERY=128,
                           QK_ACC_EVERY=0)
 # H100: 128/64 took 24 us at 2048 tokens and 81 at 8192; 256/128 took 39 and 140 (bigger tiles spill)

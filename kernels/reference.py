@@ -85,14 +85,8 @@ def prefill_attention_fp8(q: torch.Tensor, kv_layer: torch.Tensor, query_start_l
     """
     out = torch.empty_like(q)
     group = q.shape[1] // kv_layer.shape[3]
-    block_size = kv_layer.shape[2]
-    starts = query_start_loc.tolist()
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        q_start, q_end = starts[i], starts[i + 1]
+    for q_start, q_end, seq_len, blocks in _sequences(query_start_loc, seq_lens, block_tables, kv_layer.shape[2]):
         q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        blocks = block_tables[i, : -(-seq_len // block_size)].long()
         k8, c_k = quantize_fp8_per_channel(_gather(kv_layer, None, blocks, 0, seq_len))  # [ctx, Hkv, D], [Hkv, D]
         v8, c_v = quantize_fp8_per_channel(_gather(kv_layer, None, blocks, 1, seq_len))
         k8, v8 = k8.float().repeat_interleave(group, dim=1), v8.float().repeat_interleave(group, dim=1)
@@ -189,18 +183,19 @@ def _gather(kv_layer, kv_scales, blocks, index, seq_len):
     return x
 
 
-def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, scale):
-    out = torch.empty_like(q)
-    num_q_heads, num_kv_heads = q.shape[1], kv_layer.shape[3]
-    group = num_q_heads // num_kv_heads
-    block_size = kv_layer.shape[2]
+def _sequences(query_start_loc, seq_lens, block_tables, block_size):
+    """(q_start, q_end, seq_len, its blocks) of every sequence with query tokens this step."""
     starts = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
-        q_start, q_end = starts[i], starts[i + 1]
+        if starts[i + 1] > starts[i]:
+            yield starts[i], starts[i + 1], seq_len, block_tables[i, : -(-seq_len // block_size)].long()
+
+
+def _attention(q, kv_layer, kv_scales, query_start_loc, seq_lens, block_tables, scale):
+    out = torch.empty_like(q)
+    group = q.shape[1] // kv_layer.shape[3]
+    for q_start, q_end, seq_len, blocks in _sequences(query_start_loc, seq_lens, block_tables, kv_layer.shape[2]):
         q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        blocks = block_tables[i, : -(-seq_len // block_size)].long()
         k = _gather(kv_layer, kv_scales, blocks, 0, seq_len).repeat_interleave(group, dim=1)
         v = _gather(kv_layer, kv_scales, blocks, 1, seq_len).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * scale
