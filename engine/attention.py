@@ -13,6 +13,7 @@ with seq_len 0 attends over nothing. The Triton backend is in engine/gpu_attenti
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +35,21 @@ class AttentionMetadata:
     seq_lens_list: list | None
     block_tables_list: list | None
     block_size: int
-    # where each sequence's context starts in one flat copy of all contexts, and its length (host int): the
-    # fp8 pool's prefill attention quantizes the contexts into such a copy (kernels/attention_fp8.py)
-    context_start_loc: torch.Tensor | None = None
-    total_context: int = 0
 
     @property
     def decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    # Where each sequence's context starts in one flat copy of all contexts, and the copy's length: the fp8
+    # pool's prefill attention quantizes the contexts into such a copy (kernels/attention_fp8.py). Built
+    # on first use, so the steps of every other pool do not pay for it.
+    @functools.cached_property
+    def context_start_loc(self) -> torch.Tensor:
+        return torch.tensor(context_offsets(self.seq_lens_list)[0], dtype=torch.int32, device=self.seq_lens.device)
+
+    @functools.cached_property
+    def total_context(self) -> int:
+        return context_offsets(self.seq_lens_list)[1]
 
 
 def slot(table: list[int], position: int, block_size: int) -> int:
@@ -67,7 +75,6 @@ def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[li
              for p in range(ctx - n, ctx)]
     width = max(len(t) for t in block_tables)
     padded = [t + [0] * (width - len(t)) for t in block_tables]
-    starts, total = context_offsets(seq_lens)
     return AttentionMetadata(
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
@@ -79,8 +86,6 @@ def build_metadata(q_lens: list[int], seq_lens: list[int], block_tables: list[li
         seq_lens_list=list(seq_lens),
         block_tables_list=[list(t) for t in block_tables],
         block_size=block_size,
-        context_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        total_context=total,
     )
 
 

@@ -14,6 +14,7 @@ from engine.loader import load_weights
 from engine.model import DenseLinear, LlamaModel
 from engine.model_config import ModelArch
 from engine.scheduler import ScheduledBatch
+from pdserve.config import EngineConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_GRAPH_MAX_BATCH = 256  # largest decode batch replayed from a graph when max_num_seqs is not given
@@ -47,7 +48,8 @@ def linear_factory(precision: str, dtype: torch.dtype, device: torch.device):
 class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, block_size: int,
                  num_blocks: int | None, kv_cache_memory_gb: float, precision: str = "bf16",
-                 progress: bool = True, max_num_seqs: int | None = None, fp8_attention_min_tokens: int = 2048):
+                 progress: bool = True, max_num_seqs: int | None = None,
+                 fp8_attention_min_tokens: int = EngineConfig.fp8_attention_min_tokens):
         self.device, self.dtype, self.block_size, self.precision = device, dtype, block_size, precision
         arch, weights = load_weights(model_path, dtype, progress=progress)
         self.arch: ModelArch = arch

@@ -2,7 +2,8 @@
 chart renders from its values; unknown keys are errors, so a typo never silently becomes a default.
 
     model:       {path, dtype, max_model_len}
-    engine:      {block_size, num_blocks, kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens, device}
+    engine:      {block_size, num_blocks, kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens, device,
+                  fp8_attention_min_tokens}
     prefill:     {replicas, precision, num_gpus, num_cpus, resources}
     decode:      {replicas, precision, num_gpus, num_cpus, resources}
     kv_transfer: {dtype, backend, lease_seconds, refresh_sink_tokens}
@@ -57,10 +58,7 @@ class EngineConfig:
 
     def validate(self, at: str) -> None:
         _positive(at + ".block_size", self.block_size)
-        v = self.fp8_attention_min_tokens
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{at}.fp8_attention_min_tokens: expected an integer >= 0 (0: every prompt step), "
-                              f"got {v!r}")
+        _count(at + ".fp8_attention_min_tokens", self.fp8_attention_min_tokens, "0: every prompt step")
         _positive(at + ".num_blocks", self.num_blocks, allow_none=True)
         _positive(at + ".kv_cache_memory_gb", self.kv_cache_memory_gb)
         _positive(at + ".max_num_seqs", self.max_num_seqs)
@@ -100,9 +98,7 @@ class KVTransferConfig:
         _choice(at + ".dtype", self.dtype, KV_WIRE_DTYPES)
         _choice(at + ".backend", self.backend, ("nixl", "tcp-fallback"))
         _positive(at + ".lease_seconds", self.lease_seconds)
-        v = self.refresh_sink_tokens
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{at}.refresh_sink_tokens: expected an integer >= 0 (0 disables), got {v!r}")
+        _count(at + ".refresh_sink_tokens", self.refresh_sink_tokens, "0 disables")
 
 
 @dataclass
@@ -260,6 +256,12 @@ def _coerce(tp, value, at: str):
 def _choice(at: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{at}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _count(at: str, value, zero_means: str) -> None:
+    """An integer >= 0, where 0 means `zero_means`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{at}: expected an integer >= 0 ({zero_means}), got {value!r}")
 
 
 def _positive(at: str, value, allow_none: bool = False) -> None:
