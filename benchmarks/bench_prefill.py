@@ -225,10 +225,10 @@ def bench_silu_mul_quant(arch, tokens_list, log) -> list[dict]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     two_pass = triton_fp8.row_launch(inter)
     candidates = {f"two passes, {r} rows/SM, {w} warps": dict(two_pass, num_warps=w, PROGRAMS=sms * r)
-                  for r in (2, 4, 8, 16) for w in (4, 8)}
+                  for r in (2, 3, 4, 6, 8) for w in (4, 8)}
     candidates["two passes, every row at once"] = dict(two_pass, PROGRAMS=1 << 20)
-    candidates["one pass, 32 warps"] = dict(BLOCK_K=triton.next_power_of_2(inter), K_TILES=1, ONE_PASS=True,
-                                            num_warps=32, PROGRAMS=1 << 20)
+    candidates["one pass, 2 rows/SM, 16 warps"] = dict(BLOCK_K=triton.next_power_of_2(inter), K_TILES=1,
+                                                       ONE_PASS=True, num_warps=16, PROGRAMS=sms * 2)
     gen = torch.Generator(device="cuda").manual_seed(3)
     rows, totals = [], {}
     for t in tokens_list:

@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fused import launch_options, wait_for_predecessor
 from kernels.reference import CONTEXT_ALIGN, FP8_KV_EPS, LOG2E
-from kernels.triton_fp8 import e4m3_rne, fp8_codes
+from kernels.triton_fp8 import divisor, e4m3_rne, fp8_codes
 
 
 @triton.jit
@@ -50,13 +51,16 @@ def _context_tile(kv_ptr, bt_ptr, seq, kv_head, t_block, seq_len, which, s_blk, 
 def _quant_rows(x, eps):
     """Per-row e4m3 codes and scales of an fp32 tile [R, D] (s = max(amax, eps) / 448)."""
     s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), eps), 448.0)
-    return fp8_codes(x, s[:, None]), s
+    sk, r, k = divisor(s[:, None])
+    return fp8_codes(x, sk, r, k), s
 
 
 @triton.jit
 def _tile_amax_kernel(kv_ptr, bt_ptr, seq_lens_ptr, part_ptr, s_blk, s_kv, s_pos, s_head, s_bt, num_kv_heads,
-                      num_tiles, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr):
+                      num_tiles, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                      PDL: tl.constexpr):
     """Per-channel maxima of |K| and |V| over one tile of tokens: part[seq, kv_head, tile, which, :]."""
+    wait_for_predecessor(PDL)
     t_block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -89,7 +93,8 @@ def _channel_scale_from_parts(part_ptr, which, seq, kv_head, seq_len, num_kv_hea
 def _quantize_context_kernel(kv_ptr, bt_ptr, seq_lens_ptr, ctx_start_ptr, part_ptr, scale_ptr, k8_ptr, vt_ptr,
                              s_blk, s_kv, s_pos, s_head, s_bt, s_k8t, s_vth, s_vtd, batch, num_kv_heads, num_tiles,
                              eps, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                             AMAX_T: tl.constexpr, TILES: tl.constexpr, ALIGN: tl.constexpr):
+                             AMAX_T: tl.constexpr, TILES: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     t_block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -106,7 +111,8 @@ def _quantize_context_kernel(kv_ptr, bt_ptr, seq_lens_ptr, ctx_start_ptr, part_p
             tl.store(scale_ptr + ((which * batch + seq) * num_kv_heads + kv_head) * HEAD_DIM + dims, scale)
         x, offs = _context_tile(kv_ptr, bt_ptr, seq, kv_head, t_block, seq_len, which, s_blk, s_kv, s_pos, s_head,
                                 s_bt, HEAD_DIM, BLOCK_SIZE, BLOCK_T)
-        codes = fp8_codes(x, scale[None, :])
+        sk, r, k = divisor(scale[None, :])
+        codes = fp8_codes(x, sk, r, k)
         dst = ctx_start + offs
         keep = (offs < aligned_len)[:, None]
         if which == 0:
@@ -173,7 +179,8 @@ def _prefill_fp8_kernel(q_ptr, qsl_ptr, seq_lens_ptr, ctx_start_ptr, scale_ptr, 
                         out_ptr, s_qt, s_qh, s_k8t, s_vth, s_vtd, s_ot, s_oh, batch, num_kv_heads, qk_scale, eps,
                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         TMA: tl.constexpr, ACC_EVERY: tl.constexpr, QK_ACC_EVERY: tl.constexpr,
-                        EXACT_SUMS: tl.constexpr, INTERPRETED: tl.constexpr):
+                        EXACT_SUMS: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     # the longest-running query tiles (last, most keys under the causal mask) start first; not in Triton's
     # interpreter, whose num_programs is not a scalar
     m_block = tl.program_id(0) if INTERPRETED else tl.num_programs(0) - 1 - tl.program_id(0)
@@ -251,12 +258,12 @@ def quantize_context(kv_layer: torch.Tensor, seq_lens: torch.Tensor, block_table
     if total_context:
         _tile_amax_kernel[(num_tiles, batch, num_kv_heads)](
             kv_layer, block_tables, seq_lens, parts, *strides, num_kv_heads, num_tiles, HEAD_DIM=head_dim,
-            BLOCK_SIZE=block_size, BLOCK_T=amax_t, num_warps=4)
+            BLOCK_SIZE=block_size, BLOCK_T=amax_t, num_warps=4, **launch_options(dev))
         _quantize_context_kernel[(triton.cdiv(max_seq_len, quant_t), batch, num_kv_heads)](
             kv_layer, block_tables, seq_lens, context_start_loc, parts, scales, k8, vt, *strides,
             num_kv_heads * head_dim, vt.stride(0), vt.stride(1), batch, num_kv_heads, num_tiles, FP8_KV_EPS,
             HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_T=quant_t, AMAX_T=amax_t,
-            TILES=min(64, triton.next_power_of_2(num_tiles)), ALIGN=CONTEXT_ALIGN, num_warps=4)
+            TILES=min(64, triton.next_power_of_2(num_tiles)), ALIGN=CONTEXT_ALIGN, num_warps=4, **launch_options(dev))
     return k8, vt, scales
 
 
@@ -300,5 +307,5 @@ def prefill_attention_fp8(q: torch.Tensor, kv_layer: torch.Tensor, query_start_l
         q, query_start_loc, seq_lens, context_start_loc, scales, k8, vt, k_desc, v_desc, out,
         q.stride(0), q.stride(1), k8.stride(0), vt.stride(0), vt.stride(1), out.stride(0), out.stride(1),
         batch, num_kv_heads, scale * LOG2E, FP8_KV_EPS, GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
-        INTERPRETED=_interpreted(), **cfg)
+        INTERPRETED=_interpreted(), **cfg, **launch_options(q.device))
     return out

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fused import launch_options, wait_for_predecessor
+
 # 1.5 * 2**23: adding and subtracting it rounds an fp32 in [-2**22, 2**22] to an integer, ties to even.
 RINT_MAGIC = tl.constexpr(12582912.0)
 
@@ -38,33 +40,72 @@ def e4m3_rne(v):
 HW_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
+# A divisor below 2**-60 (rows whose amax is below ~4e-16) is lifted by 2**100 with its dividends:
+# exact power-of-two scalings that keep the residual of quotient_rn's correction out of fp32's
+# subnormals, where the correction would stop being exact.
+TINY_DIVISOR = tl.constexpr(8.673617379884035e-19)  # 2**-60
+LIFT = tl.constexpr(1.2676506002282294e30)  # 2**100
+
+
 @triton.jit
-def fp8_codes(x, s):
-    """e4m3 codes of fp32 x at scale s: e4m3_rne(clamp(x/s)), no -0 (see kernels/fp8.py)."""
-    a = tl.minimum(tl.abs(tl.math.div_rn(x, s)), 448.0)
+def divisor(s):
+    """What fp8_codes divides by, prepared once per row (or channel): (s * k, div_rn(1, s * k), k)."""
+    k = tl.where(s < TINY_DIVISOR, LIFT, 1.0)
+    sk = s * k
+    return sk, tl.math.div_rn(1.0, sk), k
+
+
+@triton.jit
+def quotient_rn(x, sk, r, k):
+    """div_rn(x, s) for (sk, r, k) = divisor(s), without a division per element: q = x r is within an ulp
+    of x / s, and one residual correction (exact in an fma) makes it the correctly rounded quotient
+    (Markstein's theorem, r = RN(1/s)) unless the residual is subnormal. That only happens for quotients
+    below 2^-24, which come out below 2^-11 and quantize to 0 all the same (tests/test_quant_kernels_gpu.py
+    checks both on every bf16 value). div_rn expands per element into a reciprocal, a range check and a
+    slow-path branch: 44 registers a thread in the SiLU*up quantizer against 32. On the GPU only: the
+    interpreter's fma rounds twice."""
+    xk = x * k
+    if HW_E4M3:
+        q = xk * r
+        return tl.fma(tl.fma(-q, sk, xk), r, q)
+    else:
+        return tl.math.div_rn(xk, sk)
+
+
+@triton.jit
+def fp8_codes(x, sk, r, k):
+    """e4m3 codes of fp32 x at scale s, (sk, r, k) = divisor(s): e4m3_rne(clamp(x/s)), no -0 (see
+    kernels/fp8.py)."""
+    a = tl.minimum(tl.abs(quotient_rn(x, sk, r, k)), 448.0)
     if HW_E4M3:
         # the cast rounds like e4m3_rne; a magnitude <= 2^-10 rounds to zero, which must not come out -0
-        r = tl.where(a <= 0.0009765625, 0.0, a)
+        m = tl.where(a <= 0.0009765625, 0.0, a)
     else:
-        r = e4m3_rne(a)
-    return tl.where((x < 0) & (r > 0), -r, r).to(tl.float8e4nv)
+        m = e4m3_rne(a)
+    return tl.where((x < 0) & (m > 0), -m, m).to(tl.float8e4nv)
+
+
+@triton.jit
+def row_scale(amax):
+    s = tl.math.div_rn(amax, 448.0)
+    return tl.where(s > 0, s, 1.0)
 
 
 @triton.jit
 def store_fp8_row(x, mask, offs, c_row, scale_ptr, row):
     """Quantize one row held in registers (fp32, masked lanes 0) and store codes and scale."""
-    amax = tl.max(tl.abs(x), axis=0)
-    s = tl.math.div_rn(amax, 448.0)
-    s = tl.where(s > 0, s, 1.0)
+    s = row_scale(tl.max(tl.abs(x), axis=0))
     tl.store(scale_ptr + row, s)
-    tl.store(c_row + offs, fp8_codes(x, s), mask=mask)
+    sk, r, k = divisor(s)
+    tl.store(c_row + offs, fp8_codes(x, sk, r, k), mask=mask)
 
 
 @triton.jit
 def quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c,
-                         BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_PASS: tl.constexpr):
+                         BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr):
     """One program per row: amax, s = amax/448 (1 if 0), codes = e4m3(clamp(x/s)). When the row
     fits one tile (ONE_PASS) it is read once; otherwise the second read is served from L2."""
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     c_row = codes_ptr + row * stride_c
@@ -80,14 +121,14 @@ def quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, K, stride_x, stride_c,
             mask = (k0 + offs) < K
             xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
             acc = tl.maximum(acc, tl.abs(xk))
-        s = tl.math.div_rn(tl.max(acc, axis=0), 448.0)
-        s = tl.where(s > 0, s, 1.0)
+        s = row_scale(tl.max(acc, axis=0))
         tl.store(scale_ptr + row, s)
+        sk, r, k = divisor(s)
         for kt in range(K_TILES):
             k0 = kt * BLOCK_K
             mask = (k0 + offs) < K
             xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(c_row + k0 + offs, fp8_codes(xk, s), mask=mask)
+            tl.store(c_row + k0 + offs, fp8_codes(xk, sk, r, k), mask=mask)
 
 
 # Rows up to this many elements are quantized from registers in one read. Wider rows take two
@@ -120,7 +161,9 @@ def quantize_fp8_rows(x: torch.Tensor, codes: torch.Tensor | None = None,
     if x.stride(-1) != 1:
         x = x.contiguous()
     codes, scale = _outputs(m, k, x.device, codes, scale)
-    quantize_rows_kernel[(m,)](x, codes, scale, k, x.stride(0), codes.stride(0), **row_launch(k))
+    if m:
+        quantize_rows_kernel[(m,)](x, codes, scale, k, x.stride(0), codes.stride(0), **row_launch(k),
+                                   **launch_options(x.device))
     return codes, scale
 
 
@@ -132,9 +175,11 @@ def quantize_fp8_rows(x: torch.Tensor, codes: torch.Tensor | None = None,
 
 @triton.jit
 def rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, new_res_ptr, codes_ptr, scale_ptr, K, stride_x, stride_res,
-                          stride_new_res, stride_c, eps, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr):
+                          stride_new_res, stride_c, eps, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr,
+                          PDL: tl.constexpr):
     """kernels/fused.py _rms_norm_kernel line for line (residual add rounded to x's dtype and written
     out, normalized row rounded to x's dtype, times the weight rounded again), then the row's fp8."""
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     # The widest store picks the layout the whole row lives in, so also the order of the sum of squares.
     # 16-byte fp8 stores would hold 16 elements per thread where fused.rms_norm's bf16 ones hold 8 (rows
@@ -156,39 +201,48 @@ def rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, new_res_ptr, codes_ptr, scale_p
 
 
 @triton.jit
-def silu_mul(x_row, offs, mask, INTER):
+def silu_mul_f32(x_row, offs, mask, INTER):
     gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + INTER + offs, mask=mask, other=0.0).to(tl.float32)
-    return (gate / (1.0 + tl.exp(-gate)) * up).to(x_row.dtype.element_ty).to(tl.float32)
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
+def rounded(x, dtype):
+    """x rounded to dtype (the activation's), as fp32."""
+    return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
 def silu_mul_quant_kernel(x_ptr, codes_ptr, scale_ptr, M, INTER, stride_x, stride_c,
                           BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_PASS: tl.constexpr,
-                          PROGRAMS: tl.constexpr):
+                          PROGRAMS: tl.constexpr, PDL: tl.constexpr):
     """Rows row = program, program + PROGRAMS, ... Wide rows (Llama's 14336) take two passes: amax, then
     recompute and store. The second read must come from L2: PROGRAMS bounds the rows in flight (every
     row at once would be 2048 x 57 KB, more than an H100's 50 MB of L2)."""
+    wait_for_predecessor(PDL)
     offs = tl.arange(0, BLOCK_K)
     first = tl.program_id(0).to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
     for row in range(first, M, PROGRAMS):
         x_row = x_ptr + row * stride_x
         c_row = codes_ptr + row * stride_c
         if ONE_PASS:
             mask = offs < INTER
-            store_fp8_row(silu_mul(x_row, offs, mask, INTER), mask, offs, c_row, scale_ptr, row)
+            store_fp8_row(rounded(silu_mul_f32(x_row, offs, mask, INTER), dtype), mask, offs, c_row, scale_ptr, row)
         else:
             acc = tl.zeros((BLOCK_K,), tl.float32)
             for kt in range(K_TILES):
                 mask = (kt * BLOCK_K + offs) < INTER
-                acc = tl.maximum(acc, tl.abs(silu_mul(x_row + kt * BLOCK_K, offs, mask, INTER)))
-            s = tl.math.div_rn(tl.max(acc, axis=0), 448.0)
-            s = tl.where(s > 0, s, 1.0)
+                acc = tl.maximum(acc, tl.abs(silu_mul_f32(x_row + kt * BLOCK_K, offs, mask, INTER)))
+            # rounding is monotonic: the largest rounded magnitude is the rounded largest one
+            s = row_scale(rounded(tl.max(acc, axis=0), dtype))
             tl.store(scale_ptr + row, s)
+            sk, r, k = divisor(s)
             for kt in range(K_TILES):
                 mask = (kt * BLOCK_K + offs) < INTER
-                h = silu_mul(x_row + kt * BLOCK_K, offs, mask, INTER)
-                tl.store(c_row + kt * BLOCK_K + offs, fp8_codes(h, s), mask=mask)
+                h = rounded(silu_mul_f32(x_row + kt * BLOCK_K, offs, mask, INTER), dtype)
+                tl.store(c_row + kt * BLOCK_K + offs, fp8_codes(h, sk, r, k), mask=mask)
 
 
 # widest row rms_norm_quant_fp8 takes: the row is held in registers by one program
@@ -212,7 +266,8 @@ def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
     if m:
         rms_norm_quant_kernel[(m,)](x, res, weight, new_res, codes, scale, k, x.stride(0), res.stride(0),
                                     new_res.stride(0), codes.stride(0), eps, BLOCK_K=block,
-                                    RESIDUAL=residual is not None, num_warps=min(max(block // 256, 1), 16))
+                                    RESIDUAL=residual is not None, num_warps=min(max(block // 256, 1), 16),
+                                    **launch_options(x.device))
     return (codes, scale) if residual is None else (codes, scale, new_res)
 
 
@@ -231,10 +286,12 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# H100, 14336-wide rows (docs/bench/prefill.md): 8 rows per SM and 8 warps, 94 us at 2048 tokens and 338 at
-# 8192, against 106 and 367 with every row in flight at once (the second pass then misses L2)
-SILU_ROWS_PER_SM = 8
-SILU_NUM_WARPS = 8
+# H100, 14336-wide rows (docs/bench/prefill.md, CUDA-graph timing): 4 rows per SM and 4 warps, 90 us at 2048
+# tokens and 318 at 8192. 8 rows per SM took 98 and 364: since the quotient lost its divisions the kernel
+# fits more programs per SM (8 warps: 32 registers a thread, 44 before), all 8 are resident at once, and
+# their second pass misses L2.
+SILU_ROWS_PER_SM = 4
+SILU_NUM_WARPS = 4
 
 
 def silu_mul_quant_fp8(x: torch.Tensor, codes=None, scale=None, launch: dict | None = None):
@@ -247,7 +304,8 @@ def silu_mul_quant_fp8(x: torch.Tensor, codes=None, scale=None, launch: dict | N
     if m:
         launch = dict(launch or silu_mul_launch(inter, x.device))
         launch["PROGRAMS"] = min(launch["PROGRAMS"], m)
-        silu_mul_quant_kernel[(launch["PROGRAMS"],)](x, codes, scale, m, inter, x.stride(0), codes.stride(0), **launch)
+        silu_mul_quant_kernel[(launch["PROGRAMS"],)](x, codes, scale, m, inter, x.stride(0), codes.stride(0), **launch,
+                                                     **launch_options(x.device))
     return codes, scale
 
 

@@ -300,7 +300,7 @@ def test_rms_norm_quant_sums_in_fused_rms_norm_order(k, residual):
                            ptrs | dict(new_res_ptr="*bf16", codes_ptr="*fp8e4nv", scale_ptr="*fp32", K="i32",
                                        stride_x="i32", stride_res="i32", stride_new_res="i32", stride_c="i32",
                                        eps="fp32"),
-                           dict(BLOCK_K=block, RESIDUAL=residual), k, warps)
+                           dict(BLOCK_K=block, RESIDUAL=residual, PDL=fused.gdc_wait is not None), k, warps)
     except Exception as e:  # e.g. a Triton that cannot target sm_90 here
         pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {e}")
     assert len(theirs) == 1 and ours == theirs, (ours, theirs)

@@ -250,6 +250,57 @@ def test_fp8_quantizer_exact(m, k):
     check_fp8_quantizer("cuda", m, k, seed=m + k)
 
 
+def quotients_on_gpu(x: torch.Tensor, s: float) -> torch.Tensor:
+    """kernels.triton_fp8.quotient_rn(x, *divisor(s)) for fp32 x, run on the GPU."""
+    import triton
+    import triton.language as tl
+
+    from kernels import triton_fp8
+
+    @triton.jit
+    def quotient_kernel(x_ptr, out_ptr, s, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        sk, r, k = triton_fp8.divisor(s)
+        tl.store(out_ptr + offs, triton_fp8.quotient_rn(x, sk, r, k), mask=offs < n)
+
+    x = x.cuda()
+    out = poison_bytes(torch.empty_like(x))
+    quotient_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, s, x.numel(), BLOCK=1024)
+    return out.cpu()
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp8_quotient_is_div_rn():
+    """The quantizers divide by a row's scale with one fma correction of x * (1/s) instead of a division
+    per element. Every quotient an e4m3 code can depend on (|x / s| >= 2^-24; e4m3 rounds up to 2^-10 to
+    zero) must be the correctly rounded x / s all the same; smaller ones, whose residual may be subnormal,
+    must stay below 2^-11. Every finite bf16 x with |x| <= 448 s (what a row of that scale holds) and random
+    fp32 x, over scales from fp32's subnormals (lifted by divisor) to bf16's largest amax / 448, around the
+    lifting threshold 2^-60 too."""
+    seed = kernel_cases.test_seed()
+    g = torch.Generator().manual_seed(seed)
+    bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    bf16 = bf16[torch.isfinite(bf16)]
+    tiny = 2.0 ** -60
+    scales = [1.0, 3.0, 1 / 3, 0.1, 2.0 ** -40, tiny, torch.nextafter(torch.tensor(tiny), torch.tensor(0.0)).item(),
+              2.0 ** -61, 1e-30, 2.0 ** -126, 1e-40, 2.0 ** -149, 1e10, 3.3895e38 / 448]
+    scales += (2.0 ** (torch.rand(16, generator=g, dtype=torch.float64) * 259 - 140)).tolist()
+    for s in scales:
+        s = torch.tensor(s, dtype=torch.float32)
+        wide = bf16[bf16.abs().double() <= 448 * s.double()]
+        mags = 2.0 ** (-40 * torch.rand(1 << 16, generator=g, dtype=torch.float64)) * 448 * s.double()
+        narrow = (mags * torch.sign(torch.randn(1 << 16, generator=g, dtype=torch.float64))).float()
+        x = torch.cat([wide, narrow])
+        got, want = quotients_on_gpu(x, s.item()), x / s
+        matters = want.abs() >= 2.0 ** -24
+        bad = (matters & (got.view(torch.int32) != want.view(torch.int32))).nonzero().flatten()
+        assert not len(bad), (f"scale {s.item():.6e} (seed {seed}): {len(bad)} of {len(x)} differ, e.g. x / s = "
+                              f"{x[bad[0]].item():.9e} / s: {got[bad[0]].item():.9e}, not {want[bad[0]].item():.9e}")
+        assert (got[~matters].abs() < 2.0 ** -11).all(), f"scale {s.item():.6e} (seed {seed})"
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("m,k,inter", [(1, 4096, 4096), (77, 4096, 14336), (300, 8192, 14336)])
