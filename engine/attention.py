@@ -5,7 +5,8 @@ KV cache layout, shared by every backend and by kv_transfer: one tensor
 block-major, so one block of every layer is a single contiguous byte range (one transfer
 descriptor per block). Layer l's view is kv_cache[:, l]; index 0 of the next dim is K, 1 is V.
 
-A backend implements `write_kv(kv_layer, k, v, meta)` and `attend(q, kv_layer, meta, scale)`.
+A backend implements `write_kv(kv_layer, k, v, meta)` and `attend(q, kv_layer, meta, scale)`
+(`writes_like_fused_kv` lets the Triton ops write the cache in their RoPE kernel: engine.model).
 The query tokens of sequence i are the last q_len_i positions of its context (causal), so one
 call serves decode (q_len 1), whole prompts, prompt chunks and prompts behind a cached prefix.
 Padding (CUDA-graph batches padded to a bucket): a negative slot writes nothing and a sequence

@@ -15,6 +15,7 @@ from kernels import attention, fused
 class TritonAttention:
     name = "triton"
     graph_safe = True  # no host reads of the metadata's tensors, no host lists (graphs run decode only)
+    writes_like_fused_kv = True  # write_kv is fused.write_kv: TritonOps may fuse it with RoPE (engine.model)
 
     def __init__(self, fp8_min_tokens: int | None = None):
         self.fp8_min_tokens = fp8_min_tokens  # see engine.attention.uses_fp8_attention

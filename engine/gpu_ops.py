@@ -29,6 +29,11 @@ class TritonOps:
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         return fused.rotary(q, k, positions, self.cos_sin)  # in place
 
+    def rotary_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        kv_layer: torch.Tensor, slot_mapping: torch.Tensor):
+        """rotary, then k and v into the cache as fused.write_kv does, in one launch (engine.model.rotary_write_kv)."""
+        return fused.rotary_write_kv(q, k, v, positions, self.cos_sin, kv_layer, slot_mapping)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
         return fused.rms_norm(x, weight, eps, residual)
 

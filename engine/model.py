@@ -124,6 +124,17 @@ def rms_norm_linear(linear: nn.Module, ops, x: torch.Tensor, weight: torch.Tenso
     return linear(h), residual
 
 
+def rotary_write_kv(ops, backend, q, k, v, rope, kv_layer, meta):
+    """RoPE on q and k, then k and v into the paged cache: one launch where ops has it and the backend writes
+    the cache as its write_kv would (TritonOps with TritonAttention), else ops.rotary and backend.write_kv."""
+    fused = getattr(ops, "rotary_write_kv", None)
+    if fused is not None and getattr(backend, "writes_like_fused_kv", False):
+        return fused(q, k, v, rope, kv_layer, meta.slot_mapping)
+    q, k = ops.rotary(q, k, rope)
+    backend.write_kv(kv_layer, k, v, meta)
+    return q, k
+
+
 def silu_mul_linear(linear: nn.Module, ops, gate_up: torch.Tensor) -> torch.Tensor:
     """linear(silu(gate) * up), or the projection's own `silu_mul_forward(gate_up, ops)` (as above)."""
     fused = getattr(linear, "silu_mul_forward", None)
@@ -156,8 +167,7 @@ class DecoderLayer(nn.Module):
         q = q.view(-1, arch.num_heads, arch.head_dim)
         k = k.view(-1, arch.num_kv_heads, arch.head_dim)
         v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-        q, k = ops.rotary(q, k, rope)
-        backend.write_kv(kv_layer, k, v, meta)
+        q, k = rotary_write_kv(ops, backend, q, k, v, rope, kv_layer, meta)
         attn = backend.attend(q, kv_layer, meta, scale)
         gate_up, residual = rms_norm_linear(self.gate_up, ops, self.o(attn.reshape(-1, arch.q_size)), self.post_norm,
                                             arch.rms_norm_eps, residual)

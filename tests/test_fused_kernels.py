@@ -150,6 +150,37 @@ def case_rotary_write_kv(q_heads: int, kv_heads: int):
     return run
 
 
+def case_rotary_write_kv_is_the_pair():
+    """The engine's layer runs fused.rotary_write_kv where it ran fused.rotary then fused.write_kv
+    (engine.model.rotary_write_kv): both must leave the same bytes in q, k and the cache."""
+    def run(device, dtype, gen):
+        from kernels import fused, reference
+
+        tokens, q_heads, kv_heads, head_dim, block_size = 70, 8, 2, 128, 16
+        cache = reference.rope_cos_sin_cache(200, head_dim, 500000.0).to(device)
+        positions = torch.randint(0, 200, (tokens,), generator=gen).to(device)
+        slots = torch.randperm(6 * block_size, generator=gen)[:tokens]
+        slots[5] = -1
+        slots = slots.to(device)
+        qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(device, dtype)
+        outs = []
+        for together in (True, False):
+            x = qkv.clone()
+            q = x[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
+            k = x[:, q_heads * head_dim: (q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+            v = x[:, (q_heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+            _, kv_layer = poisoned_cache((6, 2, block_size, kv_heads, head_dim), dtype, device)
+            if together:
+                fused.rotary_write_kv(q, k, v, positions, cache, kv_layer, slots)
+            else:
+                fused.rotary(q, k, positions, cache)
+                fused.write_kv(kv_layer, k, v, slots)
+            outs.append((x, kv_layer.float().nan_to_num(12345.0)))
+        (x, kv), (pair_x, pair_kv) = outs
+        return 0.0 if torch.equal(x, pair_x) and torch.equal(kv, pair_kv) else float("inf")
+    return run
+
+
 def case_linear(rows: int, n: int, k: int, silu: bool, kernel: str, config):
     def run(device, dtype, gen):
         from kernels import fused, reference
@@ -168,6 +199,7 @@ def case_linear(rows: int, n: int, k: int, silu: bool, kernel: str, config):
 CASES = {
     "rotary_write_kv_g1": case_rotary_write_kv(2, 2),
     "rotary_write_kv_g8": case_rotary_write_kv(8, 1),
+    "rotary_write_kv_is_the_pair": case_rotary_write_kv_is_the_pair(),
     "gemv_ragged": case_linear(1, 37, 700, False, "gemv", (8, 512, 4)),
     "gemv_silu_ragged": case_linear(1, 45, 300, True, "gemv", (4, 256, 4)),
     "skinny_ragged": case_linear(5, 70, 200, False, "skinny", (32, 64, 4, 2)),
