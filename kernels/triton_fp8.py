@@ -201,10 +201,14 @@ def rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, new_res_ptr, codes_ptr, scale_p
 
 
 @triton.jit
-def silu_mul_f32(x_row, offs, mask, INTER):
-    gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_row + INTER + offs, mask=mask, other=0.0).to(tl.float32)
-    return gate / (1.0 + tl.exp(-gate)) * up
+def gate_up(x_row, offs, mask, INTER):
+    return tl.load(x_row + offs, mask=mask, other=0.0), tl.load(x_row + INTER + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def silu_mul_f32(gate, up):
+    gate = gate.to(tl.float32)
+    return gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)
 
 
 @triton.jit
@@ -217,31 +221,40 @@ def rounded(x, dtype):
 def silu_mul_quant_kernel(x_ptr, codes_ptr, scale_ptr, M, INTER, stride_x, stride_c,
                           BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_PASS: tl.constexpr,
                           PROGRAMS: tl.constexpr, PDL: tl.constexpr):
-    """Rows row = program, program + PROGRAMS, ... Wide rows (Llama's 14336) take two passes: amax, then
-    recompute and store. The second read must come from L2: PROGRAMS bounds the rows in flight (every
-    row at once would be 2048 x 57 KB, more than an H100's 50 MB of L2)."""
+    """Rows row = program, program + PROGRAMS, ... ONE_PASS holds a row in registers and loads the next
+    one while it reduces, quantizes and stores this one. Otherwise two passes per row: amax, then
+    recompute and store; the second read must come from L2, so PROGRAMS bounds the rows in flight
+    (every row at once would be 2048 x 57 KB, more than an H100's 50 MB of L2)."""
     wait_for_predecessor(PDL)
     offs = tl.arange(0, BLOCK_K)
     first = tl.program_id(0).to(tl.int64)
     dtype = x_ptr.dtype.element_ty
-    for row in range(first, M, PROGRAMS):
-        x_row = x_ptr + row * stride_x
-        c_row = codes_ptr + row * stride_c
-        if ONE_PASS:
-            mask = offs < INTER
-            store_fp8_row(rounded(silu_mul_f32(x_row, offs, mask, INTER), dtype), mask, offs, c_row, scale_ptr, row)
-        else:
+    if ONE_PASS:
+        mask = offs < INTER
+        gate, up = gate_up(x_ptr + first * stride_x, offs, mask & (first < M), INTER)
+        for row in range(first, M, PROGRAMS):
+            nxt = row + PROGRAMS
+            gate_next, up_next = gate_up(x_ptr + nxt * stride_x, offs, mask & (nxt < M), INTER)
+            store_fp8_row(rounded(silu_mul_f32(gate, up), dtype), mask, offs, codes_ptr + row * stride_c,
+                          scale_ptr, row)
+            gate, up = gate_next, up_next
+    else:
+        for row in range(first, M, PROGRAMS):
+            x_row = x_ptr + row * stride_x
+            c_row = codes_ptr + row * stride_c
             acc = tl.zeros((BLOCK_K,), tl.float32)
             for kt in range(K_TILES):
                 mask = (kt * BLOCK_K + offs) < INTER
-                acc = tl.maximum(acc, tl.abs(silu_mul_f32(x_row + kt * BLOCK_K, offs, mask, INTER)))
+                gate, up = gate_up(x_row + kt * BLOCK_K, offs, mask, INTER)
+                acc = tl.maximum(acc, tl.abs(silu_mul_f32(gate, up)))
             # rounding is monotonic: the largest rounded magnitude is the rounded largest one
             s = row_scale(rounded(tl.max(acc, axis=0), dtype))
             tl.store(scale_ptr + row, s)
             sk, r, k = divisor(s)
             for kt in range(K_TILES):
                 mask = (kt * BLOCK_K + offs) < INTER
-                h = rounded(silu_mul_f32(x_row + kt * BLOCK_K, offs, mask, INTER), dtype)
+                gate, up = gate_up(x_row + kt * BLOCK_K, offs, mask, INTER)
+                h = rounded(silu_mul_f32(gate, up), dtype)
                 tl.store(c_row + kt * BLOCK_K + offs, fp8_codes(h, sk, r, k), mask=mask)
 
 
@@ -272,13 +285,17 @@ def rms_norm_quant_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
 
 
 def silu_mul_launch(inter: int, device: torch.device) -> dict:
-    """silu_mul_quant_kernel's launch: two passes over rows wider than FP8_ONE_PASS_MAX, with at most
-    SILU_ROWS_PER_SM rows in flight per SM (benchmarks/bench_prefill.py measures the candidates)."""
-    launch = row_launch(inter)
-    launch["PROGRAMS"] = (_sm_count(device.index or 0) if device.type == "cuda" else 4) * SILU_ROWS_PER_SM
-    if not launch["ONE_PASS"]:
-        launch["num_warps"] = SILU_NUM_WARPS
-    return launch
+    """silu_mul_quant_kernel's launch. Rows up to SILU_ONE_PASS_MAX wide: one pass, the row in registers,
+    at most 32 warps per SM (one program of 32 warps for Llama's 14336) so that the next row's loads can
+    be in flight. Wider rows: two passes, at most SILU_ROWS_PER_SM rows in flight per SM.
+    benchmarks/bench_prefill.py measures the candidates."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    if inter <= SILU_ONE_PASS_MAX:
+        block = triton.next_power_of_2(inter)
+        warps = min(max(block // 512, 4), 32)
+        return dict(BLOCK_K=block, K_TILES=1, ONE_PASS=True, num_warps=warps, PROGRAMS=sms * (32 // warps))
+    return dict(BLOCK_K=2048, K_TILES=triton.cdiv(inter, 2048), ONE_PASS=False, num_warps=SILU_NUM_WARPS,
+                PROGRAMS=sms * SILU_ROWS_PER_SM)
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,10 +303,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# H100, 14336-wide rows (docs/bench/prefill.md, CUDA-graph timing): 4 rows per SM and 4 warps, 90 us at 2048
-# tokens and 318 at 8192. 8 rows per SM took 98 and 364: since the quotient lost its divisions the kernel
-# fits more programs per SM (8 warps: 32 registers a thread, 44 before), all 8 are resident at once, and
-# their second pass misses L2.
+# H100, Llama's 14336-wide rows (docs/bench/prefill.md, CUDA-graph timing): one pass with the next row's
+# loads in flight, one program of 32 warps per SM, 60 us at 2048 tokens and 223 at 8192, as fast as bf16's
+# SiLU*up (61 and 241), which writes twice the bytes. Two passes (amax, then recompute from L2) took 84 and
+# 313; one pass without the prefetch 89 and 330 (the SM's loads stalled while it reduced and stored).
+# At 16384, 32 warps hold 16 elements of gate and of up per thread, twice (the prefetch): 64 registers.
+SILU_ONE_PASS_MAX = 16384
+# Two passes, wider rows: 4 rows per SM, 4 warps (90 and 318 us on Llama's rows; 8 rows per SM missed L2)
 SILU_ROWS_PER_SM = 4
 SILU_NUM_WARPS = 4
 

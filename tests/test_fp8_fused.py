@@ -196,7 +196,7 @@ WIDTHS = (64, 96, 200, 1000)  # non-powers of two: masked lanes in the sum and t
 INTERP_CHECKS = {
     **{f"rms_norm_quant_residual_{k}_{d}": (lambda k=k, dt=dt: check_rms_norm_quant("cpu", 7, k, seed=k, dtype=dt))
        for k in WIDTHS for d, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))},
-    **{f"silu_mul_quant_{i}": (lambda i=i: check_silu_mul_quant("cpu", 7, i, seed=i)) for i in (80, 200, 1000)},
+    **{f"silu_mul_quant_{i}": (lambda i=i: check_silu_mul_quant("cpu", 7, i, seed=i)) for i in (80, 200, 1000, 16400)},
     "empty_batch": lambda: check_empty_batch("cpu"),
     "model_fused_equals_unfused": lambda: check_model_fused_matches_unfused("cpu", exact=True),
 }
@@ -321,8 +321,10 @@ def test_rms_norm_quant_residual_exact(m, k, dtype):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("m,inter", [(1, 14336), (77, 5000), (300, 8192)])
+@pytest.mark.parametrize("m,inter", [(1, 14336), (77, 5000), (300, 8192), (1000, 14336), (5, 16400), (200, 28672)])
 def test_silu_mul_quant_exact(m, inter):
+    """Row counts above the programs' (an SM count) run the one-pass loop with its prefetch several times;
+    rows wider than SILU_ONE_PASS_MAX take the two passes."""
     check_silu_mul_quant("cuda", m, inter, seed=m + inter)
 
 
