@@ -5,6 +5,7 @@ read once and every output written once, math in fp32.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -27,13 +28,24 @@ PDL = True
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    return (PDL and gdc_wait is not None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return PDL and _pdl_capable(device.type, device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_type: str, index: int | None) -> bool:
+    # cached: asking torch for the capability took 7-12 us of host time per launch on the lent H100's host,
+    # where a whole Triton launch of a trivial kernel takes 15-19 us
+    return (gdc_wait is not None and device_type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(index)[0] >= 9)
+
+
+_ON = dict(PDL=True, launch_pdl=True)
+_OFF = dict(PDL=False)
 
 
 def launch_options(device: torch.device) -> dict:
-    """Kernel-launch keywords plus the matching PDL constexpr."""
-    return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else dict(PDL=False)
+    """Kernel-launch keywords plus the matching PDL constexpr (a shared dict: callers only unpack it)."""
+    return _ON if pdl_enabled(device) else _OFF
 
 
 @triton.jit
