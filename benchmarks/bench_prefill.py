@@ -18,7 +18,10 @@ token: the work of one prefill step. Precisions:
                   fp32 accumulation)
     nvfp4         W4A4, exact emulation on Hopper (bf16 GEMM of scale-folded operands)
 Timing: CUDA events, median; "eager" is how the engine runs a prefill step (kernel launches from Python),
-"graph" replays a CUDA graph of the same forward (GPU time alone). Before the forwards the paged prefill
+"graph" replays a CUDA graph of the same forward (GPU time alone). Eager prefill is partly bound by the
+host, whose CPUs are shared on a lent machine: "eager x, paired" alternates each precision's forward with
+bf16's, one of each per round, so a stretch of host noise slows both of a pair (median of the rounds'
+ratios). Before the forwards the paged prefill
 attention kernel is timed alone over a few tile configurations and the best is used; torch SDPA (flash)
 on contiguous K/V is timed too, as an outside reference for the attention rate: attention is the part of
 a long prefill that the precision does not change.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -217,41 +221,42 @@ def bench_fp8_attention(q, kv, meta, tokens, flops, scale, log) -> list[dict]:
 
 
 def bench_silu_mul_quant(arch, tokens_list, log) -> list[dict]:
-    """The fp8 pool's fused SiLU*up + quantizer over its launch candidates: rows in flight per SM (the
-    two-pass kernel's second read must hit L2), one pass from registers; sets the fastest."""
-    from kernels import triton_fp8
+    """The fp8 pool's fused SiLU*up + quantizer over its launch candidates: one pass with the next row's
+    loads in flight (warps per program, programs per SM), two passes (rows in flight per SM: the second
+    read must hit L2). Reports which is fastest over all lengths next to the engine's default
+    (kernels.triton_fp8.silu_mul_launch), which the forward rows below use."""
+    from kernels import fused, triton_fp8
 
     inter = arch.intermediate_size
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    two_pass = triton_fp8.row_launch(inter)
-    candidates = {f"two passes, {r} rows/SM, {w} warps": dict(two_pass, num_warps=w, PROGRAMS=sms * r)
-                  for r in (2, 3, 4, 6, 8) for w in (4, 8)}
-    candidates["two passes, every row at once"] = dict(two_pass, PROGRAMS=1 << 20)
-    candidates["one pass, 2 rows/SM, 16 warps"] = dict(BLOCK_K=triton.next_power_of_2(inter), K_TILES=1,
-                                                       ONE_PASS=True, num_warps=16, PROGRAMS=sms * 2)
+    one_pass = dict(BLOCK_K=triton.next_power_of_2(inter), K_TILES=1, ONE_PASS=True)
+    two_pass = dict(BLOCK_K=2048, K_TILES=triton.cdiv(inter, 2048), ONE_PASS=False)
+    candidates = {f"one pass, {r} program(s)/SM, {w} warps": dict(one_pass, num_warps=w, PROGRAMS=sms * r)
+                  for w, r in ((32, 1), (16, 1), (16, 2), (8, 4))}
+    candidates |= {f"two passes, {r} rows/SM, {w} warps": dict(two_pass, num_warps=w, PROGRAMS=sms * r)
+                   for r in (2, 4, 8) for w in (4, 8)}
+    default = triton_fp8.silu_mul_launch(inter, torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(3)
     rows, totals = [], {}
     for t in tokens_list:
         x = torch.randn(t, 2 * inter, generator=gen, device="cuda").to(torch.bfloat16)
-        ref = triton_fp8.silu_mul_quant_fp8(x, launch=candidates["two passes, every row at once"])
+        ref = triton_fp8.quantize_fp8_rows(fused.silu_and_mul(x))
         for name, launch in candidates.items():
             out = triton_fp8.silu_mul_quant_fp8(x, launch=launch)
             same = torch.equal(out[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(out[1], ref[1])
             ms = graph_time_ms([lambda launch=launch: triton_fp8.silu_mul_quant_fp8(x, launch=launch)], reps=20)
             row = dict(what="fp8 SiLU*up + quantizer", tokens=t, setting=name, us=ms * 1e3, same_bytes=same,
-                       GBps=t * inter * (4 + 1) / ms / 1e6)
+                       GBps=t * inter * (4 + 1) / ms / 1e6, engine_default=launch == default)
             rows.append(row)
             log(json.dumps(row))
             if same:
                 totals.setdefault(name, []).append(ms)
+        ms = graph_time_ms([lambda: fused.silu_and_mul(x)], reps=20)
+        rows.append(dict(what="bf16 SiLU*up (the bf16 pool's)", tokens=t, setting="fused.silu_and_mul", us=ms * 1e3,
+                         GBps=t * inter * (4 + 2) / ms / 1e6))
+        log(json.dumps(rows[-1]))
     full = {k: sum(v) for k, v in totals.items() if len(v) == len(tokens_list)}
-    best = min(full, key=full.get)
-    launch = candidates[best]
-    if not launch["ONE_PASS"] and launch["PROGRAMS"] < 1 << 20:
-        triton_fp8.SILU_ROWS_PER_SM = launch["PROGRAMS"] // sms
-        triton_fp8.SILU_NUM_WARPS = launch["num_warps"]
-    log(json.dumps({"silu_mul_quant launch chosen": best, "engine default now": triton_fp8.silu_mul_launch(
-        inter, torch.device("cuda"))}))
+    log(json.dumps({"silu_mul_quant fastest over all lengths": min(full, key=full.get), "engine default": default}))
     return rows
 
 
@@ -288,6 +293,27 @@ def kernel_profile(forward, log, label: str, top: int = 14) -> None:
                         kernels=[dict(name=k, ms=round(v[0] / 1e3, 3), calls=v[1]) for k, v in rows[:top]])))
 
 
+def paired_eager_ms(forward, base_forward, rounds: int = 7) -> tuple[float, float, float]:
+    """Eager times of forward and of bf16's base_forward, one of each per round, alternating: a stretch of
+    host noise (the lent machine's CPUs are shared; eager prefill is partly bound by the host) then slows
+    both of a pair, not one precision's whole series. Returns (median ms, bf16's median ms, median of
+    the per-round ratios bf16 / forward)."""
+    for fn in (forward, base_forward, forward, base_forward):
+        fn()
+    torch.cuda.synchronize()
+    times, base_times = [], []
+    for _ in range(rounds):
+        for fn, out in ((base_forward, base_times), (forward, times)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+    ratios = [b / t for b, t in zip(base_times, times)]
+    return statistics.median(times), statistics.median(base_times), statistics.median(ratios)
+
+
 def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int = 0) -> list[dict]:
     from engine.attention import build_metadata
     from kernels import quant_linear
@@ -297,35 +323,44 @@ def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int =
     kv_cache = torch.zeros(nblk, layers, 2, bs, arch.num_kv_heads, arch.head_dim, dtype=torch.bfloat16, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(2)
     ids = {t: torch.randint(3, arch.vocab_size, (t,), generator=gen, device="cuda") for t in tokens_list}
+    metas = {t: build_metadata([t], [t], [list(range(-(-t // bs)))], bs, torch.device("cuda")) for t in tokens_list}
+    positions = {t: torch.arange(t, device="cuda") for t in tokens_list}
+
+    def forward_of(model, backend, t):
+        def forward():
+            hidden = model(ids[t], positions[t], kv_cache, metas[t], backend)
+            return model.logits(hidden[-1:])
+        return forward
+
+    base = build("bf16", arch, weights)  # kept for the paired eager timings
     rows, outputs = [], {}
     for precision in PRECISIONS:
         quant_linear.FUSE_PRODUCERS = precision != "fp8_unfused"
         quant_linear.FP8_FAST_ACCUM = precision == "fp8_fastacc"
         t0 = time.perf_counter()
-        model, backend = build(precision, arch, weights)
+        model, backend = base if precision == "bf16" else build(precision, arch, weights)
         build_s = time.perf_counter() - t0
         for t in tokens_list:
-            meta = build_metadata([t], [t], [list(range(-(-t // bs)))], bs, torch.device("cuda"))
-            pos = torch.arange(t, device="cuda")
-
-            def forward():
-                hidden = model(ids[t], pos, kv_cache, meta, backend)
-                return model.logits(hidden[-1:])
-
+            forward = forward_of(model, backend, t)
             row = dict(precision=precision, tokens=t, layers=layers, build_s=build_s)
             try:
                 with torch.no_grad():
                     row["eager_ms"] = eager_time_ms(forward, warmup=2, reps=7)
+                    if precision != "bf16":  # (the bf16 model's linears ignore quant_linear's switches)
+                        row["paired_eager_ms"], row["paired_bf16_eager_ms"], row["paired_eager_x"] = paired_eager_ms(
+                            forward, forward_of(*base, t))
                     row["graph_ms"] = graph_time_ms([forward], warmup=2, reps=7)
-                    outputs[(precision, t)] = model(ids[t], pos, kv_cache, meta, backend).float()
+                    outputs[(precision, t)] = model(ids[t], positions[t], kv_cache, metas[t], backend).float()
                 row["eager_tok_s"] = t / row["eager_ms"] * 1e3
                 row["graph_tok_s"] = t / row["graph_ms"] * 1e3
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
             log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-        del model, backend
+        if precision != "bf16":
+            del model, backend
         torch.cuda.empty_cache()
+    del base
     quant_linear.FUSE_PRODUCERS, quant_linear.FP8_FAST_ACCUM = True, False
     add_ratios(rows, outputs)
     if profile_tokens:  # after every timing: the profiler slows the launches of later eager runs
@@ -365,20 +400,23 @@ def markdown(env, attn_rows, best, fwd_rows, silu_rows=()) -> str:
         else:
             lines.append(f"| {r['what']} | {r['tokens']} | {tile_s} | {r['ms']:.3f} | {r['TFLOPs']:.0f} | {err} |")
     lines += ["", f"Chosen tiles: {best}", "", "### fp8 SiLU*up + quantizer (Llama-3-8B's 14336-wide rows)", "",
-              "| tokens | launch | us | GB/s | bytes equal to the two-pass launch |", "|---|---|---|---|---|"]
-    lines += [f"| {r['tokens']} | {r['setting']} | {r['us']:.1f} | {r['GBps']:.0f} | {r['same_bytes']} |"
-              for r in silu_rows]
+              "| tokens | launch | us | GB/s | bytes equal to silu_and_mul + quantize_fp8_rows | engine default |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['setting']} | {r['us']:.1f} | {r['GBps']:.0f} | {r.get('same_bytes', '')} | "
+              f"{'yes' if r.get('engine_default') else ''} |" for r in silu_rows]
     lines += ["",
               f"### Prefill forward, {fwd_rows[0]['layers']} Llama-3-8B layers + LM head of the last token "
               "(tokens/s; x = vs bf16 in the same run)", "",
-              "| precision | tokens | eager ms | eager tok/s | x | graph ms | graph tok/s | x | rel. err vs bf16 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| precision | tokens | eager ms | eager tok/s | x | eager x, paired | graph ms | graph tok/s | x "
+              "| rel. err vs bf16 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in fwd_rows:
         if "error" in r:
-            lines.append(f"| {r['precision']} | {r['tokens']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['precision']} | {r['tokens']} | error: {r['error'][:80]} | | | | | | | |")
             continue
         lines.append(f"| {r['precision']} | {r['tokens']} | {r['eager_ms']:.2f} | {r['eager_tok_s']:.0f} | "
-                     f"{r.get('eager_x', float('nan')):.2f} | {r['graph_ms']:.2f} | {r['graph_tok_s']:.0f} | "
+                     f"{r.get('eager_x', float('nan')):.2f} | {r.get('paired_eager_x', 1.0):.2f} | "
+                     f"{r['graph_ms']:.2f} | {r['graph_tok_s']:.0f} | "
                      f"{r.get('graph_x', float('nan')):.2f} | {r.get('rel_err_vs_bf16', float('nan')):.3f} |")
     return "\n".join(lines) + "\n"
 
