@@ -136,7 +136,7 @@ class TorchAttention:
 
     def _decode_batch(self, q, kv_layer, meta, scale):
         # one padded SDPA for all decode sequences instead of B small ones
-        B, L = len(meta.seq_lens_list), meta.max_seq_len
+        L = meta.max_seq_len
         nblk = -(-L // meta.block_size)
         tables = meta.block_tables[:, :nblk].long()
         kv = kv_layer[tables]  # [B, nblk, 2, bs, Hkv, D]

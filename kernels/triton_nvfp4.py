@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nvfp4 import BLOCK, NVFP4Tensor, global_scale_from_amax
+from kernels.nvfp4 import BLOCK, NVFP4Tensor
 from kernels.triton_fp8 import e4m3_rne, scaled_gemm
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)

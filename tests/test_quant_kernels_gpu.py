@@ -11,7 +11,6 @@ Plus: the Blackwell NVFP4 kernel compiled for sm_100 without the device, its PTX
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
