@@ -40,7 +40,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
-from bench_quant import add_ratios, eager_time_ms, graph_time_ms  # noqa: E402
+from bench_quant import add_ratios, call_ms, eager_time_ms, graph_time_ms  # noqa: E402
 
 PRECISIONS = ("bf16", "fp8", "fp8_fp8attn", "fp8_bf16attn", "fp8_unfused", "fp8_fastacc", "nvfp4")
 # the fp8 pool's attention (kernels/attention_fp8.py): tile and variant candidates
@@ -303,13 +303,8 @@ def paired_eager_ms(forward, base_forward, rounds: int = 7) -> tuple[float, floa
     torch.cuda.synchronize()
     times, base_times = [], []
     for _ in range(rounds):
-        for fn, out in ((base_forward, base_times), (forward, times)):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
+        base_times.append(call_ms(base_forward))
+        times.append(call_ms(forward))
     ratios = [b / t for b, t in zip(base_times, times)]
     return statistics.median(times), statistics.median(base_times), statistics.median(ratios)
 
