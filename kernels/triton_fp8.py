@@ -304,12 +304,12 @@ def _sm_count(index: int) -> int:
 
 
 # H100, Llama's 14336-wide rows (docs/bench/prefill.md, CUDA-graph timing): one pass with the next row's
-# loads in flight, one program of 32 warps per SM, 60 us at 2048 tokens and 223 at 8192, as fast as bf16's
-# SiLU*up (61 and 241), which writes twice the bytes. Two passes (amax, then recompute from L2) took 84 and
-# 313; one pass without the prefetch 89 and 330 (the SM's loads stalled while it reduced and stored).
+# loads in flight, one program of 32 warps per SM, 65 us at 2048 tokens and 230 at 8192, as fast as bf16's
+# SiLU*up (67 and 249), which writes twice the bytes. Two passes (amax, then recompute from L2) took 89 and
+# 318; one pass without the prefetch 89 and 330 (the SM's loads stalled while it reduced and stored).
 # At 16384, 32 warps hold 16 elements of gate and of up per thread, twice (the prefetch): 64 registers.
 SILU_ONE_PASS_MAX = 16384
-# Two passes, wider rows: 4 rows per SM, 4 warps (90 and 318 us on Llama's rows; 8 rows per SM missed L2)
+# Two passes, wider rows: 4 rows per SM, 4 warps (89 and 318 us on Llama's rows; 8 rows per SM missed L2)
 SILU_ROWS_PER_SM = 4
 SILU_NUM_WARPS = 4
 
