@@ -359,19 +359,15 @@ def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int =
     quant_linear.FUSE_PRODUCERS, quant_linear.FP8_FAST_ACCUM = True, False
     add_ratios(rows, outputs)
     if profile_tokens:  # after every timing: the profiler slows the launches of later eager runs
-        meta = build_metadata([profile_tokens], [profile_tokens], [list(range(-(-profile_tokens // bs)))], bs,
-                              torch.device("cuda"))
-        pos = torch.arange(profile_tokens, device="cuda")
-        ids_p = torch.randint(3, arch.vocab_size, (profile_tokens,), generator=gen, device="cuda")
         for precision in PRECISIONS:
             quant_linear.FUSE_PRODUCERS = precision != "fp8_unfused"
             quant_linear.FP8_FAST_ACCUM = precision == "fp8_fastacc"
             model, backend = build(precision, arch, weights)
+            forward = forward_of(model, backend, profile_tokens)  # main() checks it is among tokens_list
             with torch.no_grad():
-                model(ids_p, pos, kv_cache, meta, backend)  # compiled before the profile
-            kernel_profile(lambda: model.logits(model(ids_p, pos, kv_cache, meta, backend)[-1:]), log,
-                           f"{precision} {profile_tokens} tokens")
-            del model, backend
+                forward()  # compiled before the profile
+            kernel_profile(forward, log, f"{precision} {profile_tokens} tokens")
+            del model, backend, forward
         quant_linear.FUSE_PRODUCERS, quant_linear.FP8_FAST_ACCUM = True, False
     return rows
 

@@ -10,6 +10,7 @@ Plus: the Blackwell NVFP4 kernel compiled for sm_100 without the device, its PTX
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -249,23 +250,30 @@ def test_fp8_quantizer_exact(m, k):
     check_fp8_quantizer("cuda", m, k, seed=m + k)
 
 
-def quotients_on_gpu(x: torch.Tensor, s: float) -> torch.Tensor:
-    """kernels.triton_fp8.quotient_rn(x, *divisor(s)) for fp32 x, run on the GPU."""
+@functools.cache
+def quotient_kernel():
+    """A kernel writing kernels.triton_fp8.quotient_rn(x, *divisor(s)) (built once: each new jit function
+    would be looked up in Triton's cache again)."""
     import triton
     import triton.language as tl
 
     from kernels import triton_fp8
 
     @triton.jit
-    def quotient_kernel(x_ptr, out_ptr, s, n, BLOCK: tl.constexpr):
+    def kernel(x_ptr, out_ptr, s, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < n)
         sk, r, k = triton_fp8.divisor(s)
         tl.store(out_ptr + offs, triton_fp8.quotient_rn(x, sk, r, k), mask=offs < n)
 
+    return kernel
+
+
+def quotients_on_gpu(x: torch.Tensor, s: float) -> torch.Tensor:
+    """quotient_rn(x, *divisor(s)) for fp32 x, run on the GPU."""
     x = x.cuda()
     out = poison_bytes(torch.empty_like(x))
-    quotient_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, s, x.numel(), BLOCK=1024)
+    quotient_kernel()[(-(-x.numel() // 1024),)](x, out, s, x.numel(), BLOCK=1024)
     return out.cpu()
 
 
