@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from cluster_util import Server  # noqa: E402
+from pdserve.testing.cluster import NEUTRAL_CWD, Server
 
 PROMPT_LEN, NEW = 128, 32
 
@@ -33,7 +31,7 @@ def pct(xs, q):
 
 
 def in_process(engine, n: int) -> dict:
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
     from pdserve.bench import random_workload
 
     reqs = random_workload(n, (PROMPT_LEN, PROMPT_LEN), (NEW, NEW), (100, 30000), seed=11)
@@ -54,7 +52,7 @@ def in_process(engine, n: int) -> dict:
 def bench(address: str, n: int) -> dict:
     r = subprocess.run([sys.executable, "-m", "pdserve", "bench", "--server", address, "--json", "--no-progress",
                         "--num-requests", str(n), "--concurrency", str(n), "--input-len", str(PROMPT_LEN),
-                        "--max-tokens", str(NEW), "--seed", "11"], capture_output=True, text=True, cwd=REPO,
+                        "--max-tokens", str(NEW), "--seed", "11"], capture_output=True, text=True, cwd=NEUTRAL_CWD,
                        timeout=3600)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
@@ -75,7 +73,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
 
     # the in-process engine gets the machine's cores (torch's default); each worker actor (num_cpus=1)
     # runs one intra-op thread, as Ray sets OMP_NUM_THREADS from num_cpus. Measure on a quiet box:

@@ -26,7 +26,7 @@ def prompts(tok, n: int, length: int) -> list[list[int]]:
 
 
 def ours(engine, batch, new):
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
 
     t = time.perf_counter()
     out = engine.generate([(p, SamplingParams(max_tokens=new, ignore_eos=True)) for p in batch])
@@ -54,8 +54,8 @@ def main():
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from engine.engine import LLMEngine
-    from engine.loader import default_model_path
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.engine.loader import default_model_path
 
     engine = LLMEngine(dtype="float32", progress=False)
     d, f = os.path.split(default_model_path())

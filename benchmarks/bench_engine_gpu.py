@@ -50,9 +50,9 @@ def random_weights(cfg: dict, dtype: torch.dtype, device: str = "cuda", seed: in
 
 
 def build_engine(model_dir: Path, cfg: dict, args):
-    import engine.model_runner as model_runner
-    from engine.engine import LLMEngine
-    from engine.model_config import arch_from_hf_config
+    import pdserve.engine.model_runner as model_runner
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.engine.model_config import arch_from_hf_config
     from pdserve.config import EngineConfig
 
     loader = model_runner.load_weights
@@ -70,7 +70,7 @@ def build_engine(model_dir: Path, cfg: dict, args):
 def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int) -> dict:
     """All `batch` prompts of `context` tokens prefilled, then `new_tokens` decode steps; the decode steps'
     wall time (engine.step: schedule, inputs, forward/replay, sampling, detokenization) is measured."""
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
 
     gen = torch.Generator().manual_seed(seed)
     for i in range(batch):
@@ -114,7 +114,7 @@ def replay_ms(engine, bucket: int, reps: int = 50) -> float:
 
 def load_plans(path: Path) -> int:
     """fused.LINEAR_PLANS from a bench_gpu.py run's JSON (its tuned GEMV / skinny-GEMM choices)."""
-    from kernels import fused
+    from pdserve.kernels import fused
 
     count = 0
     for model in json.loads(path.read_text())["models"]:

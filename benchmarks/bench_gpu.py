@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import attention, fused  # noqa: E402
-from kernels.random_llama import (LLAMA3_8B, LLAMA32_1B, Batch, DecodeGraphs, RandomLlama,  # noqa: E402
+from pdserve.kernels import attention, fused  # noqa: E402
+from pdserve.kernels.random_llama import (LLAMA3_8B, LLAMA32_1B, Batch, DecodeGraphs, RandomLlama,  # noqa: E402
                                   SequenceSlots, greedy_generate, prefill_batch, triton_ops)
 
 MODELS = {"llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA32_1B}

@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
 from bench_quant import add_ratios, call_ms, eager_time_ms, graph_time_ms  # noqa: E402
 
@@ -58,7 +56,7 @@ TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
 
 
 def attention_inputs(tokens: int, arch, gen):
-    from engine.attention import build_metadata
+    from pdserve.engine.attention import build_metadata
 
     bs = 16
     nblk = -(-tokens // bs)
@@ -76,7 +74,7 @@ def bench_attention(arch, tokens_list, log) -> tuple[list[dict], dict]:
     """The paged prefill attention over the tile candidates, and SDPA; sets and returns the best tile."""
     import torch.nn.functional as F
 
-    from kernels import attention
+    from pdserve.kernels import attention
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     rows = []
@@ -121,7 +119,7 @@ def bench_attention(arch, tokens_list, log) -> tuple[list[dict], dict]:
     attention.PREFILL_CONFIGS[arch.head_dim] = best
     best_fp8 = pick_fp8_tile(rows, len(tokens_list))
     if best_fp8:
-        from kernels import attention_fp8
+        from pdserve.kernels import attention_fp8
         attention_fp8.PREFILL_FP8_CONFIG = best_fp8
     return rows, dict(bf16=best, fp8=best_fp8)
 
@@ -160,7 +158,7 @@ def kernel_facts(jit_fn) -> list[dict]:
 def host_cost(q, kv, meta, tokens, scale, ctx_start, log, calls=200) -> dict:
     """Host time per call of the bf16 and the fp8 attention on 64 tokens of the batch (the GPU's share is then
     a few us, so back-to-back calls are bound by the host: what an eager prefill pays per layer)."""
-    from kernels import attention, attention_fp8
+    from pdserve.kernels import attention, attention_fp8
 
     n = 64
     qs = q[:n]
@@ -186,7 +184,7 @@ def host_cost(q, kv, meta, tokens, scale, ctx_start, log, calls=200) -> dict:
 def bench_fp8_attention(q, kv, meta, tokens, flops, scale, log) -> list[dict]:
     """kernels/attention_fp8.py over its candidates, each with its relative error against the torch
     reference (up to 4096 tokens: the reference materialises the whole score matrix)."""
-    from kernels import attention_fp8, reference
+    from pdserve.kernels import attention_fp8, reference
 
     ctx_start = torch.zeros(1, dtype=torch.int32, device="cuda")
     ref = None
@@ -225,7 +223,7 @@ def bench_silu_mul_quant(arch, tokens_list, log) -> list[dict]:
     loads in flight (warps per program, programs per SM), two passes (rows in flight per SM: the second
     read must hit L2). Reports which is fastest over all lengths next to the engine's default
     (kernels.triton_fp8.silu_mul_launch), which the forward rows below use."""
-    from kernels import fused, triton_fp8
+    from pdserve.kernels import fused, triton_fp8
 
     inter = arch.intermediate_size
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -261,9 +259,9 @@ def bench_silu_mul_quant(arch, tokens_list, log) -> list[dict]:
 
 
 def build(precision: str, arch, weights):
-    from engine.attention import get_backend
-    from engine.model import LlamaModel
-    from engine.model_runner import linear_factory
+    from pdserve.engine.attention import get_backend
+    from pdserve.engine.model import LlamaModel
+    from pdserve.engine.model_runner import linear_factory
     from pdserve.config import EngineConfig
 
     linear_precision = "fp8" if precision.startswith("fp8") else precision
@@ -310,8 +308,8 @@ def paired_eager_ms(forward, base_forward, rounds: int = 7) -> tuple[float, floa
 
 
 def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int = 0) -> list[dict]:
-    from engine.attention import build_metadata
-    from kernels import quant_linear
+    from pdserve.engine.attention import build_metadata
+    from pdserve.kernels import quant_linear
 
     bs = 16
     nblk = max(-(-t // bs) for t in tokens_list)
@@ -421,7 +419,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="T",
                     help="also print each precision's top kernels (torch.profiler, eager) at T tokens")
     args = ap.parse_args()
-    from engine.model_config import arch_from_hf_config
+    from pdserve.engine.model_config import arch_from_hf_config
 
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "bench_prefill.log", "a")

@@ -33,18 +33,15 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import nvfp4  # noqa: E402
-from kernels import triton_fp8, triton_nvfp4  # noqa: E402
-from kernels.quant_linear import make_linear  # noqa: E402
+from pdserve.kernels import nvfp4  # noqa: E402
+from pdserve.kernels import triton_fp8, triton_nvfp4  # noqa: E402
+from pdserve.kernels.quant_linear import make_linear  # noqa: E402
 
 GEMM_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TOKENS = (512, 2048, 8192)
@@ -253,7 +250,7 @@ def bench_gemms(log) -> list[dict]:
 def choose_backends(gemms) -> dict:
     """Point kernels.quant_linear at the faster GEMM per path (geometric mean over M >= 2048), so
     the prefill runs below use it; the choice is printed and belongs in quant_linear's defaults."""
-    from kernels import quant_linear
+    from pdserve.kernels import quant_linear
 
     def geo(path):
         vals = [r[path + "_us"] for r in gemms if r["M"] >= 2048 and path + "_us" in r]
@@ -301,7 +298,7 @@ def torch_silu_mul(x):
 def pick_elementwise():
     """The project's fused Triton kernels when they run here, else torch ops (reported)."""
     try:
-        from kernels import fused
+        from pdserve.kernels import fused
         x = torch.randn(8, HIDDEN, dtype=torch.bfloat16, device="cuda")
         w = torch.ones(HIDDEN, dtype=torch.bfloat16, device="cuda")
         fused.rms_norm(x, w, 1e-5)
@@ -381,7 +378,7 @@ def bench_prefill(log, num_layers: int, profile_dir=None) -> tuple[list[dict], s
     outputs = {}
     inputs = {t: [torch.randn(t, HIDDEN, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2)]
               for t in TOKENS}  # the same inputs for every precision
-    from kernels import quant_linear
+    from pdserve.kernels import quant_linear
     for precision in ("bf16", "fp8", "fp8_fused", "fp8_fused_fastacc", "nvfp4"):
         quant_linear.FP8_FAST_ACCUM = precision.endswith("fastacc")
         forward, mods = make_forward(layers, precision, rms_norm, rotary, silu_mul, cache)

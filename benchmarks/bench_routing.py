@@ -17,9 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from cluster_util import Server  # noqa: E402
+from pdserve.testing.cluster import NEUTRAL_CWD, Server
 
 # 16 system prompts of 512 tokens x 4 users; each prefill worker's cache (280 blocks of 16 tokens)
 # (320 blocks of 16 tokens) holds ~10 of the 16 prompts: the two together hold all of them only if
@@ -37,7 +35,7 @@ def run(policy: str, tmp: Path, extra: list[str]) -> dict:
     server = Server(cfg, tmp)
     try:
         r = subprocess.run([sys.executable, "-m", "pdserve", "bench", "--server", server.address, "--json",
-                            *BENCH, *extra], capture_output=True, text=True, cwd=REPO, timeout=3600)
+                            *BENCH, *extra], capture_output=True, text=True, cwd=NEUTRAL_CWD, timeout=3600)
         if r.returncode != 0:
             raise SystemExit(f"bench failed for {policy}: {r.stderr[-3000:]}")
         return json.loads(r.stdout)

@@ -1,3 +1,3 @@
-from decode_worker.worker import DecodeWorker
+from pdserve.decode_worker.worker import DecodeWorker
 
 __all__ = ["DecodeWorker"]

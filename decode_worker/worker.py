@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.block_manager import NoFreeBlocks
-from engine.sampling_params import SamplingParams
-from engine.worker_base import WorkerBase
-from kv_transfer.sinks import sink_refresh_tokens
+from pdserve.engine.block_manager import NoFreeBlocks
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.worker_base import WorkerBase
+from pdserve.kv_transfer.sinks import sink_refresh_tokens
 
 
 class DecodeWorker(WorkerBase):

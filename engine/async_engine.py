@@ -12,7 +12,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-from engine.engine import LLMEngine
+from pdserve.engine.engine import LLMEngine
 
 log = logging.getLogger("pdserve.engine")
 
@@ -37,7 +37,7 @@ class AsyncEngine:
             self.queues[request_id] = q
             seq = self.engine.requests[request_id]
             if seq.finished:  # nothing to compute (a 1-token prompt on a prefill worker)
-                from engine.engine import RequestOutput
+                from pdserve.engine.engine import RequestOutput
 
                 q.put_nowait(RequestOutput(request_id, [], "", True, seq.finish_reason, seq.num_prompt_tokens))
                 self.queues.pop(request_id)

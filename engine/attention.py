@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import CONTEXT_ALIGN
+from pdserve.kernels.reference import CONTEXT_ALIGN
 
 
 @dataclass
@@ -113,7 +113,7 @@ class TorchAttention:
 
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if uses_fp8_attention(self.fp8_min_tokens, meta):
-            from kernels import reference
+            from pdserve.kernels import reference
             return reference.prefill_attention_fp8(q, kv_layer, meta.query_start_loc, meta.seq_lens,
                                                    meta.block_tables, scale)
         if meta.decode_only and len(meta.q_lens_list) > 1:
@@ -162,7 +162,7 @@ def get_backend(device: torch.device, fp8_min_tokens: int | None = None):
     pool's attention rule (uses_fp8_attention); None for every other pool."""
     if device.type == "cuda":
         try:
-            from engine.gpu_attention import TritonAttention
+            from pdserve.engine.gpu_attention import TritonAttention
             return TritonAttention(fp8_min_tokens)
         except ImportError:
             pass

@@ -11,16 +11,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from engine.block_hash import block_hashes
-from engine.block_manager import BlockManager, NoFreeBlocks
-from engine.loader import resolve_model_path
-from engine.prompt import prompt_ids
-from engine.model_runner import ModelRunner, resolve_device, resolve_dtype
-from engine.sampler import sample
-from engine.sampling_params import InvalidRequest, SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, Status
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pdserve.engine.block_hash import block_hashes
+from pdserve.engine.block_manager import BlockManager, NoFreeBlocks
+from pdserve.engine.loader import resolve_model_path
+from pdserve.engine.prompt import prompt_ids
+from pdserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from pdserve.engine.sampler import sample
+from pdserve.engine.sampling_params import InvalidRequest, SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Sequence, Status
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pdserve.config import EngineConfig
 
 
@@ -65,7 +65,7 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config, role: str, progress: bool = False) -> "LLMEngine":
         """The engine of one pool (`role` prefill or decode) of a cluster config."""
-        from engine.precision import resolve_precision
+        from pdserve.engine.precision import resolve_precision
 
         econf = config.pool_engine(role)
         precision = resolve_precision(getattr(config, role).precision, role, resolve_device(econf.device))
@@ -142,7 +142,7 @@ class LLMEngine:
         token num_computed_tokens + i + 1), for tokens after a prefix whose KV is already in
         `block_table`; `refresh_tokens` as in add_request, in the same forward. Runs alone (call it
         with no requests in flight); frees its own blocks."""
-        from engine.scheduler import ScheduledBatch
+        from pdserve.engine.scheduler import ScheduledBatch
 
         if self.has_unfinished():
             raise RuntimeError("score() needs an idle engine")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata, uses_fp8_attention
-from kernels import attention, fused
+from pdserve.engine.attention import AttentionMetadata, uses_fp8_attention
+from pdserve.kernels import attention, fused
 
 
 class TritonAttention:
@@ -25,7 +25,7 @@ class TritonAttention:
 
     def attend(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if uses_fp8_attention(self.fp8_min_tokens, meta):
-            from kernels.attention_fp8 import prefill_attention_fp8
+            from pdserve.kernels.attention_fp8 import prefill_attention_fp8
             return prefill_attention_fp8(q, kv_layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                                          meta.context_start_loc, meta.total_context, scale, meta.max_query_len,
                                          meta.max_seq_len)

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from engine.attention import AttentionMetadata
+from pdserve.engine.attention import AttentionMetadata
 
 
 def graphs_enabled() -> bool:

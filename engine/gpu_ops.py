@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels import fused
+from pdserve.kernels import fused
 
 
 class TritonOps:

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from engine.model_config import ModelArch, arch_from_gguf, arch_from_hf_config
+from pdserve.engine.model_config import ModelArch, arch_from_gguf, arch_from_hf_config
 
 
 class ModelLoadError(RuntimeError):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata
-from engine.model_config import ModelArch
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.model_config import ModelArch
 
 
 class DenseLinear(nn.Module):
@@ -102,7 +102,7 @@ def model_ops(device: torch.device, inv_freq: torch.Tensor, max_positions: int):
     """Triton kernels on CUDA when available; the torch ops elsewhere."""
     if device.type == "cuda":
         try:
-            from engine.gpu_ops import TritonOps
+            from pdserve.engine.gpu_ops import TritonOps
             return TritonOps(inv_freq, max_positions)
         except ImportError:
             pass

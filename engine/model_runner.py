@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import build_metadata, get_backend, slot
-from engine.loader import load_weights
-from engine.model import DenseLinear, LlamaModel
-from engine.model_config import ModelArch
-from engine.scheduler import ScheduledBatch
+from pdserve.engine.attention import build_metadata, get_backend, slot
+from pdserve.engine.loader import load_weights
+from pdserve.engine.model import DenseLinear, LlamaModel
+from pdserve.engine.model_config import ModelArch
+from pdserve.engine.scheduler import ScheduledBatch
 from pdserve.config import EngineConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -38,9 +38,9 @@ def linear_factory(precision: str, dtype: torch.dtype, device: torch.device):
     if precision == "bf16":  # unquantized, at the compute dtype (float32 on the exact CPU path)
         dense = DenseLinear
         if device.type == "cuda":
-            from engine.gpu_ops import TritonDenseLinear as dense
+            from pdserve.engine.gpu_ops import TritonDenseLinear as dense
         return lambda w, b: dense(w.to(device, dtype), None if b is None else b.to(device, dtype))
-    from kernels.quant_linear import make_linear
+    from pdserve.kernels.quant_linear import make_linear
 
     return lambda w, b: make_linear(w.to(device), None if b is None else b.to(device), precision, dtype)
 
@@ -65,7 +65,7 @@ class ModelRunner:
         self.graphs = self._decode_graphs(max_num_seqs or DEFAULT_GRAPH_MAX_BATCH)
 
     def _decode_graphs(self, max_batch: int):
-        from engine.gpu_graphs import DecodeGraphs, graphs_enabled
+        from pdserve.engine.gpu_graphs import DecodeGraphs, graphs_enabled
 
         # quantized projections are not yet checked under capture; decode pools run bf16
         if not (self.device.type == "cuda" and getattr(self.backend, "graph_safe", False)

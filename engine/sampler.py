@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sequence import Sequence
+from pdserve.engine.sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:

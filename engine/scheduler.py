@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.sequence import Sequence, Status
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.sequence import Sequence, Status
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

@@ -9,7 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from engine.loader import ModelLoadError, resolve_model_path
+from pdserve.engine.loader import ModelLoadError, resolve_model_path
 
 
 def _cache_dir(gguf_path: str) -> Path:

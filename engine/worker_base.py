@@ -9,8 +9,8 @@ from collections import deque
 import msgpack
 import torch
 
-from engine.async_engine import AsyncEngine
-from engine.engine import LLMEngine
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import LLMEngine
 from pdserve.config import Config, from_dict
 
 
@@ -31,7 +31,7 @@ class WorkerBase:
         self.kv_last_id = 0
 
     def _make_agent(self, on_release=None):
-        from kv_transfer import KVTransferAgent
+        from pdserve.kv_transfer import KVTransferAgent
 
         kt = self.config.kv_transfer
         # staging holds fp8 wire copies (about a quarter of a float32 slot each); the raw wire reads

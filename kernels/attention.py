@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused import launch_options, wait_for_predecessor
+from pdserve.kernels.fused import launch_options, wait_for_predecessor
 
 LOG2E = 1.4426950408889634
 

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused import launch_options, wait_for_predecessor
-from kernels.reference import CONTEXT_ALIGN, FP8_KV_EPS, LOG2E
-from kernels.triton_fp8 import divisor, e4m3_rne, fp8_codes
+from pdserve.kernels.fused import launch_options, wait_for_predecessor
+from pdserve.kernels.reference import CONTEXT_ALIGN, FP8_KV_EPS, LOG2E
+from pdserve.kernels.triton_fp8 import divisor, e4m3_rne, fp8_codes
 
 
 @triton.jit

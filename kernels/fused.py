@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import FP8_KV_EPS, FP8_MAX
+from pdserve.kernels.reference import FP8_KV_EPS, FP8_MAX
 
 try:
     from triton.language.extra.cuda import gdc_wait

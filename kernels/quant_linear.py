@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import fp8, nvfp4
+from pdserve.kernels import fp8, nvfp4
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
 
@@ -119,7 +119,7 @@ class Fp8Linear(QuantizedLinear):
         removes a write and a read of every activation row."""
         if not _fusable(x, ops) or (residual is not None and residual.stride(-1) != 1):
             return None
-        from kernels import triton_fp8
+        from pdserve.kernels import triton_fp8
         if x.shape[1] > triton_fp8.RMS_NORM_QUANT_MAX:
             return None
         if residual is None:
@@ -131,11 +131,11 @@ class Fp8Linear(QuantizedLinear):
         """self(silu(gate) * up), SiLU*up writing e4m3 codes instead of bf16 (as rms_norm_forward)."""
         if not _fusable(gate_up, ops):
             return None
-        from kernels import triton_fp8
+        from pdserve.kernels import triton_fp8
         return self.forward_quantized(*triton_fp8.silu_mul_quant_fp8(gate_up), gate_up.dtype)
 
     def _forward_cuda(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        from kernels import triton_fp8
+        from pdserve.kernels import triton_fp8
         x8, s_x = triton_fp8.quantize_fp8_rows(x2)
         return self.forward_quantized(x8, s_x, out_dtype)
 
@@ -144,7 +144,7 @@ class Fp8Linear(QuantizedLinear):
         e.g. by a producer with the quantizer fused in (kernels/triton_fp8.rms_norm_quant_fp8)."""
         if not x8.is_cuda:
             return self.add_bias(fp8.fp8_gemm_reference(x8, s_x, self.w8, self.s_w, out_dtype))
-        from kernels import triton_fp8
+        from pdserve.kernels import triton_fp8
         n, k = self.w8.shape
         # cuBLAS rowwise scaling wants 16-aligned K and N and a bf16 output
         if FP8_GEMM == "scaled_mm" and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16:
@@ -197,7 +197,7 @@ class Nvfp4Linear(QuantizedLinear):
         return self.add_bias(y).reshape(*x.shape[:-1], -1)
 
     def _forward_cuda(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        from kernels import triton_nvfp4
+        from pdserve.kernels import triton_nvfp4
         k = x2.shape[-1]
         if self.folded is None and k % triton_nvfp4.BLACKWELL_TILE["BLOCK_K"] == 0:
             return triton_nvfp4.blackwell_gemm(triton_nvfp4.quantize_nvfp4(x2), self.qweight, out_dtype)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from kernels import reference
+from pdserve.kernels import reference
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def triton_ops(fused_decode: bool = True) -> SimpleNamespace:
     """The Triton kernels. fused_decode: also the decode-only extras (Triton GEMV at batch 1 with the
     SiLU fused into the down projection, RoPE fused with the KV write); False keeps to the engine's
     interfaces plus library GEMMs."""
-    from kernels import attention, fused  # imported late: triton reads TRITON_INTERPRET at import
+    from pdserve.kernels import attention, fused  # imported late: triton reads TRITON_INTERPRET at import
 
     return SimpleNamespace(write_kv=fused.write_kv, paged_attention=attention.paged_attention,
                            rms_norm=fused.rms_norm, rotary=fused.rotary, silu_and_mul=fused.silu_and_mul,

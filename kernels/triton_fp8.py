@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused import launch_options, wait_for_predecessor
+from pdserve.kernels.fused import launch_options, wait_for_predecessor
 
 # 1.5 * 2**23: adding and subtracting it rounds an fp32 in [-2**22, 2**22] to an integer, ties to even.
 RINT_MAGIC = tl.constexpr(12582912.0)

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nvfp4 import BLOCK, NVFP4Tensor
-from kernels.triton_fp8 import e4m3_rne, scaled_gemm
+from pdserve.kernels.nvfp4 import BLOCK, NVFP4Tensor
+from pdserve.kernels.triton_fp8 import e4m3_rne, scaled_gemm
 
 FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -140,7 +140,7 @@ def quantize_nvfp4_folded(x: torch.Tensor, out: dict | None = None,
 
 def fold_weight(qw: NVFP4Tensor) -> torch.Tensor:
     """W' = T[q_w]*s_w as bf16 [N, K], exact; built once at load."""
-    from kernels.nvfp4 import scaled_values
+    from pdserve.kernels.nvfp4 import scaled_values
     return scaled_values(qw).to(torch.bfloat16)
 
 

@@ -268,7 +268,7 @@ def format_report(rep: dict) -> str:
 
 # -- runner ---------------------------------------------------------------------------------------
 def _request_proto(req: BenchRequest, ignore_eos: bool, seed: int | None, temperature: float = 0.0):
-    from proto import pb
+    from pdserve.proto import pb
 
     sp = pb.SamplingParams(max_tokens=req.max_tokens, temperature=temperature, ignore_eos=ignore_eos)
     if seed is not None:
@@ -359,7 +359,7 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
     and the client's own overhead measurements."""
     from tqdm import tqdm
 
-    from proto import rpc
+    from pdserve.proto import rpc
 
     inflight = len(requests) if concurrency is None else min(concurrency, len(requests))
     chans = _channels(address, max(1, math.ceil(inflight / 48)))
@@ -402,7 +402,7 @@ async def _server_info(address: str, timeout: float) -> tuple[dict, dict]:
 
     from google.protobuf.json_format import MessageToDict
     from pdserve.cli import EXIT_SERVER, CLIError
-    from proto import pb, rpc
+    from pdserve.proto import pb, rpc
 
     async with grpc.aio.insecure_channel(address) as ch:
         try:
@@ -428,7 +428,7 @@ async def watch_cluster(address: str, period: float, t0: float, samples: list[di
     `t0`), so a run during scaling shows when each pool grew and shrank. Runs until cancelled."""
     import grpc
 
-    from proto import pb, rpc
+    from pdserve.proto import pb, rpc
 
     async with grpc.aio.insecure_channel(address) as ch:
         stub = rpc.PDServeStub(ch)

@@ -89,7 +89,7 @@ def read_requests(args) -> list[dict]:
 
 
 def sampling_from_args(args):
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
@@ -122,7 +122,7 @@ class StreamPrinter:
 
 
 def cmd_generate(args) -> int:
-    from engine.sampling_params import InvalidRequest
+    from pdserve.engine.sampling_params import InvalidRequest
 
     reqs = read_requests(args)
     try:
@@ -142,9 +142,9 @@ def cmd_generate(args) -> int:
 
 
 def generate_local(args, reqs, params) -> list[dict]:
-    from engine.engine import LLMEngine
-    from engine.loader import ModelLoadError
-    from engine.sampling_params import InvalidRequest
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.engine.loader import ModelLoadError
+    from pdserve.engine.sampling_params import InvalidRequest
     from pdserve.config import EngineConfig
 
     kw = {}
@@ -157,7 +157,7 @@ def generate_local(args, reqs, params) -> list[dict]:
                            progress=sys.stderr.isatty())
     except ModelLoadError as e:
         raise CLIError(str(e), EXIT_MODEL) from None
-    from engine.block_manager import NoFreeBlocks
+    from pdserve.engine.block_manager import NoFreeBlocks
 
     printer = None if args.json else StreamPrinter(len(reqs))
     on_output = None if printer is None else (lambda i, o: printer(i, o.new_text, o.finished))

@@ -14,7 +14,7 @@ class ServerError(Exception):
 
 
 def request_proto(req: dict, params, request_id: str = ""):
-    from proto import pb
+    from pdserve.proto import pb
 
     sp = pb.SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                            top_k=params.top_k, min_p=params.min_p, stop=params.stop,
@@ -59,7 +59,7 @@ def stream_one(stub, msg, on_delta=None, timeout=None) -> dict:
 def generate_remote(server: str, reqs: list[dict], params, stream_to=None, prompt_ids=None) -> list[dict]:
     """Send every request concurrently (the cluster batches them); results in input order."""
     from pdserve.cli import EXIT_BAD_INPUT, EXIT_SERVER, CLIError
-    from proto import rpc
+    from pdserve.proto import rpc
 
     channel = grpc.insecure_channel(server)
     try:

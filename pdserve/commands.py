@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
 
 def register(sub) -> None:
@@ -48,7 +47,7 @@ def load_serve_config(args):
 
 
 def cmd_serve(args) -> int:
-    from router.server import serve
+    from pdserve.router.server import serve
 
     config = load_serve_config(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -77,7 +76,7 @@ def cmd_scale(args) -> int:
     import grpc
 
     from pdserve.cli import EXIT_SERVER, CLIError
-    from proto import pb, rpc
+    from pdserve.proto import pb, rpc
 
     with grpc.insecure_channel(args.server) as ch:
         try:

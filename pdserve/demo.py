@@ -27,11 +27,11 @@ def register(sub) -> None:
 def cmd_demo(args) -> int:
     import grpc
 
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
     from pdserve.client import request_proto, stream_one
     from pdserve.config import load_config
-    from proto import pb, rpc
-    from router.server import serve
+    from pdserve.proto import pb, rpc
+    from pdserve.router.server import serve
 
     config = load_config(args.config, {"router.port": args.port, "router.metrics_port": None})
     ready = threading.Event()

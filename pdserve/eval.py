@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from kv_transfer.sinks import sink_refresh_tokens
+from pdserve.kv_transfer.sinks import sink_refresh_tokens
 from pdserve import eval_handoff as handoff
 from pdserve.config import EngineConfig, KVTransferConfig
 from pdserve.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence
@@ -111,7 +111,7 @@ class EnginePool:
 
     def get(self, precision: str):
         if precision not in self.engines:
-            from engine.engine import LLMEngine
+            from pdserve.engine.engine import LLMEngine
 
             config = EngineConfig(num_blocks=self.num_blocks, fp8_attention_min_tokens=self.fp8_attention_min_tokens)
             self.engines[precision] = LLMEngine(self.model, self.dtype, config, precision=precision, progress=False)
@@ -251,7 +251,7 @@ class Harness:
 
 
 def _greedy(max_tokens: int):
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens)
 
@@ -335,7 +335,7 @@ def command_line(args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from engine.loader import ModelLoadError
+    from pdserve.engine.loader import ModelLoadError
     from pdserve import eval_report
     from pdserve.cli import EXIT_BAD_INPUT, EXIT_MODEL, CLIError
     from pdserve.eval_text import TextMissing, load_text

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_params import SamplingParams
-from kv_transfer.fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
 
 WIRES = ("bf16", "fp8")
 

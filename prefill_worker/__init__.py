@@ -1,3 +1,3 @@
-from prefill_worker.worker import PrefillWorker
+from pdserve.prefill_worker.worker import PrefillWorker
 
 __all__ = ["PrefillWorker"]

@@ -6,8 +6,8 @@ expires, or the request is aborted; only then are they released (and kept in the
 """
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
-from engine.worker_base import WorkerBase
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.worker_base import WorkerBase
 
 
 class PrefillWorker(WorkerBase):

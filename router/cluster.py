@@ -7,14 +7,12 @@ import asyncio
 import logging
 import os
 import secrets
-from pathlib import Path
 
 from pdserve.config import Config
-from router.kv_index import KVIndex
-from router.pool import Pool, Worker
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.pool import Pool, Worker
 
 log = logging.getLogger("pdserve.cluster")
-REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 NAMESPACE = "pdserve"
 
 
@@ -23,8 +21,8 @@ def init_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
-                        "TOKENIZERS_PARALLELISM": "false"}}
+    # workers import pdserve from the same environment as the router: no source folder goes on their path
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if config.ray.address:
         ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True, namespace=NAMESPACE)
         return
@@ -43,9 +41,9 @@ def _actor_class(role: str):
     import ray
 
     if role == "prefill":
-        from prefill_worker.worker import PrefillWorker as cls
+        from pdserve.prefill_worker.worker import PrefillWorker as cls
     else:
-        from decode_worker.worker import DecodeWorker as cls
+        from pdserve.decode_worker.worker import DecodeWorker as cls
     return ray.remote(cls)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 
-from router.kv_index import KVIndex
-from router.pool import Worker
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.pool import Worker
 
 
 class Policy:

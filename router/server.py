@@ -15,16 +15,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.block_hash import block_hashes
-from engine.block_manager import NoFreeBlocks
-from engine.loader import load_arch, resolve_model_path
-from engine.prompt import prompt_ids
-from engine.sampling_params import InvalidRequest, SamplingParams
-from engine.tokenizer import Tokenizer
+from pdserve.engine.block_hash import block_hashes
+from pdserve.engine.block_manager import NoFreeBlocks
+from pdserve.engine.loader import load_arch, resolve_model_path
+from pdserve.engine.prompt import prompt_ids
+from pdserve.engine.sampling_params import InvalidRequest, SamplingParams
+from pdserve.engine.tokenizer import Tokenizer
 from pdserve.config import Config
-from proto import pb, rpc
-from router.cluster import Cluster
-from router.policy import make_policy
+from pdserve.proto import pb, rpc
+from pdserve.router.cluster import Cluster
+from pdserve.router.policy import make_policy
 
 log = logging.getLogger("pdserve.router")
 SERVICE = "pdserve.v1.PDServe"
@@ -245,13 +245,13 @@ async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None 
     stats_task = asyncio.get_running_loop().create_task(_refresh(cluster))
     metrics_server = None
     if config.router.metrics_port is not None:
-        from router.metrics import Metrics, start_http
+        from pdserve.router.metrics import Metrics, start_http
 
         router.metrics = Metrics(cluster)
         metrics_server = start_http(router.metrics, config.router.host, config.router.metrics_port)
     tasks = [stats_task]
     if config.autoscaling.enabled:
-        from router.autoscaler import Autoscaler
+        from pdserve.router.autoscaler import Autoscaler
 
         tasks.append(asyncio.get_running_loop().create_task(
             Autoscaler(config.autoscaling, cluster, router.metrics).run()))

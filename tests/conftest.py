@@ -9,21 +9,6 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # 12 prompts, raw and chat, of different lengths and kinds (the token-exactness set)
-PROMPTS = [
-    ("The capital of France is", False),
-    ("Once upon a time, in a small village by the sea,", False),
-    ("def fibonacci(n):\n    ", False),
-    ("The three primary colors are", False),
-    ("Water boils at a temperature of", False),
-    ("In 1969, the first humans landed on", False),
-    ("What is the tallest mountain in the world?", True),
-    ("Write a haiku about autumn leaves.", True),
-    ("Explain in one sentence what a CPU does.", True),
-    ("List three fruits that are red.", True),
-    ("How do I reverse a list in Python?", True),
-    ("Translate 'good morning' into French.", True),
-]
-
 
 def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("PDSERVE_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
@@ -37,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def engine_f32():
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
 
     return LLMEngine(dtype="float32", progress=False)
 
@@ -50,7 +35,7 @@ def hf_f32():
 def _hf_model(dtype):
     from transformers import AutoModelForCausalLM
 
-    from engine.loader import default_model_path
+    from pdserve.engine.loader import default_model_path
 
     d, f = os.path.split(default_model_path())
     m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()

@@ -13,21 +13,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import kernel_cases
-from test_attention_kernels import _shapes, paged_batch, poison_allocator, rel_err
+from pdserve.testing import kernel_cases
+from pdserve.testing.kernel_cases import attention_shapes, paged_batch, poison_allocator
+from pdserve.testing.kernel_cases import rel_err_or_inf as rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED_TOL = 1e-5
 GPU_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
 
 
 def context_starts(seq_lens: list[int], device) -> tuple[torch.Tensor, int]:
-    from engine.attention import context_offsets
+    from pdserve.engine.attention import context_offsets
 
     starts, total = context_offsets(seq_lens)
     return torch.tensor(starts, dtype=torch.int32, device=device), total
@@ -36,9 +35,9 @@ def context_starts(seq_lens: list[int], device) -> tuple[torch.Tensor, int]:
 def case_prefill(group, lens, config=None):
     """lens(block_size, scale_up) -> (seq_lens, q_lens)."""
     def run(device, dtype, gen):
-        from kernels import attention_fp8, reference
+        from pdserve.kernels import attention_fp8, reference
 
-        shape, scale_up = _shapes(device)
+        shape, scale_up = attention_shapes(device)
         seq_lens, q_lens = lens(shape["block_size"], scale_up)
         args, _ = paged_batch(gen, seq_lens, q_lens, group=group, dtype=dtype, device=device, **shape)
         starts, total = context_starts(seq_lens, device)
@@ -73,8 +72,8 @@ def run_cases(device: str, dtype: torch.dtype, names, seed: int) -> dict:
 
 def quantized_context_matches(seed: int) -> str:
     """quantize_context's codes and scales equal the reference quantizers' bytes."""
-    from kernels import attention_fp8, reference
-    from kernels.fp8 import positive_zero
+    from pdserve.kernels import attention_fp8, reference
+    from pdserve.kernels.fp8 import positive_zero
 
     gen = torch.Generator().manual_seed(seed)
     seq_lens, q_lens = _mixed(8, 1)
@@ -108,7 +107,7 @@ def quantized_context_matches(seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    return kernel_cases.run_interpreted(__file__, ROOT)
+    return kernel_cases.run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", INTERPRETED_CASES)
@@ -126,7 +125,7 @@ def test_interpreted_quantized_context_is_byte_exact(interpreted):
 def test_reference_tracks_exact_attention():
     """The reference is attention: against float32 attention on the same inputs its error is the e4m3
     operands' (~2-4% on random data, whose flat softmax averages many rounded terms)."""
-    from kernels import reference
+    from pdserve.kernels import reference
 
     gen = torch.Generator().manual_seed(kernel_cases.test_seed())
     seq_lens, q_lens = _mixed(8, 1)
@@ -139,7 +138,7 @@ def test_reference_tracks_exact_attention():
 
 
 def test_rejects_bad_shapes():
-    from kernels import attention_fp8
+    from pdserve.kernels import attention_fp8
 
     q = torch.zeros(4, 6, 32)
     kv = torch.zeros(2, 2, 8, 4, 32)  # 6 query heads over 4 kv heads
@@ -178,7 +177,7 @@ def test_min_tokens_config_is_validated(value, why):
 
 
 def test_rule_picks_long_prompt_steps_of_fp8_pools_only():
-    from engine.attention import build_metadata, uses_fp8_attention
+    from pdserve.engine.attention import build_metadata, uses_fp8_attention
 
     def meta(q_lens, seq_lens):
         return build_metadata(q_lens, seq_lens, [[0] * 8 for _ in q_lens], 16, torch.device("cpu"))
@@ -194,7 +193,7 @@ def test_fp8_engine_attention_on_cpu_is_the_reference(engine_f32):
     """An fp8 engine on the embedded model, its prompt logits against the float32 engine's: with the fp8
     attention on every prompt step they move, and stay as close to float32 as with the fp8 linears alone
     (measured: KL 0.137 with, 0.147 without, nats/token; the 135M model's fp8 logits move that much)."""
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
     from pdserve.config import EngineConfig
 
     ids = engine_f32.tokenize("The quick brown fox jumps over the lazy dog because it wants to reach the river.")

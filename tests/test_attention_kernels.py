@@ -13,68 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import kernel_cases
+from pdserve.testing import kernel_cases
+from pdserve.testing.kernel_cases import attention_shapes, paged_batch, poison_allocator, rel_err_or_inf
 
-ROOT = Path(__file__).resolve().parents[1]
 BF16_TOL = 1e-2
 FP32_TOL = 1e-5
-BAD_BLOCK = 1 << 30  # block-table padding: reading it would fault or raise
 
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out.float()).all():
-        return float("inf")
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-
-
-def poison_allocator(nbytes: int, device: str) -> None:
-    """Leave NaNs where the next allocation of about this size will likely land, so an output element
-    that a kernel forgets to write shows up as a non-finite value."""
-    buf = torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device=device)
-    buf.fill_(float("nan"))
-    del buf
-
-
-def paged_batch(gen, seq_lens, q_lens, num_kv_heads, group, head_dim, block_size, dtype, device, fp8=False):
-    """A random batch over a paged, two-layer cache; returns the kwargs of paged_attention and the layer."""
-    from kernels import reference
-
-    blocks_needed = [-(-s // block_size) for s in seq_lens]
-    num_blocks = sum(blocks_needed) + 3
-    width = max(blocks_needed) + 2
-    shape = (num_blocks, 2, 2, block_size, num_kv_heads, head_dim)
-    values = torch.randn(shape, generator=gen).to(device)
-    perm = torch.randperm(num_blocks, generator=gen)
-    tables = torch.full((len(seq_lens), width), BAD_BLOCK, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks_needed):
-        tables[i, :n] = perm[used:used + n].int()
-        used += n
-    scales = None
-    if fp8:
-        codes, cache_scales = reference.quantize_fp8_per_head(values)
-        kv_layer, scales = codes[:, 1], cache_scales[:, 1]
-    else:
-        kv_layer = values.to(dtype)[:, 1]  # strided: one layer of the block-major cache
-    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(torch.tensor(q_lens), 0)
-    q = torch.randn((int(qsl[-1]), num_kv_heads * group, head_dim), generator=gen).to(device, dtype)
-    args = dict(q=q, kv_layer=kv_layer, query_start_loc=qsl.to(device),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                block_tables=tables.to(device), scale=head_dim ** -0.5,
-                max_query_len=max(q_lens), max_seq_len=max(seq_lens))
-    return args, scales
 
 
 def _run_attention(args, scales, num_splits=None):
-    from kernels import attention, reference
+    from pdserve.kernels import attention, reference
 
     extra = {} if num_splits is None else {"num_splits": num_splits}
     poison_allocator(args["q"].numel() * args["q"].element_size(), args["q"].device.type)
@@ -87,21 +40,15 @@ def _run_attention(args, scales, num_splits=None):
                                               "block_tables", "scale", "max_query_len", "max_seq_len")}
         out = attention.paged_attention_fp8(**fp8_args, **extra)
         ref = reference.paged_attention_fp8(**fp8_args)
-    return rel_err(out, ref)
+    return rel_err_or_inf(out, ref)
 
-
-def _shapes(device):
-    """Small shapes for the interpreter, realistic ones (head_dim 128, block 16) on a GPU."""
-    if device == "cpu":
-        return dict(num_kv_heads=2, head_dim=32, block_size=8), 1
-    return dict(num_kv_heads=4, head_dim=128, block_size=16), 8
 
 
 def case_decode_empty_rows(group):
     """A decode batch where some sequences have no query token this step: their neighbours' outputs must
     not be touched (their rows of the output do not exist)."""
     def run(device, dtype, gen):
-        shape, _ = _shapes(device)
+        shape, _ = attention_shapes(device)
         bs = shape["block_size"]
         args, _ = paged_batch(gen, [bs + 3, 2 * bs, 5, 3 * bs], [1, 0, 1, 0], group=group, dtype=dtype,
                               device=device, **shape)
@@ -111,7 +58,7 @@ def case_decode_empty_rows(group):
 
 def case_decode(group, fp8=False, num_splits=None, merge_in_kernel=None):
     def run(device, dtype, gen):
-        from kernels import attention
+        from pdserve.kernels import attention
 
         if merge_in_kernel is not None:  # both ways of merging split partials
             before = attention.MERGE_IN_KERNEL
@@ -120,7 +67,7 @@ def case_decode(group, fp8=False, num_splits=None, merge_in_kernel=None):
                 return case_decode(group, fp8, num_splits)(device, dtype, gen)
             finally:
                 attention.MERGE_IN_KERNEL = before
-        shape, scale_up = _shapes(device)
+        shape, scale_up = attention_shapes(device)
         bs = shape["block_size"]
         seq_lens = [1, bs, bs + 1, 2 * bs, 5 * bs - 3, 9 * bs * scale_up + 5]
         args, scales = paged_batch(gen, seq_lens, [1] * len(seq_lens), group=group, dtype=dtype, device=device,
@@ -131,7 +78,7 @@ def case_decode(group, fp8=False, num_splits=None, merge_in_kernel=None):
 
 def case_prefill(group, fp8=False):
     def run(device, dtype, gen):
-        shape, scale_up = _shapes(device)
+        shape, scale_up = attention_shapes(device)
         bs = shape["block_size"]
         # fresh prompts, chunks after cached prefixes (on and off block boundaries), a decode row mixed in
         seq_lens = [3 * bs + 5, 4 * bs, 2 * bs + 7 + 40 * scale_up, 6 * bs, 17]
@@ -162,7 +109,7 @@ def run_cases(device: str, dtype: torch.dtype, names, seed: int) -> dict:
 @pytest.fixture(scope="module")
 def interpreted():
     """All cases in one TRITON_INTERPRET=1 subprocess."""
-    return kernel_cases.run_interpreted(__file__, ROOT)
+    return kernel_cases.run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,6 +1,6 @@
 """The autoscaling decision: targets, bounds, cool-down."""
 from pdserve.config import load_config
-from router.autoscaler import PoolSignal, decide
+from pdserve.router.autoscaler import PoolSignal, decide
 
 
 def cfg():

@@ -172,7 +172,7 @@ def test_oracle_of_the_shared_prefix_workload():
 
 # -- the command ----------------------------------------------------------------------------------
 def test_bad_arguments_and_unreachable_server():
-    from cluster_util import free_port
+    from pdserve.testing.cluster import free_port
 
     for argv in (["--num-requests", "0"], ["--request-rate", "0"], ["--concurrency", "0"],
                  ["--goodput-ttft", "-1"], ["--warmup", "-2"]):
@@ -186,7 +186,7 @@ def test_bad_arguments_and_unreachable_server():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from cluster_util import Server
+    from pdserve.testing.cluster import Server
 
     s = Server({"model": {"dtype": "float32"}, "engine": {"kv_cache_memory_gb": 0.2},
                 "prefill": {"replicas": 1, "num_cpus": 0.5}, "decode": {"replicas": 1, "num_cpus": 0.5}},
@@ -295,7 +295,7 @@ class _ClockServer:
 
         import grpc
 
-        from proto import pb, rpc
+        from pdserve.proto import pb, rpc
 
         outer = self
 
@@ -335,7 +335,7 @@ def test_client_timing_error_under_many_streams(streams, tmp_path):
     import multiprocessing
     import time
 
-    from cluster_util import free_port
+    from pdserve.testing.cluster import free_port
 
     port, log = free_port(), tmp_path / "sends.jsonl"
     proc = multiprocessing.get_context("spawn").Process(target=_ClockServer(port, str(log), 0.3, 0.05), daemon=True)

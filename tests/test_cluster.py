@@ -11,11 +11,11 @@ import urllib.request
 import grpc
 import pytest
 
-from cluster_util import REPO, Server
-from conftest import PROMPTS
-from engine.sampling_params import SamplingParams
+from pdserve.testing.cluster import NEUTRAL_CWD, Server
+from pdserve.testing.exactness import PROMPTS
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.client import request_proto, stream_one
-from proto import pb, rpc
+from pdserve.proto import pb, rpc
 
 CONFIG = {
     "model": {"dtype": "float32"},
@@ -203,8 +203,8 @@ def test_generate_cli_through_server_prints_same_json(server, tmp_path):
     inp.write_text('{"prompt": "Hi there", "chat": true}\n{"prompt_token_ids": [504, 3575, 282, 4649, 314]}\n')
     base = [sys.executable, "-m", "pdserve", "generate", "--input", str(inp), "--json", "--max-tokens", "8",
             "--dtype", "float32"]
-    local = subprocess.run(base, capture_output=True, text=True, cwd=REPO, timeout=300)
-    remote = subprocess.run(base + ["--server", server.address], capture_output=True, text=True, cwd=REPO,
+    local = subprocess.run(base, capture_output=True, text=True, cwd=NEUTRAL_CWD, timeout=300)
+    remote = subprocess.run(base + ["--server", server.address], capture_output=True, text=True, cwd=NEUTRAL_CWD,
                             timeout=300)
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr
     lj = [json.loads(line) for line in local.stdout.splitlines()]
@@ -217,6 +217,6 @@ def test_bad_config_is_rejected_with_a_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("prefill:\n  replica: 2\n")
     r = subprocess.run([sys.executable, "-m", "pdserve", "serve", "--config", str(bad)], capture_output=True,
-                       text=True, cwd=REPO, timeout=120)
+                       text=True, cwd=NEUTRAL_CWD, timeout=120)
     assert r.returncode == 2
     assert "prefill: unknown key(s) replica" in r.stderr

@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-from conftest import PROMPTS
-from engine.sampling_params import SamplingParams
+from pdserve.testing.exactness import PROMPTS
+from pdserve.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
 def prefill_engine():
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
 
     return LLMEngine(dtype="float32", progress=False)
 
@@ -30,7 +30,7 @@ def _prefill_blocks(engine, rid, ids):
 
 
 def _transfer_and_score(pre, dec, wire, ids_full, n_prompt, tag, refresh=0):
-    from kv_transfer import KVTransferAgent
+    from pdserve.kv_transfer import KVTransferAgent
 
     released = []
     a_p = KVTransferAgent(f"p-{tag}", pre.runner.kv_cache, wire_dtype=wire, lease_seconds=30,
@@ -60,7 +60,7 @@ def _transfer_and_score(pre, dec, wire, ids_full, n_prompt, tag, refresh=0):
 
 
 def test_fp8_wire_teacher_forced_agreement(engine_f32, prefill_engine):
-    from kv_transfer.sinks import sink_refresh_tokens
+    from pdserve.kv_transfer.sinks import sink_refresh_tokens
     from pdserve.config import KVTransferConfig
 
     dec, pre = engine_f32, prefill_engine
@@ -123,7 +123,7 @@ def test_refresh_sink_tokens_config_is_validated(value, why):
 
 
 def test_sink_refresh_only_where_the_kv_is_not_decodes_own():
-    from kv_transfer.sinks import sink_refresh_tokens
+    from pdserve.kv_transfer.sinks import sink_refresh_tokens
 
     assert sink_refresh_tokens(4, "bf16", "bf16", "bf16") == 0  # raw wire, same precision: its own bits
     assert sink_refresh_tokens(4, "fp8", "bf16", "bf16") == 4
@@ -194,10 +194,10 @@ def test_sink_refresh_survives_preemption():
     """Requests admitted with transferred KV and a pending refresh, in a pool too small for all of
     them: preempted ones recompute everything locally (no refresh left over), all finish with the
     local engine's tokens (or a near-tie away), and every block is free afterwards."""
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
     from pdserve import eval_handoff as handoff
     from pdserve.config import EngineConfig
-    from test_engine_exactness import _assert_same_or_near_tie
+    from pdserve.testing.exactness import assert_same_or_near_tie
 
     # 4 blocks of 16 = 64 tokens for three sequences that each grow to ~24: someone must yield
     e = LLMEngine(dtype="float32", config=EngineConfig(num_blocks=4, max_num_batched_tokens=64), progress=False)
@@ -213,7 +213,7 @@ def test_sink_refresh_survives_preemption():
             out[o.request_id] += o.new_token_ids
     assert sum(s.num_preemptions for s in seqs) > 0
     assert all(s.num_refresh_tokens == 0 for s in seqs)
-    _assert_same_or_near_tie(alone, [{"token_ids": out[f"r{i}"]} for i in range(3)], "refreshed and preempted")
+    assert_same_or_near_tie(alone, [{"token_ids": out[f"r{i}"]} for i in range(3)], "refreshed and preempted")
     e.block_manager.check_no_leaks()
 
 
@@ -221,10 +221,10 @@ def test_decode_worker_refreshes_the_sinks_of_fp8_wire_kv(engine_f32):
     """A prefill and a decode worker (real engines, real NIXL agents) with the fp8 wire: the decode
     worker recomputes 1 + 4 tokens in the request's first step, and its greedy tokens are the ones
     `pdserve eval`'s handoff produces for the same configuration (same bytes, same refresh)."""
-    from decode_worker.worker import DecodeWorker
+    from pdserve.decode_worker.worker import DecodeWorker
     from pdserve import eval_handoff as handoff
     from pdserve.config import Config
-    from prefill_worker.worker import PrefillWorker
+    from pdserve.prefill_worker.worker import PrefillWorker
 
     cfg = Config()
     cfg.model.dtype = "float32"
@@ -265,7 +265,7 @@ def test_decode_worker_refreshes_the_sinks_of_fp8_wire_kv(engine_f32):
 
 def test_lease_expires_when_nobody_pulls(tmp_path):
     from pdserve.config import Config
-    from prefill_worker.worker import PrefillWorker
+    from pdserve.prefill_worker.worker import PrefillWorker
 
     cfg = Config()
     cfg.model.dtype = "float32"

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from cluster_util import REPO
-from engine.block_manager import BlockManager
-from engine.sampling_params import InvalidRequest, SamplingParams
+from pdserve.testing.cluster import NEUTRAL_CWD
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.sampling_params import InvalidRequest, SamplingParams
 
 
 # -- block manager (pure Python) --------------------------------------------------------------------
@@ -39,8 +39,8 @@ def test_block_manager_refcounts_and_prefix_cache():
 def test_scheduler_runs_a_sink_refresh_once_within_the_token_budget():
     """A request admitted with transferred KV and a pending refresh: the refresh rides with its first
     step, counts against the step's token budget (waiting for a step with room), then is gone."""
-    from engine.scheduler import Scheduler
-    from engine.sequence import Sequence
+    from pdserve.engine.scheduler import Scheduler
+    from pdserve.engine.sequence import Sequence
 
     bm = BlockManager(16, 4)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
@@ -62,8 +62,6 @@ def test_scheduler_runs_a_sink_refresh_once_within_the_token_budget():
 
 
 def test_no_leaks_after_finished_stopped_aborted_and_preempted(engine_f32):
-    from engine.engine import LLMEngine
-    from pdserve.config import EngineConfig
 
     e = engine_f32
     ids = e.tokenize("Tell me about the history of Rome.", chat=True)
@@ -78,10 +76,10 @@ def test_no_leaks_after_finished_stopped_aborted_and_preempted(engine_f32):
 
 
 def test_preemption_happens_and_recomputes(engine_f32):
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
     from pdserve.config import EngineConfig
 
-    from test_engine_exactness import _assert_same_or_near_tie
+    from pdserve.testing.exactness import assert_same_or_near_tie
 
     # 10 blocks of 16 = 160 tokens for three sequences that each grow to ~55: someone must yield
     e = LLMEngine(dtype="float32", config=EngineConfig(num_blocks=10, max_num_batched_tokens=64), progress=False)
@@ -95,7 +93,7 @@ def test_preemption_happens_and_recomputes(engine_f32):
             out[o.request_id] += o.new_token_ids
     assert sum(s.num_preemptions for s in seqs) > 0
     together = [{"token_ids": out[f"r{i}"]} for i in range(3)]
-    _assert_same_or_near_tie(alone, together, "preempted")
+    assert_same_or_near_tie(alone, together, "preempted")
     e.block_manager.check_no_leaks()
 
 
@@ -114,7 +112,7 @@ def test_seeded_sampling_is_independent_of_the_batch(engine_f32):
 
 
 def test_top_k_1_is_greedy_and_filters_hold():
-    from engine.sampler import _filtered_probs
+    from pdserve.engine.sampler import _filtered_probs
 
     logits = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.9])
     p = _filtered_probs(logits, SamplingParams(temperature=1.0, top_k=1))
@@ -152,7 +150,7 @@ def test_stop_strings_token_ids_eos_and_max_tokens(engine_f32):
 
 
 def test_streamed_text_never_breaks_multibyte_characters(engine_f32):
-    from engine.tokenizer import IncrementalDetokenizer
+    from pdserve.engine.tokenizer import IncrementalDetokenizer
 
     tok = engine_f32.tokenizer
     text = "Grüße aus Köln 🌍🚀 — 日本語のテキスト, ça va? naïve café 👩‍👩‍👧"
@@ -186,7 +184,7 @@ def test_invalid_prompts(engine_f32):
 
 
 def _cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True, text=True, cwd=NEUTRAL_CWD,
                           timeout=300, input=stdin)
 
 
@@ -240,7 +238,7 @@ def test_cli_json_lines_in_input_order(tmp_path):
 def test_hf_directory_matches_transformers(tmp_path, kind, engine_f32):
     import transformers
 
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
 
     common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=2,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from conftest import PROMPTS
-from engine.sampling_params import SamplingParams
+from pdserve.testing.exactness import PROMPTS, assert_same_or_near_tie
+from pdserve.engine.sampling_params import SamplingParams
 
 NEW = 32
 
@@ -37,17 +37,6 @@ def test_float32_greedy_matches_transformers(engine_f32, hf_f32):
     engine_f32.block_manager.check_no_leaks()
 
 
-def _assert_same_or_near_tie(ref_results, other_results, label):
-    """Token-identical, or the first divergence is a near-tie in the reference (top-2 gap < 1e-4)."""
-    for i, (r, o) in enumerate(zip(ref_results, other_results)):
-        a, b = r["token_ids"], o["token_ids"]
-        if a == b:
-            continue
-        j = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
-        _, top = r["logprobs"][j]
-        gap = top[0][1] - top[1][1]
-        assert gap < 1e-4, f"{label}: prompt {i} diverges at step {j} with top-2 gap {gap:.3g}"
-
 
 def test_batch_of_16_equals_each_alone(engine_f32):
     base = _prompt_ids(engine_f32)
@@ -56,7 +45,7 @@ def test_batch_of_16_equals_each_alone(engine_f32):
     assert len(ids_list) == 16 and len({len(x) for x in ids_list}) > 8
     alone = [_ours(engine_f32, [ids], n=24, logprobs=2)[0] for ids in ids_list]
     batched = _ours(engine_f32, ids_list, n=24, logprobs=2)
-    _assert_same_or_near_tie(alone, batched, "batched")
+    assert_same_or_near_tie(alone, batched, "batched")
     engine_f32.block_manager.check_no_leaks()
 
 
@@ -69,12 +58,12 @@ def test_chunked_prefill_equals_unchunked(engine_f32):
         chunked = _ours(engine_f32, ids_list, n=16, logprobs=2)
     finally:
         engine_f32.scheduler.max_num_batched_tokens = old
-    _assert_same_or_near_tie(whole, chunked, "chunked")
+    assert_same_or_near_tie(whole, chunked, "chunked")
     engine_f32.block_manager.check_no_leaks()
 
 
 def test_bfloat16_agreement_like_transformers(engine_f32, hf_f32, hf_model_factory):
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
 
     ids_list = _prompt_ids(engine_f32)
     ref32 = _hf_greedy(hf_f32, ids_list)

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = os.environ.get("PDSERVE_GPU_FIXTURE")
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
        pytest.mark.skipif(not FIXTURE or not Path(FIXTURE, "config.json").exists(),
@@ -50,7 +49,7 @@ def build_fixture(path: str) -> None:
     mostly predicts the input token again, which would hide a broken attention."""
     import transformers
 
-    from engine.tokenizer import Tokenizer
+    from pdserve.engine.tokenizer import Tokenizer
 
     cfg = transformers.LlamaConfig(
         vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -76,7 +75,7 @@ def build_fixture(path: str) -> None:
 
 def run_schedule(engine, seed: int = 0) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """Greedy tokens of SCHEDULE's requests, and (sequences, new tokens) of every step."""
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
 
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, engine.arch.vocab_size, (n,), generator=gen).tolist() for _, n, _ in SCHEDULE]
@@ -105,7 +104,7 @@ def run_schedule(engine, seed: int = 0) -> tuple[list[list[int]], list[tuple[int
 
 
 def _engine(device: str, dtype: str = "float32", path: str | None = None):
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
     from pdserve.config import EngineConfig
 
     config = EngineConfig(block_size=16, num_blocks=256, max_num_batched_tokens=64, max_num_seqs=16, device=device)
@@ -174,7 +173,7 @@ def test_sink_refresh_on_cuda(monkeypatch):
     refresh step runs eagerly (its varlen batch is not a decode batch), slots 0..W-1 get this engine's
     own KV (float32: up to matmul-shape rounding), every other slot keeps what arrived through the fp8
     wire, and the next steps replay graphs again."""
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
     from pdserve import eval_handoff as handoff
 
     monkeypatch.setenv("PDSERVE_CUDA_GRAPHS", "1")
@@ -207,8 +206,8 @@ def test_sink_refresh_on_cuda(monkeypatch):
 @pytest.mark.slow
 def test_interpreted_triton_wiring_matches_torch_path(tmp_path):
     build_fixture(str(tmp_path / "model"))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__, "--interpreted", str(tmp_path / "model")], env=env, cwd=ROOT,
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, "--interpreted", str(tmp_path / "model")], env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -219,11 +218,11 @@ def test_interpreted_triton_wiring_matches_torch_path(tmp_path):
 def _interpreted(path: str) -> dict:
     """The CPU engine twice: torch path, then Triton ops + Triton attention + the graph runner with its
     replay done eagerly over the same padded static buffers (no CUDA here)."""
-    import kernel_cases
+    from pdserve.testing import kernel_cases
 
-    from engine.gpu_attention import TritonAttention
-    from engine.gpu_graphs import DecodeGraphs
-    from engine.gpu_ops import TritonOps
+    from pdserve.engine.gpu_attention import TritonAttention
+    from pdserve.engine.gpu_graphs import DecodeGraphs
+    from pdserve.engine.gpu_ops import TritonOps
 
     kernel_cases.patch_interpreter_for_numpy2()
 
@@ -253,7 +252,6 @@ def _interpreted(path: str) -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--interpreted":
-        sys.path.insert(0, str(Path(__file__).parent))
         print(json.dumps(_interpreted(sys.argv[2])))
     else:
         build_fixture(sys.argv[1])

@@ -108,7 +108,7 @@ def test_normalize_unwraps_paragraphs(tmp_path):
 def test_handoff_bytes_equal_nixl_transfer(wire):
     """The eval's in-process wire puts into the decode cache exactly what two real
     KVTransferAgents (NIXL READs between registered CPU tensors) put there."""
-    from kv_transfer import KVTransferAgent
+    from pdserve.kv_transfer import KVTransferAgent
 
     g = torch.Generator().manual_seed(1)
     shape = (8, 2, 2, 4, 2, 16)  # blocks, layers, K/V, block size, kv heads, head dim

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.fp8 import dequantize_fp8_rows, fp8_gemm_reference, fp8_scale, quantize_fp8_rows
+from pdserve.kernels.fp8 import dequantize_fp8_rows, fp8_gemm_reference, fp8_scale, quantize_fp8_rows
 
 
 def test_scale_is_row_amax_over_448():

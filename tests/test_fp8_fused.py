@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (str(ROOT), str(Path(__file__).parent)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
-import kernel_cases  # noqa: E402
-from test_quant_kernels_gpu import poison_bytes, random_activations, rel_err, same_bytes  # noqa: E402
+from pdserve.testing import kernel_cases
+from pdserve.testing.kernel_cases import poison_bytes, random_activations, rel_err, same_bytes
 
 CUDA = torch.cuda.is_available()
 FIXTURE = os.environ.get("PDSERVE_GPU_FIXTURE")
@@ -38,7 +33,7 @@ EPS = 1e-5
 
 def check_rms_norm_quant(device, m, k, seed, dtype=torch.bfloat16):
     """rms_norm_quant_fp8 with and without a residual == fused.rms_norm then quantize_fp8_rows, bytewise."""
-    from kernels import fused, triton_fp8
+    from pdserve.kernels import fused, triton_fp8
     x = random_activations(m, k, device, dtype, seed=seed)
     residual = random_activations(m, k, device, dtype, seed=seed + 1)
     w = (1 + 0.1 * random_activations(1, k, device, dtype, seed=seed + 2)).reshape(-1)
@@ -66,7 +61,7 @@ def check_rms_norm_quant(device, m, k, seed, dtype=torch.bfloat16):
 
 
 def check_silu_mul_quant(device, m, inter, seed, dtype=torch.bfloat16):
-    from kernels import fused, triton_fp8
+    from pdserve.kernels import fused, triton_fp8
     gate_up = random_activations(m, 2 * inter, device, dtype, seed=seed)
     codes = poison_bytes(torch.empty(m, inter, dtype=torch.float8_e4m3fn, device=device))
     scale = poison_bytes(torch.empty(m, 1, dtype=torch.float32, device=device))
@@ -76,7 +71,7 @@ def check_silu_mul_quant(device, m, inter, seed, dtype=torch.bfloat16):
 
 
 def check_empty_batch(device):
-    from kernels import triton_fp8
+    from pdserve.kernels import triton_fp8
     x = torch.empty(0, 96, dtype=torch.bfloat16, device=device)
     w = torch.ones(96, dtype=torch.bfloat16, device=device)
     codes, scale, new_res = triton_fp8.rms_norm_quant_fp8(x, w, EPS, x)
@@ -86,7 +81,7 @@ def check_empty_batch(device):
 
 
 def tiny_arch(hidden=96, inter=200, heads=2, kv_heads=1, head_dim=64, layers=2, vocab=64, qkv_bias=True):
-    from engine.model_config import ModelArch
+    from pdserve.engine.model_config import ModelArch
     return ModelArch(model_type="qwen2" if qkv_bias else "llama", vocab_size=vocab, hidden_size=hidden,
                      intermediate_size=inter, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
                      head_dim=head_dim, rms_norm_eps=EPS, rope_theta=10000.0, max_position_embeddings=256,
@@ -125,7 +120,7 @@ class FusedCalls:
     NAMES = ("rms_norm_quant_fp8", "silu_mul_quant_fp8", "quantize_fp8_rows")
 
     def __enter__(self):
-        from kernels import triton_fp8
+        from pdserve.kernels import triton_fp8
         self.module, self.saved, self.counts = triton_fp8, {}, dict.fromkeys(self.NAMES, 0)
         for name in self.NAMES:
             fn = self.saved[name] = getattr(triton_fp8, name)
@@ -146,10 +141,10 @@ class FusedCalls:
 def model_prefill(device, fuse: bool, prompt_lens=(5, 11), block_size=16):
     """Hidden states and logits of one varlen prefill of a tiny fp8 model, fused producers on or off,
     and the fused kernels' call counts. On CPU: the Triton ops (interpreted) and the torch attention."""
-    from engine.attention import TorchAttention, build_metadata, get_backend
-    from engine.gpu_ops import TritonOps
-    from engine.model import LlamaModel, rope_inv_freq
-    from kernels import quant_linear
+    from pdserve.engine.attention import TorchAttention, build_metadata, get_backend
+    from pdserve.engine.gpu_ops import TritonOps
+    from pdserve.engine.model import LlamaModel, rope_inv_freq
+    from pdserve.kernels import quant_linear
 
     arch = tiny_arch()
     dev = torch.device(device)
@@ -205,7 +200,7 @@ INTERP_CHECKS = {
 @pytest.fixture(scope="module")
 def interpreter_results():
     pytest.importorskip("triton")
-    return kernel_cases.interpreted_json(__file__, ROOT)
+    return kernel_cases.interpreted_json(__file__)
 
 
 @pytest.mark.parametrize("name", list(INTERP_CHECKS))
@@ -216,8 +211,8 @@ def test_under_interpreter(interpreter_results, name):
 def test_fused_entry_points_decline_off_the_triton_ops():
     """The CPU path (TorchOps) keeps its numerics: the fused entry points return None there, and
     for float32 activations or with FUSE_PRODUCERS off whatever the ops."""
-    from engine.model import TorchOps
-    from kernels import quant_linear
+    from pdserve.engine.model import TorchOps
+    from pdserve.kernels import quant_linear
 
     lin = quant_linear.make_linear(torch.randn(32, 64), None, "fp8", torch.bfloat16)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
@@ -239,7 +234,7 @@ def test_fused_entry_points_decline_off_the_triton_ops():
 
 def test_model_helpers_fall_back_to_ops_and_linear():
     """Projections without the fused entry points (bf16, nvfp4): ops.rms_norm then the linear, as before."""
-    from engine.model import DenseLinear, TorchOps, rms_norm_linear, silu_mul_linear
+    from pdserve.engine.model import DenseLinear, TorchOps, rms_norm_linear, silu_mul_linear
 
     g = torch.Generator().manual_seed(0)
     lin = DenseLinear(torch.randn(24, 16, generator=g))
@@ -286,7 +281,7 @@ def test_rms_norm_quant_sums_in_fused_rms_norm_order(k, residual):
     pytest.importorskip("triton")
     import triton
 
-    from kernels import fused, triton_fp8
+    from pdserve.kernels import fused, triton_fp8
 
     block = triton.next_power_of_2(k)
     warps = min(max(block // 256, 1), 16)  # both launchers' choice
@@ -347,8 +342,8 @@ def test_model_fused_matches_unfused_on_gpu():
 def test_engine_fp8_prefill_fused_matches_unfused():
     """LLMEngine at fp8 on the random-weight fixture: teacher-forced prefill logits with the fused
     producers equal (bf16: within 1e-2 relative) those with them off, and the fused kernels ran."""
-    from engine.engine import LLMEngine
-    from kernels import quant_linear
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.kernels import quant_linear
     from pdserve.config import EngineConfig
 
     config = EngineConfig(block_size=16, num_blocks=64, max_num_batched_tokens=512, max_num_seqs=4, device="cuda")

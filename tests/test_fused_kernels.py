@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import kernel_cases
+from pdserve.testing import kernel_cases
 
-ROOT = Path(__file__).resolve().parents[1]
 BF16_TOL = 1e-2
 FP32_TOL = 1e-5
 
@@ -36,7 +34,7 @@ def poisoned_cache(shape, dtype, device):
 
 def case_write_kv():
     def run(device, dtype, gen):
-        from kernels import fused, reference
+        from pdserve.kernels import fused, reference
 
         num_blocks, block_size, heads, dim = 9, 16, 3, 64
         num_tokens = 40
@@ -57,7 +55,7 @@ def case_write_kv():
 
 def case_write_kv_fp8():
     def run(device, dtype, gen):
-        from kernels import fused, reference
+        from pdserve.kernels import fused, reference
 
         num_blocks, block_size, heads, dim = 7, 16, 4, 32
         num_tokens = 30
@@ -83,7 +81,7 @@ def case_write_kv_fp8():
 
 def case_rms_norm(with_residual: bool, hidden: int):
     def run(device, dtype, gen):
-        from kernels import fused, reference
+        from pdserve.kernels import fused, reference
 
         rows = 13
         x = torch.randn(rows, hidden, generator=gen).to(device, dtype)
@@ -99,7 +97,7 @@ def case_rms_norm(with_residual: bool, hidden: int):
 
 def case_rotary(q_heads: int, kv_heads: int, head_dim: int):
     def run(device, dtype, gen):
-        from kernels import fused, reference
+        from pdserve.kernels import fused, reference
 
         tokens, max_pos = 11, 300
         cache = reference.rope_cos_sin_cache(max_pos, head_dim, 500000.0).to(device)
@@ -118,7 +116,7 @@ def case_rotary(q_heads: int, kv_heads: int, head_dim: int):
 
 def case_silu_and_mul(inter: int):
     def run(device, dtype, gen):
-        from kernels import fused, reference
+        from pdserve.kernels import fused, reference
 
         x = torch.randn(9, 2 * inter, generator=gen).to(device, dtype)
         return rel_err(fused.silu_and_mul(x), reference.silu_and_mul(x))
@@ -127,7 +125,7 @@ def case_silu_and_mul(inter: int):
 
 def case_rotary_write_kv(q_heads: int, kv_heads: int):
     def run(device, dtype, gen):
-        from kernels import fused, reference
+        from pdserve.kernels import fused, reference
 
         tokens, head_dim, block_size = 9, 64, 16
         cache = reference.rope_cos_sin_cache(100, head_dim, 10000.0).to(device)
@@ -153,7 +151,7 @@ def case_rotary_write_kv_is_the_pair():
     """The engine's layer runs fused.rotary_write_kv where it ran fused.rotary then fused.write_kv
     (engine.model.rotary_write_kv): both must leave the same bytes in q, k and the cache."""
     def run(device, dtype, gen):
-        from kernels import fused, reference
+        from pdserve.kernels import fused, reference
 
         tokens, q_heads, kv_heads, head_dim, block_size = 70, 8, 2, 128, 16
         cache = reference.rope_cos_sin_cache(200, head_dim, 500000.0).to(device)
@@ -182,7 +180,7 @@ def case_rotary_write_kv_is_the_pair():
 
 def case_linear(rows: int, n: int, k: int, silu: bool, kernel: str, config):
     def run(device, dtype, gen):
-        from kernels import fused, reference
+        from pdserve.kernels import fused, reference
 
         x = torch.randn(rows, 2 * k if silu else k, generator=gen).to(device, dtype)
         w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device, dtype)
@@ -230,7 +228,7 @@ def run_cases(device: str, dtype: torch.dtype, names, seed: int) -> dict:
 @pytest.fixture(scope="module")
 def interpreted():
     """All cases in one TRITON_INTERPRET=1 subprocess."""
-    return kernel_cases.run_interpreted(__file__, ROOT)
+    return kernel_cases.run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -14,12 +14,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 TINY = dict(num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate=96, vocab=50,
             max_positions=64)
@@ -34,7 +32,7 @@ def _prompts(gen, lengths):
 
 
 def _models(dtype, seed):
-    from kernels.random_llama import TORCH_OPS, LlamaShape, RandomLlama
+    from pdserve.kernels.random_llama import TORCH_OPS, LlamaShape, RandomLlama
 
     shape = LlamaShape(**SMALL)
     return RandomLlama(shape, "cuda", dtype, seed), RandomLlama(shape, "cuda", dtype, seed, ops=TORCH_OPS)
@@ -49,8 +47,8 @@ def _apply(marks):
 
 
 def test_interpreted_tiny_model_same_greedy_tokens():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True,
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -59,7 +57,7 @@ def test_interpreted_tiny_model_same_greedy_tokens():
 
 @_apply(gpu)
 def test_float32_greedy_tokens_identical_eager_and_graphs():
-    from kernels.random_llama import DecodeGraphs, SequenceSlots, greedy_generate
+    from pdserve.kernels.random_llama import DecodeGraphs, SequenceSlots, greedy_generate
 
     gen = torch.Generator().manual_seed(11)
     fast, ref = _models(torch.float32, seed=3)
@@ -83,7 +81,7 @@ def test_float32_greedy_tokens_identical_eager_and_graphs():
 
 @_apply(gpu)
 def test_bf16_teacher_forced_agreement():
-    from kernels.random_llama import DecodeGraphs, SequenceSlots, greedy_generate, prefill_batch
+    from pdserve.kernels.random_llama import DecodeGraphs, SequenceSlots, greedy_generate, prefill_batch
 
     gen = torch.Generator().manual_seed(12)
     fast, ref = _models(torch.bfloat16, seed=4)
@@ -117,11 +115,11 @@ def test_bf16_teacher_forced_agreement():
 
 def _interpreted_tiny_model() -> dict:
     """Greedy tokens of a tiny fp32 model through the Triton ops (interpreted) and the torch ops."""
-    import kernel_cases
+    from pdserve.testing import kernel_cases
 
     kernel_cases.patch_interpreter_for_numpy2()
-    from kernels import fused
-    from kernels.random_llama import TORCH_OPS, LlamaShape, RandomLlama, greedy_generate
+    from pdserve.kernels import fused
+    from pdserve.kernels.random_llama import TORCH_OPS, LlamaShape, RandomLlama, greedy_generate
 
     shape = LlamaShape(**TINY)
     fast = RandomLlama(shape, "cpu", torch.float32, seed=1)
@@ -141,5 +139,4 @@ def _interpreted_tiny_model() -> dict:
 
 if __name__ == "__main__":  # the interpreter subprocess
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    sys.path.insert(0, str(Path(__file__).parent))
     print(json.dumps(_interpreted_tiny_model()))

@@ -4,7 +4,6 @@ No mocks: every transfer below is a NIXL READ between registered CPU tensors, in
 or (test_two_processes*) from a second Python process.
 """
 import base64
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import msgpack
 import pytest
 import torch
 
-from kv_transfer import (
+from pdserve.kv_transfer import (
     FP8_KV_EPS,
     KVTransferAgent,
     KVTransferBusy,
@@ -22,11 +21,10 @@ from kv_transfer import (
     dequantize_kv,
     quantize_kv,
 )
-from kv_transfer.fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
-from kv_transfer.ticket import TransferTicket
+from pdserve.kv_transfer.fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
+from pdserve.testing.cluster import NEUTRAL_CWD
 
 LAYERS, BLOCK, HEADS, DIM = 2, 4, 2, 8
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- FP8 wire numerics ------------------------------------------------------------------
@@ -98,7 +96,7 @@ def test_fp8_clamps_before_the_cast():
 
 
 def test_fp8_matches_the_fp8_kv_cache_quantizer():
-    from kernels.reference import quantize_fp8_per_head
+    from pdserve.kernels.reference import quantize_fp8_per_head
 
     x = torch.randn(4, 8, 2, 64, dtype=torch.bfloat16)
     codes, scales = quantize_kv(x)
@@ -517,7 +515,7 @@ def test_from_config():
 
 
 def test_missing_nixl_is_named(monkeypatch):
-    from kv_transfer.transport import load_nixl_bindings
+    from pdserve.kv_transfer.transport import load_nixl_bindings
 
     monkeypatch.setitem(sys.modules, "nixl._api", None)  # None in sys.modules makes import fail
     monkeypatch.setitem(sys.modules, "nixl_cu12._api", None)
@@ -529,7 +527,7 @@ def test_missing_nixl_is_named(monkeypatch):
 
 _EXPORTER = r"""
 import base64, os, sys, time, torch
-from kv_transfer import KVTransferAgent
+from pdserve.kv_transfer import KVTransferAgent
 name, mode = sys.argv[1], sys.argv[2]
 cache = torch.randn(8, {layers}, 2, {block}, {heads}, {dim}, generator=torch.Generator().manual_seed(11))
 released = []
@@ -549,10 +547,9 @@ agent.close()
 
 
 def _exporter(mode):
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     name = f"proc-exporter-{uuid.uuid4().hex[:8]}"
     return subprocess.Popen([sys.executable, "-c", _EXPORTER, name, mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+                            stderr=subprocess.DEVNULL, text=True, cwd=NEUTRAL_CWD)
 
 
 def _said(child) -> list:

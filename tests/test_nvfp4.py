@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels.nvfp4 import (E2M1_VALUES, dequantize_nvfp4, nvfp4_gemm_reference, nvfp4_matmul, quantize_nvfp4,
+from pdserve.kernels.nvfp4 import (E2M1_VALUES, dequantize_nvfp4, nvfp4_gemm_reference, nvfp4_matmul, quantize_nvfp4,
                            unpack_nibbles)
 
 

@@ -1,7 +1,7 @@
 """Routing policies on hand-made pools (no cluster needed)."""
-from router.kv_index import KVIndex
-from router.policy import CacheAware, LeastLoaded, RoundRobin
-from router.pool import Worker
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.policy import CacheAware, LeastLoaded, RoundRobin
+from pdserve.router.pool import Worker
 import msgpack
 
 

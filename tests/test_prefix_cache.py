@@ -4,8 +4,8 @@ from __future__ import annotations
 import msgpack
 import xxhash
 
-from engine.block_hash import block_hashes
-from engine.sampling_params import SamplingParams
+from pdserve.engine.block_hash import block_hashes
+from pdserve.engine.sampling_params import SamplingParams
 
 SYSTEM = ("You are a meticulous assistant for a public library. You answer questions about books, opening "
           "hours, membership and events. Be concise, cite the catalogue when you can, and never invent titles. ")
@@ -23,7 +23,7 @@ def test_block_hash_spec_is_the_documented_one():
 
 
 def test_cached_prefix_computes_only_the_rest_and_changes_nothing():
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
 
     e = LLMEngine(dtype="float32", enable_prefix_caching=True, progress=False)
     a = e.tokenize(SYSTEM + "Question: when do you open on Sundays?", chat=True)
@@ -46,7 +46,7 @@ def test_cached_prefix_computes_only_the_rest_and_changes_nothing():
 
 
 def test_eviction_under_pressure_keeps_serving():
-    from engine.engine import LLMEngine
+    from pdserve.engine.engine import LLMEngine
     from pdserve.config import EngineConfig
 
     e = LLMEngine(dtype="float32", config=EngineConfig(num_blocks=12), enable_prefix_caching=True, progress=False)

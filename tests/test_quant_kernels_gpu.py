@@ -13,52 +13,24 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import kernel_cases  # noqa: E402
-from kernels import fp8, nvfp4  # noqa: E402
+from pdserve.testing import kernel_cases
+from pdserve.testing.kernel_cases import poison_bytes, random_activations, rel_err, same_bytes
+from pdserve.kernels import fp8, nvfp4  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
-    assert torch.isfinite(out).all(), "non-finite output (an unwritten poisoned element?)"
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def random_activations(m: int, k: int, device, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
-    """Rows with very different magnitudes and a few outliers, like real activations."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g) * 2)
-    x[:, torch.randint(0, k, (max(1, k // 256),), generator=g)] *= 20
-    x[0, :16] = 0  # an all-zero NVFP4 block
-    return x.to(dtype).to(device)
-
-
-def poison_bytes(t: torch.Tensor) -> torch.Tensor:
-    t.reshape(-1).view(torch.uint8).fill_(0xFF)  # e4m3 NaN, uint8 codes (-6, -6), bf16/fp32 NaN
-    return t
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    def raw(t):
-        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return torch.equal(raw(a), raw(b))
 
 
 # ------------------------------------------------------------------ checks shared by both modes
 
 def check_fp8_quantizer(device, m, k, seed):
-    from kernels import triton_fp8
+    from pdserve.kernels import triton_fp8
     x = random_activations(m, k, device, seed=seed)
     codes = poison_bytes(torch.empty(m, k, dtype=torch.float8_e4m3fn, device=device))
     scale = poison_bytes(torch.empty(m, 1, dtype=torch.float32, device=device))
@@ -69,7 +41,7 @@ def check_fp8_quantizer(device, m, k, seed):
 
 
 def check_nvfp4_quantizer(device, m, k, seed):
-    from kernels import triton_nvfp4
+    from pdserve.kernels import triton_nvfp4
     x = random_activations(m, k, device, seed=seed)
     ref = nvfp4.quantize_nvfp4(x.cpu())
     out = {"packed": poison_bytes(torch.empty(m, k // 2, dtype=torch.uint8, device=device)),
@@ -89,7 +61,7 @@ def check_nvfp4_quantizer(device, m, k, seed):
 
 
 def check_fp8_gemm(device, m, n, k, out_dtype, seed, config=None, backend="triton"):
-    from kernels import triton_fp8
+    from pdserve.kernels import triton_fp8
     x8, sx = fp8.quantize_fp8_rows(random_activations(m, k, "cpu", seed=seed))
     w8, sw = fp8.quantize_fp8_rows(random_activations(n, k, "cpu", seed=seed + 1) * 0.02)
     ref = fp8.fp8_gemm_reference(x8, sx, w8, sw, torch.float32)
@@ -107,7 +79,7 @@ def check_fp8_gemm(device, m, n, k, out_dtype, seed, config=None, backend="trito
 
 def check_nvfp4_hopper_gemm(device, m, n, k, out_dtype, seed, config=None, backend="triton",
                             operand_dtype=torch.bfloat16):
-    from kernels import triton_fp8, triton_nvfp4
+    from pdserve.kernels import triton_fp8, triton_nvfp4
     qx = nvfp4.quantize_nvfp4(random_activations(m, k, "cpu", seed=seed))
     qw = nvfp4.quantize_nvfp4(random_activations(n, k, "cpu", seed=seed + 1) * 0.02)
     # the literal block-sum form needs M*N*K/16 floats; above ~50M use the matmul form, equal to it
@@ -135,7 +107,7 @@ def check_fused_producers(device, m, k, seed, inter=None):
     producer arithmetic, then the exact quantizer), and close to the CPU reference composition.
     Only close there: the producers use approximate rsqrt/exp, and when that moves a row's amax
     element by one bf16 step (0.4-0.8%) the row's scale and so every code of the row moves."""
-    from kernels import fused, reference, triton_fp8
+    from pdserve.kernels import fused, reference, triton_fp8
     x = random_activations(m, k, device, seed=seed)
     w = (1 + 0.1 * random_activations(1, k, device, seed=seed + 1)).reshape(-1)
     codes = poison_bytes(torch.empty(m, k, dtype=torch.float8_e4m3fn, device=device))
@@ -184,7 +156,7 @@ INTERP_CHECKS = {
 @pytest.fixture(scope="module")
 def interpreter_results():
     pytest.importorskip("triton")
-    return kernel_cases.interpreted_json(__file__, ROOT)
+    return kernel_cases.interpreted_json(__file__)
 
 
 @pytest.mark.parametrize("name", list(INTERP_CHECKS))
@@ -206,7 +178,7 @@ def test_blackwell_kernel_not_run_under_interpreter():
 
 def test_blackwell_compiles_for_sm100():
     pytest.importorskip("triton")
-    from kernels import triton_nvfp4
+    from pdserve.kernels import triton_nvfp4
     try:
         kernel = triton_nvfp4.compile_blackwell_gemm(100)
     except Exception as e:  # e.g. a Triton without a Blackwell-capable ptxas
@@ -257,7 +229,7 @@ def quotient_kernel():
     import triton
     import triton.language as tl
 
-    from kernels import triton_fp8
+    from pdserve.kernels import triton_fp8
 
     @triton.jit
     def kernel(x_ptr, out_ptr, s, n, BLOCK: tl.constexpr):
@@ -373,7 +345,7 @@ def test_nvfp4_hopper_gemm_cublas(m, n, k):
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("m,n,k", [(5, 4096, 4096), (333, 1024, 14336)])
 def test_linear_on_gpu_matches_cpu_reference(precision, m, n, k):
-    from kernels.quant_linear import make_linear
+    from pdserve.kernels.quant_linear import make_linear
     w = random_activations(n, k, "cpu", dtype=torch.float32, seed=7) * 0.02
     x = random_activations(m, k, "cpu", seed=8)  # bf16, the serving dtype
     ref = make_linear(w, None, precision, torch.float32)(x.float())
@@ -387,7 +359,7 @@ def test_linear_on_gpu_matches_cpu_reference(precision, m, n, k):
 def test_blackwell_gemm_matches_reference():
     if torch.cuda.get_device_capability()[0] < 10:
         pytest.skip("native NVFP4 needs compute capability >= 10; this GPU has none (not run on Blackwell)")
-    from kernels import triton_nvfp4
+    from pdserve.kernels import triton_nvfp4
     qx = nvfp4.quantize_nvfp4(random_activations(300, 4096, "cpu", seed=9))
     qw = nvfp4.quantize_nvfp4(random_activations(512, 4096, "cpu", seed=10) * 0.02)
     ref = nvfp4.nvfp4_gemm_reference(qx, qw)

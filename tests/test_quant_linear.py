@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import fp8, nvfp4
-from kernels.quant_linear import Nvfp4Linear, make_linear
+from pdserve.kernels import fp8, nvfp4
+from pdserve.kernels.quant_linear import Nvfp4Linear, make_linear
 
 
 def rel(a, b):

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster_util import REPO, Server, free_port
+from pdserve.testing.cluster import NEUTRAL_CWD, Server, free_port
 
 BENCH = ["--workload", "shared-prefix", "--num-prefixes", "4", "--users-per-prefix", "3", "--prefix-len", "128",
          "--suffix-len", "8", "--max-tokens", "2", "--concurrency", "2", "--seed", "5", "--no-progress"]
@@ -19,7 +19,7 @@ BENCH = ["--workload", "shared-prefix", "--num-prefixes", "4", "--users-per-pref
 
 def _bench(address):
     r = subprocess.run([sys.executable, "-m", "pdserve", "bench", "--server", address, "--json", *BENCH],
-                       capture_output=True, text=True, cwd=REPO, timeout=900)
+                       capture_output=True, text=True, cwd=NEUTRAL_CWD, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 
@@ -28,7 +28,7 @@ def test_restarted_router_rebuilds_its_index(tmp_path):
     port = free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     # a test cluster on loopback: no token (the driver side runs with auth disabled too)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
                              "--include-dashboard=false", "--node-ip-address=127.0.0.1"],
                             stdout=open(tmp_path / "ray.log", "w"), stderr=subprocess.STDOUT, env=env,

@@ -10,12 +10,11 @@ import time
 import urllib.request
 
 import grpc
-import pytest
 
-from cluster_util import REPO, Server
-from engine.sampling_params import SamplingParams
-from test_engine_exactness import _assert_same_or_near_tie
-from proto import pb, rpc
+from pdserve.testing.cluster import NEUTRAL_CWD, Server
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.testing.exactness import assert_same_or_near_tie
+from pdserve.proto import pb, rpc
 
 CONFIG = {
     "model": {"dtype": "float32"},
@@ -30,7 +29,7 @@ BENCH = ["--workload", "random", "--num-requests", "96", "--concurrency", "32", 
 
 def _scale(address, role, n):
     r = subprocess.run([sys.executable, "-m", "pdserve", "scale", role, str(n), "--server", address],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
+                       capture_output=True, text=True, cwd=NEUTRAL_CWD, timeout=600)
     assert r.returncode == 0, r.stderr
 
 
@@ -48,7 +47,7 @@ def test_scale_under_load(tmp_path, engine_f32):
         out = tmp_path / "outputs.jsonl"
         proc = subprocess.Popen([sys.executable, "-m", "pdserve", "bench", "--server", server.address, "--json",
                                  "--save-outputs", str(out), *BENCH], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=REPO)
+                                stderr=subprocess.PIPE, text=True, cwd=NEUTRAL_CWD)
         seen = []
         for role, n in (("prefill", 3), ("decode", 2)):
             _scale(server.address, role, n)
@@ -77,7 +76,7 @@ def test_scale_under_load(tmp_path, engine_f32):
         ref = engine_f32.generate([(list(q.prompt_token_ids),
                                     SamplingParams(max_tokens=q.max_tokens, ignore_eos=True, logprobs=2))
                                    for q in reqs])
-        _assert_same_or_near_tie(ref, got, "under scaling")
+        assert_same_or_near_tie(ref, got, "under scaling")
         time.sleep(2)
         with grpc.insecure_channel(server.address) as ch:
             info = rpc.PDServeStub(ch).GetClusterInfo(pb.ClusterInfoRequest())

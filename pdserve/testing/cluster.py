@@ -7,12 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+# `python -m` puts its working directory first on sys.path: commands run from a folder that holds no
+# package, so nothing there can shadow an installed one (a repository root holds kernels/, router/, ...)
+NEUTRAL_CWD = tempfile.gettempdir()
 # Ray 2.60's local node sometimes does not come up within its own 30 s waits on the 2-core CI box (the
 # raylet's wait cannot be configured; once its log was never even written). The server then exits with
 # that error; the harness starts it once more, as a pod's restart policy would.
@@ -53,9 +56,9 @@ class Server:
 
     def _launch(self) -> None:
         self.log = open(self.log_path, "w")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
         self.proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--config", str(self.config_path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=NEUTRAL_CWD, env=env,
                                      start_new_session=True)
 
     def stop(self) -> None:
