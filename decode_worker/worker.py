@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pdserve.engine.block_manager import NoFreeBlocks
+from pdserve.errors import NoFreeBlocks
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.worker_base import WorkerBase
 from pdserve.kv_transfer.sinks import sink_refresh_tokens

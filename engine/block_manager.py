@@ -10,10 +10,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
-
-
-class NoFreeBlocks(RuntimeError):
-    pass
+from pdserve.errors import NoFreeBlocks
 
 
 class BlockManager:

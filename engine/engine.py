@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from pdserve.engine.block_hash import block_hashes
-from pdserve.engine.block_manager import BlockManager, NoFreeBlocks
+from pdserve.engine.block_manager import BlockManager
+from pdserve.errors import NoFreeBlocks
 from pdserve.engine.loader import resolve_model_path
 from pdserve.engine.prompt import prompt_ids
 from pdserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from pdserve.engine.sampler import sample
-from pdserve.engine.sampling_params import InvalidRequest, SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import InvalidRequest
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Sequence, Status
 from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer

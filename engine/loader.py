@@ -15,10 +15,7 @@ import torch
 from tqdm import tqdm
 
 from pdserve.engine.model_config import ModelArch, arch_from_gguf, arch_from_hf_config
-
-
-class ModelLoadError(RuntimeError):
-    """The model path is missing, unreadable or not a supported checkpoint."""
+from pdserve.errors import ModelLoadError
 
 
 def default_model_path() -> str:

@@ -2,7 +2,7 @@
 in, validated token ids out, or InvalidRequest with a message a user can act on."""
 from __future__ import annotations
 
-from pdserve.engine.sampling_params import InvalidRequest
+from pdserve.errors import InvalidRequest
 
 
 def prompt_ids(tokenizer, vocab_size: int, max_model_len: int, prompt: str | None = None,

@@ -4,10 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
-
-
-class InvalidRequest(ValueError):
-    """Bad user input: maps to INVALID_ARGUMENT over gRPC and exit code 2 in the CLI."""
+from pdserve.errors import InvalidRequest
 
 
 @dataclass

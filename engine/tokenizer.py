@@ -9,7 +9,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from pdserve.engine.loader import ModelLoadError, resolve_model_path
+from pdserve.engine.loader import resolve_model_path
+from pdserve.errors import ModelLoadError
 
 
 def _cache_dir(gguf_path: str) -> Path:

@@ -401,7 +401,7 @@ async def _server_info(address: str, timeout: float) -> tuple[dict, dict]:
     import grpc
 
     from google.protobuf.json_format import MessageToDict
-    from pdserve.cli import EXIT_SERVER, CLIError
+    from pdserve.errors import CLIError, EXIT_SERVER
     from pdserve.proto import pb, rpc
 
     async with grpc.aio.insecure_channel(address) as ch:
@@ -459,7 +459,7 @@ def save_outputs(path: str, requests: list[BenchRequest], results: list[RequestR
 def load_reference(path: str, n: int) -> list[dict]:
     """A --save-outputs file for a run of `n` requests (read before the run, so a wrong file costs
     nothing)."""
-    from pdserve.cli import CLIError
+    from pdserve.errors import CLIError
 
     try:
         ref = [json.loads(line) for line in open(path).read().splitlines() if line.strip()]
@@ -499,7 +499,7 @@ def warmup_workload(args, requests: list[BenchRequest], vocab: tuple[int, int]) 
 
 
 def _check_args(args) -> None:
-    from pdserve.cli import CLIError
+    from pdserve.errors import CLIError
 
     for name in ("num_requests", "warmup", "num_prefixes", "users_per_prefix", "prefix_len", "concurrency"):
         v = getattr(args, name)
@@ -525,7 +525,7 @@ def _check_args(args) -> None:
 
 
 def _vocab(args, vocab_size: int) -> tuple[int, int]:
-    from pdserve.cli import CLIError
+    from pdserve.errors import CLIError
 
     if args.vocab_range is None:
         return min(100, vocab_size - 1), min(30000, vocab_size)
@@ -540,7 +540,7 @@ def _vocab(args, vocab_size: int) -> tuple[int, int]:
 
 async def bench(args) -> dict:
     """The whole run in one event loop: server info, warm-up, the measured requests, the report."""
-    from pdserve.cli import CLIError
+    from pdserve.errors import CLIError
 
     model, cluster_before = await _server_info(args.server, args.connect_timeout)
     vocab = _vocab(args, int(model.get("vocab_size") or 0))
@@ -604,7 +604,7 @@ def jsonable(x):
 def cmd_bench(args) -> int:
     """Exit 0 when at least one measured request completed (failures are in the report), 4 when
     none did or the server cannot be reached, 2 for bad arguments."""
-    from pdserve.cli import EXIT_SERVER
+    from pdserve.errors import EXIT_SERVER
 
     _check_args(args)
     rep = asyncio.run(bench(args))

@@ -9,15 +9,7 @@ import argparse
 import json
 import os
 import sys
-
-EXIT_BAD_INPUT, EXIT_MODEL, EXIT_SERVER = 2, 3, 4
-
-
-class CLIError(Exception):
-    def __init__(self, msg: str, code: int = EXIT_BAD_INPUT):
-        super().__init__(msg)
-        self.code = code
-
+from pdserve.errors import EXIT_BAD_INPUT, EXIT_MODEL, CLIError
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
@@ -122,7 +114,7 @@ class StreamPrinter:
 
 
 def cmd_generate(args) -> int:
-    from pdserve.engine.sampling_params import InvalidRequest
+    from pdserve.errors import InvalidRequest
 
     reqs = read_requests(args)
     try:
@@ -143,8 +135,8 @@ def cmd_generate(args) -> int:
 
 def generate_local(args, reqs, params) -> list[dict]:
     from pdserve.engine.engine import LLMEngine
-    from pdserve.engine.loader import ModelLoadError
-    from pdserve.engine.sampling_params import InvalidRequest
+    from pdserve.errors import ModelLoadError
+    from pdserve.errors import InvalidRequest
     from pdserve.config import EngineConfig
 
     kw = {}
@@ -157,7 +149,7 @@ def generate_local(args, reqs, params) -> list[dict]:
                            progress=sys.stderr.isatty())
     except ModelLoadError as e:
         raise CLIError(str(e), EXIT_MODEL) from None
-    from pdserve.engine.block_manager import NoFreeBlocks
+    from pdserve.errors import NoFreeBlocks
 
     printer = None if args.json else StreamPrinter(len(reqs))
     on_output = None if printer is None else (lambda i, o: printer(i, o.new_text, o.finished))

@@ -75,7 +75,7 @@ def cmd_serve(args) -> int:
 def cmd_scale(args) -> int:
     import grpc
 
-    from pdserve.cli import EXIT_SERVER, CLIError
+    from pdserve.errors import CLIError, EXIT_SERVER
     from pdserve.proto import pb, rpc
 
     with grpc.insecure_channel(args.server) as ch:

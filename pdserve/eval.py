@@ -335,9 +335,9 @@ def command_line(args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from pdserve.engine.loader import ModelLoadError
+    from pdserve.errors import ModelLoadError
     from pdserve import eval_report
-    from pdserve.cli import EXIT_BAD_INPUT, EXIT_MODEL, CLIError
+    from pdserve.errors import CLIError, EXIT_BAD_INPUT, EXIT_MODEL
     from pdserve.eval_text import TextMissing, load_text
 
     settings = Settings(args.num_prompts, args.max_tokens, args.ppl_windows, args.ppl_prefix, args.ppl_tokens,

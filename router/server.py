@@ -16,10 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.engine.block_hash import block_hashes
-from pdserve.engine.block_manager import NoFreeBlocks
+from pdserve.errors import NoFreeBlocks
 from pdserve.engine.loader import load_arch, resolve_model_path
 from pdserve.engine.prompt import prompt_ids
-from pdserve.engine.sampling_params import InvalidRequest, SamplingParams
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import InvalidRequest
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.config import Config
 from pdserve.proto import pb, rpc

@@ -14,7 +14,7 @@ import pytest
 from pdserve import bench
 from pdserve.bench import (BenchRequest, RequestResult, arrival_times, build_report, meets_slo, oracle_hit_rate,
                            parse_range, percentile, random_workload, shared_prefix_workload)
-from pdserve.cli import EXIT_BAD_INPUT, EXIT_SERVER, CLIError
+from pdserve.errors import CLIError, EXIT_BAD_INPUT, EXIT_SERVER
 
 
 def parse(argv: list[str]):

@@ -210,7 +210,7 @@ def _parser():
     (["--text", "/nonexistent/book.txt"], "cannot read"),
 ])
 def test_cli_rejects_bad_input(argv, why):
-    from pdserve.cli import EXIT_BAD_INPUT, CLIError
+    from pdserve.errors import CLIError, EXIT_BAD_INPUT
 
     args = _parser().parse_args(["eval", *argv])
     with pytest.raises(CLIError, match=why) as e:

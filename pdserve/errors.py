@@ -1,0 +1,27 @@
+"""The errors every layer may raise or map, and the CLI's exit codes: a leaf module that imports nothing.
+
+How each surfaces: InvalidRequest -> INVALID_ARGUMENT / exit 2; NoFreeBlocks -> RESOURCE_EXHAUSTED;
+ModelLoadError -> exit 3; CLIError carries its own exit code."""
+from __future__ import annotations
+
+EXIT_BAD_INPUT, EXIT_MODEL, EXIT_SERVER = 2, 3, 4
+
+
+class InvalidRequest(ValueError):
+    """Bad user input: maps to INVALID_ARGUMENT over gRPC and exit code 2 in the CLI."""
+
+
+class NoFreeBlocks(RuntimeError):
+    """The KV pool (or the router's queue) has no room for the request now: RESOURCE_EXHAUSTED."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model path is missing, unreadable or not a supported checkpoint."""
+
+
+class CLIError(Exception):
+    """A CLI failure reported as one line and an exit code."""
+
+    def __init__(self, msg: str, code: int = EXIT_BAD_INPUT):
+        super().__init__(msg)
+        self.code = code
