@@ -1,5 +1,5 @@
 """An asyncio front for LLMEngine: one background task steps the engine in a worker thread
-whenever it has work and routes each output to its request's queue.
+whenever it has work (model steps, or KV transfers to poll) and routes each output to its request's queue.
 
 Invariant: the engine is touched only under `self.lock`, so the event loop can take requests
 and aborts while a step runs in the thread; a queue receives None when its request is aborted and
@@ -10,37 +10,32 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
-
-from pdserve.engine.engine import LLMEngine
+from pdserve.engine.engine import LLMEngine, RequestOutput
 
 log = logging.getLogger("pdserve.engine")
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, idle_hook: Optional[Callable[[], None]] = None,
-                 idle_interval: float = 0.05):
+    # while only KV transfers are in flight, the loop polls them this often (a 268 MB READ takes ~0.1 ms/MB)
+    TRANSFER_POLL_S = 0.0005
+
+    def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.lock = asyncio.Lock()
         self.queues: dict[str, asyncio.Queue] = {}
         self._work = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
-        self._idle_hook = idle_hook  # runs under the lock between steps (e.g. KV transfer polling)
-        self._idle_interval = idle_interval
         self.steps = 0
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params, **kw) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
         async with self.lock:
-            self.engine.add_request(request_id, prompt_token_ids, params, **kw)
-            self.queues[request_id] = q
-            seq = self.engine.requests[request_id]
+            seq = self.engine.add_request(request_id, prompt_token_ids, params, **kw)
             if seq.finished:  # nothing to compute (a 1-token prompt on a prefill worker)
-                from pdserve.engine.engine import RequestOutput
-
                 q.put_nowait(RequestOutput(request_id, [], "", True, seq.finish_reason, seq.num_prompt_tokens))
-                self.queues.pop(request_id)
+            else:
+                self.queues[request_id] = q
         self._work.set()
         return q
 
@@ -50,6 +45,7 @@ class AsyncEngine:
         q = self.queues.pop(request_id, None)
         if q is not None:
             q.put_nowait(None)
+        self._work.set()  # a cancelled transfer is still polled to its end
         return found
 
     async def call(self, fn, *args):
@@ -61,14 +57,14 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         while True:
             if not self.engine.has_unfinished():
-                self._work.clear()
-                try:
-                    await asyncio.wait_for(self._work.wait(), self._idle_interval)
-                except asyncio.TimeoutError:
-                    pass
-                if self._idle_hook is not None:
-                    async with self.lock:
-                        self._idle_hook()
+                if not self.engine.has_transfers():
+                    self._work.clear()
+                    await self._work.wait()
+                    continue
+                async with self.lock:  # only transfers in flight: a cheap poll, on the loop's thread
+                    outputs = self.engine.step()
+                self._route(outputs)
+                await asyncio.sleep(self.TRANSFER_POLL_S)
                 continue
             async with self.lock:
                 try:
@@ -81,15 +77,16 @@ class AsyncEngine:
                     self.queues.clear()
                     continue
                 self.steps += 1
-                if self._idle_hook is not None:
-                    self._idle_hook()
-            for out in outputs:
-                q = self.queues.get(out.request_id)
-                if q is not None:
-                    q.put_nowait(out)
-                    if out.finished:
-                        del self.queues[out.request_id]
+            self._route(outputs)
             await asyncio.sleep(0)  # let request handlers run between steps
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self.queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out.error if out.error is not None else out)
+                if out.finished:
+                    del self.queues[out.request_id]
 
     def stats(self) -> dict:
         e = self.engine

@@ -2,17 +2,20 @@
 
     add_request -> Scheduler.schedule -> ModelRunner.execute -> sample -> stop checks -> RequestOutput
 
-Both worker kinds drive this same loop: a prefill worker adds `prefill_only` requests and keeps
-their blocks for export; a decode worker adds requests whose KV it already received.
+Both worker kinds drive this same loop, each with a KV connector (engine/kv_connector.py): a prefill
+worker adds `prefill_only` requests, whose blocks the connector then sends; a decode worker adds requests
+with `remote_kv`, which wait until the connector has loaded their prompt KV.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from pdserve.engine.block_hash import block_hashes
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.kv_connector import KVConnector, RemoteKV
 from pdserve.errors import NoFreeBlocks
 from pdserve.engine.loader import resolve_model_path
 from pdserve.engine.prompt import prompt_ids
@@ -37,12 +40,15 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     new_logprobs: list = field(default_factory=list)
+    kv_handle: Optional[bytes] = None  # prefill: where the connector offers the prompt's KV
+    kv_num_tokens: int = 0  # prefill: how many prompt tokens that KV covers
+    error: Optional[Exception] = None  # the request failed (finished is True)
 
 
 class LLMEngine:
     def __init__(self, model: str | None = None, dtype: str = "auto", config: EngineConfig | None = None,
                  precision: str = "bf16", enable_prefix_caching: bool = False, max_model_len: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, connector: Optional[KVConnector] = None, remote_kv_timeout: float = 15.0):
         config = config or EngineConfig()
         self.config = config
         self.precision = precision
@@ -63,6 +69,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Sequence] = {}  # unfinished, plus prefill-only ones holding blocks
         self.num_computed_tokens_total = 0  # tokens whose KV this engine computed (prefix-cache tests)
+        # remote KV: requests waiting for room to land it (with a deadline), loads in flight, sends in flight
+        self.connector = connector
+        self.remote_kv_timeout = remote_kv_timeout
+        self.awaiting_room: deque[tuple[Sequence, float]] = deque()
+        self.loading: dict[str, Sequence] = {}
+        self.sending: dict[str, Sequence] = {}
 
     @classmethod
     def from_config(cls, config, role: str, progress: bool = False) -> "LLMEngine":
@@ -82,13 +94,20 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prefill_only: bool = False, block_table: list[int] | None = None,
-                    num_computed_tokens: int = 0, cache_namespace=None, refresh_tokens: int = 0) -> Sequence:
+                    num_computed_tokens: int = 0, cache_namespace=None, refresh_tokens: int = 0,
+                    remote_kv: RemoteKV | None = None) -> Sequence:
         """Queue a request. `block_table` + `num_computed_tokens`: KV already present in this
         engine's cache (transferred in); the blocks become the sequence's own. `refresh_tokens`:
         recompute the KV of that many first tokens of it (at most num_computed_tokens) in the
         request's first step, in this engine's precision, over what arrived (kv_transfer/sinks.py).
+        `remote_kv`: the prompt's KV is in another engine; the connector loads it into blocks reserved
+        here (waiting up to remote_kv_timeout for room), then the request is scheduled.
         `cache_namespace` (a tenant, an adapter) keeps prefix-cache sharing within its namespace.
         One engine has one precision, so precision needs no namespace of its own."""
+        if remote_kv is not None:
+            if self.connector is None:
+                raise ValueError("remote_kv needs an engine with a KV connector")
+            num_computed_tokens, refresh_tokens = remote_kv.num_tokens, remote_kv.refresh_tokens
         refresh = _refresh_count(refresh_tokens, num_computed_tokens)
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -106,19 +125,31 @@ class LLMEngine:
             seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, cache_namespace)
         seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
         self.requests[request_id] = seq
-        if prefill_only and seq.num_pending_tokens <= 0:
+        if remote_kv is not None:
+            seq.status = Status.WAITING_FOR_REMOTE_KV
+            seq.remote_kv = remote_kv
+            seq.num_refresh_tokens = refresh
+            self.awaiting_room.append((seq, time.monotonic() + self.remote_kv_timeout))
+        elif prefill_only and seq.num_pending_tokens <= 0:
             seq.status = Status.FINISHED
             seq.finish_reason = "prefilled"
+            if self.connector is not None:  # nothing to send: holds no blocks
+                del self.requests[request_id]
         else:
             self.scheduler.add(seq)
         return seq
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks, whatever state it is in."""
+        """Stop a request and free its blocks, whatever state it is in. Blocks the connector is loading or
+        sending are freed once it reports the cancelled transfer over (poll)."""
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
-        if seq.status == Status.FINISHED:
+        if request_id in self.loading or request_id in self.sending:
+            self.connector.cancel(request_id)
+        elif seq.status == Status.WAITING_FOR_REMOTE_KV:  # still waiting for room: holds no blocks
+            self.awaiting_room = deque(e for e in self.awaiting_room if e[0] is not seq)
+        elif seq.status == Status.FINISHED:
             self.scheduler.release_blocks(seq)
         else:
             self.scheduler.finish(seq, "abort")
@@ -166,12 +197,87 @@ class LLMEngine:
             self.block_manager.release(table if own else table[extra_from:])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.awaiting_room)
+
+    def has_transfers(self) -> bool:
+        """KV loads or sends in flight: step() must keep being called (it polls the connector)."""
+        return bool(self.loading or self.sending)
+
+    # -- remote KV (the connector's scheduler half) -----------------------------------------------
+    def _transfers(self) -> list[RequestOutput]:
+        """Start the loads that now have room, then take in what the connector finished."""
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        while self.awaiting_room:
+            seq, deadline = self.awaiting_room[0]
+            blocks = self.reserve_blocks(seq.remote_kv.num_tokens)
+            if blocks is None:
+                if now < deadline:
+                    break  # first come, first served: later requests wait behind this one
+                self.awaiting_room.popleft()
+                outputs.append(self._fail(seq, NoFreeBlocks(
+                    f"no room for {seq.remote_kv.num_tokens} tokens of KV within {self.remote_kv_timeout:g} s")))
+                continue
+            self.awaiting_room.popleft()
+            seq.block_table = blocks
+            try:
+                self.connector.start_load(seq.request_id, seq.remote_kv.handle, blocks)
+            except Exception as e:  # a bad or expired handle, a peer that is gone
+                self.free_blocks(blocks)
+                outputs.append(self._fail(seq, e))
+                continue
+            self.loading[seq.request_id] = seq
+        if not (self.loading or self.sending):
+            return outputs
+        loaded, failed, sent = self.connector.poll()
+        for rid in loaded:
+            seq = self.loading.pop(rid)
+            if self.requests.get(rid) is not seq:  # aborted while loading
+                self.free_blocks(seq.block_table)
+                continue
+            seq.num_computed_tokens = seq.num_cached_tokens = seq.remote_kv.num_tokens
+            seq.status = Status.WAITING
+            self.scheduler.add(seq)
+        for rid, why in failed:
+            seq = self.loading.pop(rid)
+            self.free_blocks(seq.block_table)
+            if self.requests.get(rid) is seq:
+                outputs.append(self._fail(seq, RuntimeError(f"KV transfer for {rid} failed: {why}")))
+        for rid in sent:
+            seq = self.sending.pop(rid, None)
+            if seq is not None:
+                self.scheduler.release_blocks(seq)
+                if self.requests.get(rid) is seq:
+                    del self.requests[rid]
+        return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        self.requests.pop(seq.request_id, None)
+        seq.status = Status.FINISHED
+        return RequestOutput(seq.request_id, [], "", True, None, seq.num_prompt_tokens, error=error)
+
+    def _send(self, seq: Sequence) -> RequestOutput:
+        """A prefill-only request is done: its KV goes to the connector, the blocks stay held until sent."""
+        n = seq.num_computed_tokens
+        out = RequestOutput(seq.request_id, [], "", True, "prefilled", seq.num_prompt_tokens, 0, seq.num_cached_tokens,
+                            kv_num_tokens=n)
+        if self.connector is None:  # the caller takes the blocks and calls release()
+            return out
+        if n == 0:
+            self.release(seq.request_id)
+            return out
+        try:
+            out.kv_handle = self.connector.save(seq.request_id, seq.block_table[:self.block_manager.blocks_for(n)], n)
+        except Exception as e:  # e.g. the fp8 staging pool is full
+            self.release(seq.request_id)
+            return self._fail(seq, e)
+        self.sending[seq.request_id] = seq
+        return out
 
     # -- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs = self._transfers() if self.connector is not None else []
         batch = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
         if not batch:
             return outputs
         sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new))
@@ -185,16 +291,12 @@ class LLMEngine:
         if logits is not None:
             seqs = [batch.seqs[i] for i in sample_rows]
             tokens, infos = sample(logits, seqs)
-            now = time.monotonic()
             for seq, tok, info in zip(seqs, tokens, infos):
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
                 outputs.append(self._append_token(seq, tok, info))
         for seq in batch.seqs:
             if seq.prefill_only and seq.num_pending_tokens == 0 and not seq.finished:
                 self.scheduler.finish(seq, "prefilled", keep_blocks=True)
-                outputs.append(RequestOutput(seq.request_id, [], "", True, "prefilled", seq.num_prompt_tokens, 0,
-                                             seq.num_cached_tokens))
+                outputs.append(self._send(seq))
         return outputs
 
     def _cache_full_blocks(self, seq: Sequence) -> None:

@@ -12,6 +12,7 @@ from pdserve.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # its prompt KV is being loaded by the KV connector
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -31,6 +32,7 @@ class Sequence:
     # first prompt tokens whose transferred KV this engine recomputes in the sequence's first step
     # (attention sinks, kv_transfer/sinks.py); 0 once done
     num_refresh_tokens: int = 0
+    remote_kv: object = None  # kv_connector.RemoteKV while its prompt KV is loaded from another engine
     block_table: list[int] = field(default_factory=list)
     block_hashes: list = field(default_factory=list)  # chained hashes of full prompt blocks
     finish_reason: Optional[str] = None

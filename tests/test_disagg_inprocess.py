@@ -239,12 +239,12 @@ def test_decode_worker_refreshes_the_sinks_of_fp8_wire_kv(engine_f32):
         await d.start()
         try:
             res = await p.prefill("r", ids)
-            assert res["precision"] == d.engine.precision == "bf16"
+            assert res.precision == d.engine.precision == "bf16"
             before = d.engine.num_computed_tokens_total
             out = []
-            async for delta in d.generate("r", ids, {"max_tokens": max_tokens, "ignore_eos": True}, res):
-                out += delta["token_ids"]
-            for _ in range(200):  # the prefill side releases once its idle loop sees the READ done
+            async for delta in d.generate("r", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), res):
+                out += delta.token_ids
+            for _ in range(200):  # the prefill side releases once its engine loop polls the READ done
                 if p.engine.block_manager.num_free == p.engine.block_manager.num_blocks:
                     break
                 await asyncio.sleep(0.01)
@@ -253,8 +253,8 @@ def test_decode_worker_refreshes_the_sinks_of_fp8_wire_kv(engine_f32):
             # the last prompt token + the 4 sinks in the first step, then one token per step
             return out, d.engine.num_computed_tokens_total - before
         finally:
-            p.agent.close()
-            d.agent.close()
+            p.connector.close()
+            d.connector.close()
 
     out, computed = asyncio.run(run())
     assert computed == 1 + 4 + (max_tokens - 1)
@@ -277,18 +277,24 @@ def test_lease_expires_when_nobody_pulls(tmp_path):
         await w.start()
         ids = w.engine.tokenize("A prompt whose KV nobody will ever pull, long enough to fill two blocks of KV.")
         res = await w.prefill("never-pulled", ids)
-        assert res["ticket"] is not None and res["num_tokens"] == len(ids) - 1
+        assert res.ticket is not None and res.num_tokens == len(ids) - 1
         bm = w.engine.block_manager
         assert bm.num_free < bm.num_blocks  # leased
-        await asyncio.sleep(1.8)  # the idle loop polls the agent
+        await asyncio.sleep(1.8)  # the engine loop polls the connector while a send is in flight
         assert bm.num_free == bm.num_blocks
-        st = w.agent.stats()
+        st = w.connector.stats()
         assert st["released"]["expired"] == 1 and st["active_leases"] == 0
-        # abort after export cancels the lease and frees at once
+        # abort after export cancels the lease; the engine frees the blocks at its next poll
         res = await w.prefill("aborted", ids)
         assert await w.abort("aborted")
+        for _ in range(100):
+            if bm.num_free == bm.num_blocks:
+                break
+            await asyncio.sleep(0.01)
         assert bm.num_free == bm.num_blocks
+        assert w.connector.stats()["released"]["cancelled"] == 1
         assert "never-pulled" not in w.engine.requests and "aborted" not in w.engine.requests
-        w.agent.close()
+        assert not w.engine.has_transfers()
+        w.connector.close()
 
     asyncio.run(run())

@@ -1,7 +1,8 @@
-"""What both worker kinds share: an engine at the pool's precision, a KV transfer agent on its
-cache, the async loop, and the stats the router balances on. Ray actor classes wrap this."""
+"""What both worker kinds share: an engine at the pool's precision with a KV connector on its cache, the
+async loop, and the stats and prefix-cache events the router balances on. Ray actor classes wrap this."""
 from __future__ import annotations
 
+import enum
 import itertools
 import os
 from collections import deque
@@ -9,9 +10,14 @@ from collections import deque
 import msgpack
 import torch
 
+from pdserve.config import Config, from_dict
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
-from pdserve.config import Config, from_dict
+
+
+class KVEvent(str, enum.Enum):
+    STORED = "stored"  # a block's hash entered the prefix cache
+    REMOVED = "removed"  # ... and left it
 
 
 class WorkerBase:
@@ -23,43 +29,39 @@ class WorkerBase:
         if torch.get_num_threads() > 1 and "OMP_NUM_THREADS" in os.environ:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         self.engine = LLMEngine.from_config(self.config, self.role)
+        self.connector = self._make_connector()
+        self.engine.connector = self.connector
+        self.engine.remote_kv_timeout = self.config.kv_transfer.lease_seconds / 2
         self.aengine: AsyncEngine | None = None
-        self.agent = None
         self.draining = False
-        # KV events: (id, "stored" | "removed", block hash), ids consecutive from 1
+        # KV events: (id, KVEvent, block hash), ids consecutive from 1
         self.kv_log: deque = deque(maxlen=100_000)
         self.kv_last_id = 0
 
-    def _make_agent(self, on_release=None):
-        from pdserve.kv_transfer import KVTransferAgent
+    def _make_connector(self):
+        from pdserve.kv_transfer.connector import NixlConnector
 
         kt = self.config.kv_transfer
         # staging holds fp8 wire copies (about a quarter of a float32 slot each); the raw wire reads
         # cache to cache and needs none, since both pools share model.dtype
         staging = self.engine.runner.num_blocks // 4 if kt.dtype == "fp8" else 0
-        return KVTransferAgent(self.name, self.engine.runner.kv_cache, wire_dtype=kt.dtype,
-                               lease_seconds=kt.lease_seconds, on_release=on_release, staging_blocks=staging)
+        return NixlConnector(self.name, self.engine.runner.kv_cache, wire_dtype=kt.dtype,
+                             lease_seconds=kt.lease_seconds, staging_blocks=staging)
 
     async def start(self) -> dict:
         """Called once by the router after construction; returns what the router needs to know."""
         if self.aengine is None:
-            self.aengine = AsyncEngine(self.engine, idle_hook=self._poll)
+            self.aengine = AsyncEngine(self.engine)
         return self.info()
-
-    def _poll(self) -> None:
-        """Runs under the engine lock after every step and when idle."""
-        if self.agent is not None:
-            self.agent.poll()
-        for kind, h in self.engine.block_manager.drain_events():
-            self.kv_last_id += 1
-            self.kv_log.append((self.kv_last_id, kind, h))
 
     async def kv_events(self, after: int) -> bytes:
         """msgpack {"worker", "last_id", "events": [[id, kind, hash], ...]} of the events after
         id `after`; {"worker", "last_id", "snapshot": [hash, ...]} instead when the caller is new
         (after < 0) or has fallen behind the log: the router rebuilds its index from that."""
         async with self.aengine.lock:
-            self._poll()
+            for kind, h in self.engine.block_manager.drain_events():
+                self.kv_last_id += 1
+                self.kv_log.append((self.kv_last_id, KVEvent(kind).value, h))
             first = self.kv_log[0][0] if self.kv_log else self.kv_last_id + 1
             if after < 0 or after + 1 < first:
                 msg = {"worker": self.name, "last_id": self.kv_last_id,
@@ -77,8 +79,7 @@ class WorkerBase:
 
     async def stats(self) -> dict:
         s = self.aengine.stats() if self.aengine else {}
-        if self.agent is not None:
-            s["kv_transfer"] = self.agent.stats()
+        s["kv_transfer"] = self.connector.stats()
         s["name"] = self.name
         s["role"] = self.role
         s["draining"] = self.draining
@@ -87,9 +88,3 @@ class WorkerBase:
 
     async def drain(self) -> None:
         self.draining = True
-
-    async def check_no_leaks(self) -> dict:
-        """Blocks referenced by no request: the pool should be all free once idle."""
-        bm = self.engine.block_manager
-        return {"num_free": bm.num_free, "num_blocks": bm.num_blocks,
-                "held": sum(1 for rc in bm.refcount if rc), "requests": list(self.engine.requests)}
