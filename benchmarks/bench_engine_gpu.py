@@ -2,12 +2,12 @@
 over a random-weight Llama-3-8B-shaped model, CUDA graphs on vs off, batch 1 and 32 at 1K context.
 Compare with the standalone kernels benchmark (benchmarks/bench_gpu.py, docs/bench/gpu.md).
 
-    PYTHONPATH=. python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT
+    python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT
 
 The 16 GB of weights are made on the GPU rather than written and read back as safetensors: the run
-replaces the runner's loader with a generator of the same tensor names (unit-variance projections as in
-kernels/random_llama.py). --tokenizer: any HF directory with tokenizer files (the engine needs one; the
-prompts are token ids and out-of-vocabulary output ids decode to nothing).
+replaces the runner's loader with pdserve/tools/random_weights.py (the same tensor names, unit-variance
+projections as in benchmarks/random_llama.py). --tokenizer: any HF directory with tokenizer files (the
+engine needs one; the prompts are token ids and out-of-vocabulary output ids decode to nothing).
 """
 from __future__ import annotations
 
@@ -26,39 +26,17 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  eos_token_id=2)
 
 
-def random_weights(cfg: dict, dtype: torch.dtype, device: str = "cuda", seed: int = 0) -> dict:
-    gen = torch.Generator(device=device).manual_seed(seed)
-    h, inter, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-
-    def dense(rows, cols):
-        return (torch.randn(rows, cols, generator=gen, device=device) * cols ** -0.5).to(dtype)
-
-    def norm():
-        return (1 + 0.1 * torch.randn(h, generator=gen, device=device)).to(dtype)
-
-    w = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], h, generator=gen, device=device).to(dtype),
-         "model.norm.weight": norm(), "lm_head.weight": dense(cfg["vocab_size"], h)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
-              p + "self_attn.q_proj.weight": dense(q, h), p + "self_attn.k_proj.weight": dense(kv, h),
-              p + "self_attn.v_proj.weight": dense(kv, h), p + "self_attn.o_proj.weight": dense(h, q),
-              p + "mlp.gate_proj.weight": dense(inter, h), p + "mlp.up_proj.weight": dense(inter, h),
-              p + "mlp.down_proj.weight": dense(h, inter)}
-    return w
-
-
 def build_engine(model_dir: Path, cfg: dict, args):
     import pdserve.engine.model_runner as model_runner
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.model_config import arch_from_hf_config
     from pdserve.config import EngineConfig
+    from pdserve.tools.random_weights import random_weights
 
     loader = model_runner.load_weights
+    arch = arch_from_hf_config(cfg)
     # the engine's own loader would read 16 GB of safetensors; the same names, generated on the GPU
-    model_runner.load_weights = lambda path, dtype, progress=True: (arch_from_hf_config(cfg),
-                                                                   random_weights(cfg, dtype))
+    model_runner.load_weights = lambda path, dtype, progress=True: (arch, random_weights(arch, dtype, "cuda"))
     try:
         config = EngineConfig(block_size=16, kv_cache_memory_gb=args.kv_gb, max_num_seqs=64,
                               max_num_batched_tokens=8192, device="cuda")

@@ -1,5 +1,5 @@
 """One-GPU benchmark of the fast path (issue 5), in one run, on random-weight Llama models built from the
-Triton kernels (kernels/random_llama.py) plus torch bf16 GEMMs:
+Triton kernels (benchmarks/random_llama.py) plus torch bf16 GEMMs:
 
 - the GPU's ceilings: device-to-device copy bandwidth (bytes read + written) and the bf16 GEMM rate;
 - decode step time at batch 1/8/32/128 and context 1K/8K, eager and as one CUDA-graph replay, against the
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from pdserve.kernels import attention, fused  # noqa: E402
-from pdserve.kernels.random_llama import (LLAMA3_8B, LLAMA32_1B, Batch, DecodeGraphs, RandomLlama,  # noqa: E402
-                                  SequenceSlots, greedy_generate, prefill_batch, triton_ops)
+from pdserve.kernels import attention, fused
+from random_llama import (LLAMA3_8B, LLAMA32_1B, Batch, DecodeGraphs, RandomLlama, SequenceSlots, greedy_generate,
+                          prefill_batch, triton_ops)
 
 MODELS = {"llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA32_1B}
 BLOCK_SIZE = 16

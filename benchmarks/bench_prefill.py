@@ -1,6 +1,6 @@
 """Prefill forward of the engine's own model at each pool precision, on one GPU, in one run.
 
-    PYTHONPATH=. python benchmarks/bench_prefill.py --out OUT [--layers 32] [--tokens 512,2048,8192]
+    python benchmarks/bench_prefill.py --out OUT [--layers 32] [--tokens 512,2048,8192]
 
 What runs is engine/model.py's LlamaModel with the linears and the attention backend a pool of that
 precision builds (engine/model_runner.py linear_factory, engine/attention.py get_backend), over a random-
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import triton
 
-from bench_engine_gpu import LLAMA3_8B, random_weights  # noqa: E402
+from bench_engine_gpu import LLAMA3_8B  # noqa: E402
 from bench_quant import add_ratios, call_ms, eager_time_ms, graph_time_ms  # noqa: E402
 
 PRECISIONS = ("bf16", "fp8", "fp8_fp8attn", "fp8_bf16attn", "fp8_unfused", "fp8_fastacc", "nvfp4")
@@ -420,6 +420,7 @@ def main() -> None:
                     help="also print each precision's top kernels (torch.profiler, eager) at T tokens")
     args = ap.parse_args()
     from pdserve.engine.model_config import arch_from_hf_config
+    from pdserve.tools.random_weights import random_weights
 
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "bench_prefill.log", "a")
@@ -441,7 +442,7 @@ def main() -> None:
     if args.attention_only:
         return
     silu_rows = bench_silu_mul_quant(arch, tokens, log)
-    weights = random_weights(cfg, torch.bfloat16)
+    weights = random_weights(arch, torch.bfloat16, "cuda")
     fwd_rows = bench_forward(arch, weights, tokens, args.layers, log, args.profile)
     md = markdown(env, attn_rows, best, fwd_rows, silu_rows)
     (args.out / "bench_prefill.json").write_text(json.dumps(dict(env=env, attention=attn_rows, silu_mul_quant=silu_rows,

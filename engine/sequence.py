@@ -38,7 +38,6 @@ class Sequence:
     finish_reason: Optional[str] = None
     generator: Optional[torch.Generator] = None
     arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: Optional[float] = None
     num_preemptions: int = 0
     detok: object = None  # IncrementalDetokenizer, set by the engine
     stop_text_len: Optional[int] = None  # output text is cut here when a stop string matched
@@ -53,10 +52,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_output_tokens(self) -> int:

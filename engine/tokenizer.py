@@ -58,9 +58,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return self.hf.convert_ids_to_tokens(ids)
-
 
 class IncrementalDetokenizer:
     """Turns a growing list of output ids into text deltas.

@@ -1,4 +1,4 @@
-"""`pdserve` command line: generate, serve, eval, bench, scale.
+"""`pdserve` command line: generate, serve, scale, demo, bench, eval.
 
 Exit codes: 0 ok, 2 bad input (argument, request or config), 3 model cannot be loaded,
 4 server unreachable or failed.
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=None)
     g.set_defaults(func=cmd_generate)
 
-    from pdserve import commands  # the cluster-side commands register themselves
+    from pdserve import commands  # serve, scale and the tools (demo, bench, eval)
 
     commands.register(sub)
     return ap

@@ -1,7 +1,10 @@
-"""Cluster-side subcommands: serve, scale (and eval, bench where they are installed)."""
+"""The subcommands beside `generate`: serve and scale, which run the cluster, and demo, bench and eval,
+whose code (pdserve/tools/) is imported only when one of them runs, so `pdserve serve` never loads it."""
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib
 import logging
 import signal
 
@@ -22,13 +25,105 @@ def register(sub) -> None:
     c.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the router")
     c.set_defaults(func=cmd_scale)
 
-    from pdserve import demo
+    register_demo(sub)
+    register_bench(sub)
+    register_eval(sub)
 
-    demo.register(sub)
-    from pdserve import bench, eval as eval_cmd
 
-    bench.register(sub)
-    eval_cmd.register(sub)
+def _tool(name: str):
+    """`pdserve.tools.<name>.cmd_<name>`, imported when the subcommand runs rather than when the parser is built."""
+    def run(args) -> int:
+        return getattr(importlib.import_module(f"pdserve.tools.{name}"), f"cmd_{name}")(args)
+    return run
+
+
+def register_demo(sub) -> None:
+    d = sub.add_parser("demo", help="start a local cluster, stream a few requests through gRPC, shut down")
+    d.add_argument("--config", default=None, help="YAML config (default: embedded model, 1 prefill + 1 decode)")
+    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--port", type=int, default=0, help="router port (0: any free port)")
+    d.set_defaults(func=_tool("demo"))
+
+
+def register_bench(sub) -> None:
+    b = sub.add_parser("bench", help="serving benchmark against a running router",
+                       description="Send a seeded workload to a pdserve router over gRPC and report throughput, "
+                                   "TTFT/TPOT/ITL/end-to-end percentiles, goodput and prefix hit rates.")
+    b.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the router")
+    b.add_argument("--workload", choices=["random", "shared-prefix"], default="random")
+    b.add_argument("--num-requests", type=int, default=None,
+                   help="measured requests (default: 100 for random, prefixes x users for shared-prefix)")
+    b.add_argument("--warmup", type=int, default=0, help="requests sent first and not counted (random prompts)")
+    b.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths, order and arrivals")
+    b.add_argument("--max-tokens", default="64", help="output tokens per request: N or LO:HI (uniform)")
+    b.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate exactly max-tokens (default on)")
+    b.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    b.add_argument("--sampling-seed", type=int, default=None, help="sampling seed sent with every request")
+    g = b.add_argument_group("random workload")
+    g.add_argument("--input-len", default="128:512", help="prompt tokens: N or LO:HI (uniform)")
+    g.add_argument("--prompt-format", choices=["ids", "text"], default="ids",
+                   help="ids: exact lengths; text: random words (the server's tokenizer sets the length)")
+    g = b.add_argument_group("shared-prefix workload")
+    g.add_argument("--num-prefixes", type=int, default=8, help="system prompts")
+    g.add_argument("--users-per-prefix", type=int, default=8, help="users per system prompt")
+    g.add_argument("--prefix-len", type=int, default=512, help="tokens of each system prompt")
+    g.add_argument("--suffix-len", default="16:48", help="user-specific tokens: N or LO:HI")
+    b.add_argument("--vocab-range", default=None,
+                   help="LO:HI token ids to sample (default 100:min(30000, vocab_size) from GetModelInfo)")
+    g = b.add_argument_group("load")
+    g.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Poisson arrivals per second (default inf: all at once)")
+    g.add_argument("--concurrency", type=int, default=None, help="at most this many in flight (closed loop)")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    g.add_argument("--connect-timeout", type=float, default=10.0)
+    g.add_argument("--cluster-poll", type=float, default=1.0,
+                   help="seconds between GetClusterInfo samples (pool sizes while it runs)")
+    g = b.add_argument_group("report")
+    g.add_argument("--goodput-ttft", type=float, default=None, help="goodput target: TTFT seconds")
+    g.add_argument("--goodput-tpot", type=float, default=None, help="goodput target: TPOT seconds")
+    g.add_argument("--json", action="store_true", help="one JSON object with everything, on stdout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.add_argument("--save-outputs", default=None, metavar="FILE",
+                   help="write one JSON line per measured request (tokens, timings, workers)")
+    g.add_argument("--compare-outputs", default=None, metavar="FILE",
+                   help="compare each request's tokens with a --save-outputs file of the same workload and seed")
+    b.set_defaults(func=_tool("bench"))
+
+
+# `pdserve eval`'s defaults live here, not in pdserve.tools.eval (which imports torch); tests/test_eval.py
+# checks them, and the "at most 32" of --num-prompts, against that module.
+DEFAULT_EVAL_CONFIGS = ("bf16/bf16/bf16,bf16/bf16/fp8,fp8/bf16/bf16,fp8/bf16/fp8,"
+                        "nvfp4/bf16/bf16,nvfp4/bf16/fp8,nvfp4/nvfp4/bf16,nvfp4/nvfp4/fp8")
+
+
+def register_eval(sub) -> None:
+    from pdserve.config import EngineConfig, KVTransferConfig
+
+    e = sub.add_parser("eval", help="accuracy of prefill/decode precision configurations vs the unquantized baseline")
+    e.add_argument("--configs", default=DEFAULT_EVAL_CONFIGS,
+                   help="comma-separated PREFILL/DECODE/WIRE, precisions bf16|fp8|nvfp4, wire bf16|fp8 "
+                        "(default: the 8 configurations of issue 4)")
+    e.add_argument("--num-prompts", type=int, default=24, help="prompts from the fixed set (at most 32)")
+    e.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (EOS stops earlier)")
+    e.add_argument("--ppl-windows", type=int, default=16, help="text windows for perplexity (0: skip)")
+    e.add_argument("--ppl-prefix", type=int, default=256, help="tokens of each window prefilled at P")
+    e.add_argument("--ppl-tokens", type=int, default=256, help="tokens of each window scored at D")
+    e.add_argument("--text", default=None, help="UTF-8 text file for perplexity (default: alice29.txt, "
+                                                "see pdserve/tools/eval_text.py)")
+    e.add_argument("--refresh-sink-tokens", type=int, default=KVTransferConfig.refresh_sink_tokens,
+                   help="first prompt tokens the decode side recomputes where the KV is not its own (fp8 wire "
+                        "or P != D), as config kv_transfer.refresh_sink_tokens (0: off)")
+    e.add_argument("--fp8-attention-min-tokens", type=int, default=EngineConfig.fp8_attention_min_tokens,
+                   help="fp8 engines run attention's matmuls in fp8 on prompt chunks of at least this many tokens, "
+                        "as config engine.fp8_attention_min_tokens (0: every prompt step; the default leaves "
+                        "this harness's short prompts in bf16 attention)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
+                   help="compute dtype of every engine; auto: float32 on CPU, bfloat16 on CUDA")
+    e.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
+    e.add_argument("--out-dir", default=None, help="write eval.md, eval.json and eval.png here")
+    e.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    e.set_defaults(func=_tool("eval"))
 
 
 def load_serve_config(args):

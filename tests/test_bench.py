@@ -2,7 +2,6 @@
 against a real cluster (Ray + prefill and decode workers + gRPC router)."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -11,17 +10,15 @@ import re
 import numpy as np
 import pytest
 
-from pdserve import bench
-from pdserve.bench import (BenchRequest, RequestResult, arrival_times, build_report, meets_slo, oracle_hit_rate,
-                           parse_range, percentile, random_workload, shared_prefix_workload)
+from pdserve.cli import build_parser
+from pdserve.tools import bench
+from pdserve.tools.bench import (BenchRequest, RequestResult, arrival_times, build_report, meets_slo, oracle_hit_rate,
+                                 parse_range, percentile, random_workload, shared_prefix_workload)
 from pdserve.errors import CLIError, EXIT_BAD_INPUT, EXIT_SERVER
 
 
 def parse(argv: list[str]):
-    ap = argparse.ArgumentParser(prog="pdserve")
-    sub = ap.add_subparsers(dest="command")
-    bench.register(sub)
-    return ap.parse_args(["bench", *argv])
+    return build_parser().parse_args(["bench", *argv])
 
 
 # -- workloads ------------------------------------------------------------------------------------

@@ -6,15 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from pdserve import eval as ev
 from pdserve import eval_handoff as handoff
-from pdserve.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence, kl_per_token
-from pdserve.eval_text import INSTALL, TextMissing, cache_dir, load_text, normalize
+from pdserve.cli import build_parser
+from pdserve.commands import DEFAULT_EVAL_CONFIGS
+from pdserve.testing.cluster import NEUTRAL_CWD
+from pdserve.tools import eval as ev
+from pdserve.tools.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence, kl_per_token
+from pdserve.tools.eval_text import INSTALL, TextMissing, cache_dir, load_text, normalize
 
 
 # ---- pure pieces ---------------------------------------------------------------------------------
@@ -22,7 +27,7 @@ def test_parse_configs():
     cs = ev.parse_configs("bf16/bf16/bf16, nvfp4/bf16/fp8")
     assert [c.name for c in cs] == ["bf16/bf16/bf16", "nvfp4/bf16/fp8"]
     assert (cs[1].prefill, cs[1].decode, cs[1].wire) == ("nvfp4", "bf16", "fp8")
-    assert len(ev.parse_configs(ev.DEFAULT_CONFIGS)) == 8
+    assert len(ev.parse_configs(DEFAULT_EVAL_CONFIGS)) == 8
     for bad, why in (("nvfp4/bf16", "PREFILL/DECODE/WIRE"), ("int8/bf16/fp8", "prefill"),
                      ("bf16/fp4/fp8", "decode"), ("bf16/bf16/nvfp4", "KV wire"), ("", "no configuration"),
                      ("fp8/bf16/fp8,fp8/bf16/fp8", "twice")):
@@ -167,7 +172,7 @@ def test_decode_recomputes_the_last_prompt_token(engine_f32):
 def test_reduced_run_structure_and_exactness(engine_f32, tmp_path):
     """bf16/bf16 over the raw wire is the baseline (KL ~ 0, full agreement, no flip); the FP8 wire
     measurably is not. One engine serves every role here, so no extra model load."""
-    from pdserve import eval_report
+    from pdserve.tools import eval_report
 
     settings = ev.Settings(num_prompts=3, max_tokens=6, ppl_windows=2, ppl_prefix=24, ppl_tokens=16)
     pool = ev.EnginePool(None, "float32", 0, engines={"bf16": engine_f32})
@@ -197,10 +202,25 @@ def test_reduced_run_structure_and_exactness(engine_f32, tmp_path):
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _parser():
-    ap = argparse.ArgumentParser(prog="pdserve")
-    ev.register(ap.add_subparsers(dest="command"))
-    return ap
+def test_cli_defaults_are_the_harness_defaults():
+    """The parser (pdserve/commands.py) is built without importing this tool, so it spells the defaults out."""
+    args = build_parser().parse_args(["eval"])
+    s = ev.Settings()
+    assert (args.num_prompts, args.max_tokens, args.ppl_windows, args.ppl_prefix, args.ppl_tokens,
+            args.refresh_sink_tokens, args.fp8_attention_min_tokens) == (
+        s.num_prompts, s.max_tokens, s.ppl_windows, s.ppl_prefix, s.ppl_tokens, s.refresh_sink_tokens,
+        s.fp8_attention_min_tokens)
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (num_prompts,) = [a for a in sub.choices["eval"]._actions if a.dest == "num_prompts"]
+    assert num_prompts.help.endswith(f"(at most {len(ev.PROMPTS)})")
+
+
+def test_cli_parser_imports_no_tool():
+    """`pdserve serve` (any subcommand but the tool's own) loads no bench or eval code, nor torch."""
+    code = ("import sys; from pdserve.cli import build_parser; build_parser().parse_args(['serve']); "
+            "print([m for m in sys.modules if m.startswith('pdserve.tools') or m == 'torch'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=NEUTRAL_CWD, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("argv, why", [
@@ -212,15 +232,15 @@ def _parser():
 def test_cli_rejects_bad_input(argv, why):
     from pdserve.errors import CLIError, EXIT_BAD_INPUT
 
-    args = _parser().parse_args(["eval", *argv])
+    args = build_parser().parse_args(["eval", *argv])
     with pytest.raises(CLIError, match=why) as e:
         args.func(args)
     assert e.value.code == EXIT_BAD_INPUT
 
 
 def test_cli_json_run(tmp_path, capsys):
-    args = _parser().parse_args(["eval", "--configs", "bf16/bf16/fp8", "--num-prompts", "1", "--max-tokens", "2",
-                                 "--ppl-windows", "0", "--json", "--out-dir", str(tmp_path)])
+    args = build_parser().parse_args(["eval", "--configs", "bf16/bf16/fp8", "--num-prompts", "1", "--max-tokens",
+                                      "2", "--ppl-windows", "0", "--json", "--out-dir", str(tmp_path)])
     assert args.func(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["command"].startswith("pdserve eval --configs bf16/bf16/fp8 --num-prompts 1")
@@ -233,11 +253,11 @@ def test_cli_json_run(tmp_path, capsys):
 def test_full_table_phase_aware_beats_uniform(tmp_path):
     """The Done-when relations on the default run (docs/bench/eval-sink-refresh; 4.6 min on the 2-core
     box when quiet, 2,953 s when it was shared)."""
-    from pdserve import eval_report
+    from pdserve.tools import eval_report
 
     settings = ev.Settings()
     pool = ev.EnginePool(None, "float32", ev.pool_blocks(settings))
-    res = ev.run_eval(pool, ev.parse_configs(ev.DEFAULT_CONFIGS), settings, load_text(), print)
+    res = ev.run_eval(pool, ev.parse_configs(DEFAULT_EVAL_CONFIGS), settings, load_text(), print)
     checks = eval_report.claims(res)
     print("\n".join(checks))
     assert len(checks) == 9 and not [c for c in checks if c.startswith("FAILS")]

@@ -2,7 +2,6 @@
 runs 32 concurrent streams; no request fails, outputs stay correct, pool sizes show in metrics."""
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -40,7 +39,8 @@ def _replicas_metric(server) -> dict:
 
 
 def test_scale_under_load(tmp_path, engine_f32):
-    from pdserve import bench
+    from pdserve.cli import build_parser
+    from pdserve.tools import bench
 
     server = Server(CONFIG, tmp_path)
     try:
@@ -67,10 +67,7 @@ def test_scale_under_load(tmp_path, engine_f32):
         assert seen[-1] == {"prefill": 1.0, "decode": 1.0}
         assert len(rep["per_worker"]["prefill"]) >= 2  # the added workers took requests
         # outputs are the in-process engine's (greedy, float32)
-        p = argparse.ArgumentParser()
-        sub = p.add_subparsers(dest="command")
-        bench.register(sub)
-        args = p.parse_args(["bench", *BENCH])
+        args = build_parser().parse_args(["bench", *BENCH])
         reqs = bench.make_workload(args, bench._vocab(args, 49152))
         got = [json.loads(line) for line in out.read_text().splitlines()]
         ref = engine_f32.generate([(list(q.prompt_token_ids),

@@ -13,7 +13,6 @@ their scheduled (Poisson) arrival; `client.cpu_frac` is the client's CPU time ov
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -602,8 +601,9 @@ def jsonable(x):
 
 
 def cmd_bench(args) -> int:
-    """Exit 0 when at least one measured request completed (failures are in the report), 4 when
-    none did or the server cannot be reached, 2 for bad arguments."""
+    """`pdserve bench` (its arguments: pdserve/commands.py). Exit 0 when at least one measured request
+    completed (failures are in the report), 4 when none did or the server cannot be reached, 2 for bad
+    arguments."""
     from pdserve.errors import EXIT_SERVER
 
     _check_args(args)
@@ -611,48 +611,3 @@ def cmd_bench(args) -> int:
     print(json.dumps(jsonable(rep), allow_nan=False) if args.json else format_report(rep), flush=True)
     return 0 if rep["completed"] else EXIT_SERVER
 
-
-def register(sub) -> None:
-    b = sub.add_parser("bench", help="serving benchmark against a running router",
-                       description="Send a seeded workload to a pdserve router over gRPC and report throughput, "
-                                   "TTFT/TPOT/ITL/end-to-end percentiles, goodput and prefix hit rates.")
-    b.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the router")
-    b.add_argument("--workload", choices=["random", "shared-prefix"], default="random")
-    b.add_argument("--num-requests", type=int, default=None,
-                   help="measured requests (default: 100 for random, prefixes x users for shared-prefix)")
-    b.add_argument("--warmup", type=int, default=0, help="requests sent first and not counted (random prompts)")
-    b.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths, order and arrivals")
-    b.add_argument("--max-tokens", default="64", help="output tokens per request: N or LO:HI (uniform)")
-    b.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="generate exactly max-tokens (default on)")
-    b.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    b.add_argument("--sampling-seed", type=int, default=None, help="sampling seed sent with every request")
-    g = b.add_argument_group("random workload")
-    g.add_argument("--input-len", default="128:512", help="prompt tokens: N or LO:HI (uniform)")
-    g.add_argument("--prompt-format", choices=["ids", "text"], default="ids",
-                   help="ids: exact lengths; text: random words (the server's tokenizer sets the length)")
-    g = b.add_argument_group("shared-prefix workload")
-    g.add_argument("--num-prefixes", type=int, default=8, help="system prompts")
-    g.add_argument("--users-per-prefix", type=int, default=8, help="users per system prompt")
-    g.add_argument("--prefix-len", type=int, default=512, help="tokens of each system prompt")
-    g.add_argument("--suffix-len", default="16:48", help="user-specific tokens: N or LO:HI")
-    b.add_argument("--vocab-range", default=None,
-                   help="LO:HI token ids to sample (default 100:min(30000, vocab_size) from GetModelInfo)")
-    g = b.add_argument_group("load")
-    g.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="Poisson arrivals per second (default inf: all at once)")
-    g.add_argument("--concurrency", type=int, default=None, help="at most this many in flight (closed loop)")
-    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    g.add_argument("--connect-timeout", type=float, default=10.0)
-    g.add_argument("--cluster-poll", type=float, default=1.0,
-                   help="seconds between GetClusterInfo samples (pool sizes while it runs)")
-    g = b.add_argument_group("report")
-    g.add_argument("--goodput-ttft", type=float, default=None, help="goodput target: TTFT seconds")
-    g.add_argument("--goodput-tpot", type=float, default=None, help="goodput target: TPOT seconds")
-    g.add_argument("--json", action="store_true", help="one JSON object with everything, on stdout")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    g.add_argument("--save-outputs", default=None, metavar="FILE",
-                   help="write one JSON line per measured request (tokens, timings, workers)")
-    g.add_argument("--compare-outputs", default=None, metavar="FILE",
-                   help="compare each request's tokens with a --save-outputs file of the same workload and seed")
-    b.set_defaults(func=cmd_bench)

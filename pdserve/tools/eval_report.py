@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pdserve import eval_text
+from pdserve.tools import eval_text
 
 
 def _fmt(x, spec: str, none: str = "–") -> str:

@@ -16,15 +16,8 @@ DEMO_PROMPTS = [
 ]
 
 
-def register(sub) -> None:
-    d = sub.add_parser("demo", help="start a local cluster, stream a few requests through gRPC, shut down")
-    d.add_argument("--config", default=None, help="YAML config (default: embedded model, 1 prefill + 1 decode)")
-    d.add_argument("--max-tokens", type=int, default=48)
-    d.add_argument("--port", type=int, default=0, help="router port (0: any free port)")
-    d.set_defaults(func=cmd_demo)
-
-
 def cmd_demo(args) -> int:
+    """`pdserve demo` (its arguments: pdserve/commands.py)."""
     import grpc
 
     from pdserve.engine.sampling_params import SamplingParams

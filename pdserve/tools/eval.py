@@ -11,7 +11,7 @@ Per configuration, against the baseline:
   continuation  the baseline's greedy continuation of each fixed prompt (natural EOS stops),
                 teacher-forced through the configuration: mean KL(baseline || config) per token,
                 top-1 agreement, and the share of disagreements at baseline near-ties;
-  text          windows of a public-domain book (pdserve/eval_text.py): a prefix prefilled at P,
+  text          windows of a public-domain book (pdserve/tools/eval_text.py): a prefix prefilled at P,
                 the next tokens scored teacher-forced at D: perplexity exp(mean NLL), and KL;
   greedy        flip rate: the share of prompts whose greedy generation differs from the
                 baseline's in any token.
@@ -31,12 +31,10 @@ import torch
 from pdserve.kv_transfer.sinks import sink_refresh_tokens
 from pdserve import eval_handoff as handoff
 from pdserve.config import EngineConfig, KVTransferConfig
-from pdserve.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence
-from pdserve.eval_prompts import PROMPTS
+from pdserve.tools.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence
+from pdserve.tools.eval_prompts import PROMPTS
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
-DEFAULT_CONFIGS = ("bf16/bf16/bf16,bf16/bf16/fp8,fp8/bf16/bf16,fp8/bf16/fp8,"
-                   "nvfp4/bf16/bf16,nvfp4/bf16/fp8,nvfp4/nvfp4/bf16,nvfp4/nvfp4/fp8")
 MAX_PROMPT_TOKENS = 96  # bound used to size the KV pools; the fixed prompts are far below it
 
 
@@ -296,34 +294,6 @@ def describe_device(device: torch.device) -> str:
     return f"CPU {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}"
 
 
-# -- command line -------------------------------------------------------------------------------
-def register(sub) -> None:
-    e = sub.add_parser("eval", help="accuracy of prefill/decode precision configurations vs the unquantized baseline")
-    e.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated PREFILL/DECODE/WIRE, precisions bf16|fp8|nvfp4, wire bf16|fp8 "
-                        "(default: the 8 configurations of issue 4)")
-    e.add_argument("--num-prompts", type=int, default=24, help=f"prompts from the fixed set (at most {len(PROMPTS)})")
-    e.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (EOS stops earlier)")
-    e.add_argument("--ppl-windows", type=int, default=16, help="text windows for perplexity (0: skip)")
-    e.add_argument("--ppl-prefix", type=int, default=256, help="tokens of each window prefilled at P")
-    e.add_argument("--ppl-tokens", type=int, default=256, help="tokens of each window scored at D")
-    e.add_argument("--text", default=None, help="UTF-8 text file for perplexity (default: alice29.txt, "
-                                                "see pdserve/eval_text.py)")
-    e.add_argument("--refresh-sink-tokens", type=int, default=KVTransferConfig.refresh_sink_tokens,
-                   help="first prompt tokens the decode side recomputes where the KV is not its own (fp8 wire "
-                        "or P != D), as config kv_transfer.refresh_sink_tokens (0: off)")
-    e.add_argument("--fp8-attention-min-tokens", type=int, default=EngineConfig.fp8_attention_min_tokens,
-                   help="fp8 engines run attention's matmuls in fp8 on prompt chunks of at least this many tokens, "
-                        "as config engine.fp8_attention_min_tokens (0: every prompt step; the default leaves "
-                        "this harness's short prompts in bf16 attention)")
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
-                   help="compute dtype of every engine; auto: float32 on CPU, bfloat16 on CUDA")
-    e.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
-    e.add_argument("--out-dir", default=None, help="write eval.md, eval.json and eval.png here")
-    e.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
-    e.set_defaults(func=cmd_eval)
-
-
 def command_line(args) -> str:
     parts = ["pdserve eval", f"--configs {args.configs}", f"--num-prompts {args.num_prompts}",
              f"--max-tokens {args.max_tokens}", f"--ppl-windows {args.ppl_windows}",
@@ -335,10 +305,10 @@ def command_line(args) -> str:
 
 
 def cmd_eval(args) -> int:
-    from pdserve.errors import ModelLoadError
-    from pdserve import eval_report
-    from pdserve.errors import CLIError, EXIT_BAD_INPUT, EXIT_MODEL
-    from pdserve.eval_text import TextMissing, load_text
+    """`pdserve eval` (its arguments: pdserve/commands.py)."""
+    from pdserve.errors import CLIError, EXIT_BAD_INPUT, EXIT_MODEL, ModelLoadError
+    from pdserve.tools import eval_report
+    from pdserve.tools.eval_text import TextMissing, load_text
 
     settings = Settings(args.num_prompts, args.max_tokens, args.ppl_windows, args.ppl_prefix, args.ppl_tokens,
                         args.refresh_sink_tokens, args.fp8_attention_min_tokens)

@@ -1,7 +1,9 @@
-"""A random-weight Llama forward over the kernel interfaces, for the GPU benchmark and the end-to-end
-kernel test; it depends on nothing in engine/. The ops come in interchangeable sets with the same
-signatures: triton_ops() (kernels.fused, kernels.attention; with or without the decode-only fusions) and
-TORCH_OPS (kernels.reference), which is HF LlamaForCausalLM's math (checked to 1e-6 in float32).
+"""A random-weight Llama forward over the kernel interfaces, for bench_gpu.py beside it (a script's sibling:
+`from random_llama import ...`); it depends on nothing in engine/, so the kernels are timed without the
+engine around them (benchmarks/bench_engine_gpu.py times the engine's own model). The ops come in
+interchangeable sets with the same signatures: triton_ops() (kernels.fused, kernels.attention; with or
+without the decode-only fusions) and TORCH_OPS (kernels.reference), which is HF LlamaForCausalLM's math
+(checked to 1e-6 in float32).
 
 Weights are fused the way a serving engine keeps them (one QKV projection, one gate-up projection), so
 a decode step is one GEMV per projection. DecodeGraphs captures one CUDA graph per batch-size bucket
