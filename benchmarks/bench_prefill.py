@@ -56,7 +56,7 @@ TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
 
 
 def attention_inputs(tokens: int, arch, gen):
-    from pdserve.engine.attention import build_metadata
+    from pdserve.engine.attention_metadata import build_metadata
 
     bs = 16
     nblk = -(-tokens // bs)
@@ -308,7 +308,7 @@ def paired_eager_ms(forward, base_forward, rounds: int = 7) -> tuple[float, floa
 
 
 def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int = 0) -> list[dict]:
-    from pdserve.engine.attention import build_metadata
+    from pdserve.engine.attention_metadata import build_metadata
     from pdserve.kernels import quant_linear
 
     bs = 16

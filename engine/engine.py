@@ -170,7 +170,7 @@ class LLMEngine:
         self.block_manager.release(blocks)
 
     def score(self, token_ids: list[int], block_table: list[int] | None = None,
-              num_computed_tokens: int = 0, refresh_tokens: int = 0) -> "torch.Tensor":
+              num_computed_tokens: int = 0, refresh_tokens: int = 0):
         """Teacher-forced logits [len(token_ids) - num_computed_tokens, vocab] (row i predicts
         token num_computed_tokens + i + 1), for tokens after a prefix whose KV is already in
         `block_table`; `refresh_tokens` as in add_request, in the same forward. Runs alone (call it
@@ -357,9 +357,9 @@ class LLMEngine:
         """Run requests to completion, batched; results in input order. `on_output(index, output)`
         sees every delta as it is produced."""
         ids = []
-        for i, (prompt_ids, params) in enumerate(requests):
+        for i, (token_ids, params) in enumerate(requests):
             rid = f"gen-{i}-{time.monotonic_ns()}"
-            self.add_request(rid, prompt_ids, params)
+            self.add_request(rid, token_ids, params)
             ids.append(rid)
         index = {rid: i for i, rid in enumerate(ids)}
         results = [{"prompt_token_ids": list(self.requests[rid].token_ids), "token_ids": [], "text": "",

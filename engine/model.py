@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.attention_metadata import AttentionMetadata
 from pdserve.engine.model_config import ModelArch
 
 

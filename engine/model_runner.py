@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.attention import build_metadata, get_backend, slot
+from pdserve.engine.attention import get_backend
+from pdserve.engine.attention_metadata import build_metadata, slot
 from pdserve.engine.loader import load_weights
 from pdserve.engine.model import DenseLinear, LlamaModel
 from pdserve.engine.model_config import ModelArch
