@@ -19,9 +19,8 @@ from pathlib import Path
 
 from pdserve.testing.cluster import NEUTRAL_CWD, Server
 
-# 16 system prompts of 512 tokens x 4 users; each prefill worker's cache (280 blocks of 16 tokens)
-# (320 blocks of 16 tokens) holds ~10 of the 16 prompts: the two together hold all of them only if
-# each keeps its own half
+# 16 system prompts of 512 tokens x 4 users; each prefill worker's cache (320 blocks of 16 tokens)
+# holds ~10 of the 16 prompts: the two together hold all of them only if each keeps its own half
 BENCH = ["--workload", "shared-prefix", "--num-prefixes", "16", "--users-per-prefix", "4", "--prefix-len", "512",
          "--suffix-len", "16:32", "--max-tokens", "4", "--concurrency", "4", "--seed", "1", "--no-progress"]
 PREFILL_BLOCKS = 320

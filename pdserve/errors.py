@@ -1,7 +1,7 @@
 """The errors every layer may raise or map, and the CLI's exit codes: a leaf module that imports nothing.
 
 How each surfaces: InvalidRequest -> INVALID_ARGUMENT / exit 2; NoFreeBlocks -> RESOURCE_EXHAUSTED;
-ModelLoadError -> exit 3; CLIError carries its own exit code."""
+NoReadyWorker -> UNAVAILABLE; ModelLoadError -> exit 3; CLIError carries its own exit code."""
 from __future__ import annotations
 
 EXIT_BAD_INPUT, EXIT_MODEL, EXIT_SERVER = 2, 3, 4
@@ -13,6 +13,10 @@ class InvalidRequest(ValueError):
 
 class NoFreeBlocks(RuntimeError):
     """The KV pool (or the router's queue) has no room for the request now: RESOURCE_EXHAUSTED."""
+
+
+class NoReadyWorker(RuntimeError):
+    """A pool has no ready worker to take the request: UNAVAILABLE."""
 
 
 class ModelLoadError(RuntimeError):

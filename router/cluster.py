@@ -10,7 +10,7 @@ import secrets
 
 from pdserve.config import Config
 from pdserve.router.kv_index import KVIndex
-from pdserve.router.pool import Pool, Worker
+from pdserve.router.pool import Pool, Worker, WorkerState
 
 log = logging.getLogger("pdserve.cluster")
 NAMESPACE = "pdserve"
@@ -50,15 +50,13 @@ def _actor_class(role: str):
 class Cluster:
     def __init__(self, config: Config):
         self.config = config
-        policy = "round_robin" if config.router.policy == "round_robin" else "least_loaded"
-        self.pools = {"prefill": Pool("prefill", policy), "decode": Pool("decode", policy)}
+        self.pools = {"prefill": Pool("prefill"), "decode": Pool("decode")}
         self.index = KVIndex()
         # workers outlive the router only on a Ray cluster it joined (so a restarted router adopts
         # them, caches intact); on a Ray it started itself they go down with it
         self.detached = bool(config.ray.address)
         self._counter = 0
         self._tasks: set = set()
-        self.scale_events: list[tuple[str, int, int]] = []
         self._scale_lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -83,7 +81,7 @@ class Cluster:
             except Exception as e:
                 log.warning("cannot adopt worker %s: %s", name, e)
                 continue
-            self.pools[role].workers[name] = Worker(name, role, actor, state="ready", info=info)
+            self.pools[role].workers[name] = Worker(name, role, actor, state=WorkerState.READY, info=info)
             found[role] += 1
         if any(found.values()):
             log.info("adopted %d prefill and %d decode workers", found["prefill"], found["decode"])
@@ -113,8 +111,8 @@ class Cluster:
                 ray.kill(w.actor)
             else:
                 w.info = r
-                w.state = "ready"
-        return [w for w in new if w.state == "ready"]
+                w.state = WorkerState.READY
+        return [w for w in new if w.state is WorkerState.READY]
 
     async def scale(self, role: str, replicas: int) -> int:
         """Set a pool's size; returns the previous size. Removal drains the least loaded workers."""
@@ -130,11 +128,10 @@ class Cluster:
             elif replicas < prev:
                 victims = sorted(pool.active(), key=lambda w: w.inflight)[:prev - replicas]
                 for w in victims:
-                    w.state = "draining"
+                    w.state = WorkerState.DRAINING
                     t = asyncio.get_running_loop().create_task(self._retire(w))
                     self._tasks.add(t)
                     t.add_done_callback(self._tasks.discard)
-            self.scale_events.append((role, prev, replicas))
             return prev
 
     async def _retire(self, w: Worker) -> None:
@@ -152,16 +149,16 @@ class Cluster:
         ray.kill(w.actor, no_restart=True)
 
     async def refresh_stats(self) -> None:
-        workers = [w for p in self.pools.values() for w in p.workers.values() if w.state != "starting"]
+        workers = [w for p in self.pools.values() for w in p.workers.values() if w.state is not WorkerState.STARTING]
         results = await asyncio.gather(*(w.actor.stats.remote() for w in workers), return_exceptions=True)
         for w, r in zip(workers, results):
             if isinstance(r, BaseException):
                 log.warning("worker %s is not answering: %s", w.name, r)
-                if w.state == "ready":
-                    w.state = "draining"  # a dead actor takes no new requests
+                if w.state is WorkerState.READY:
+                    w.state = WorkerState.DRAINING  # a dead actor takes no new requests
             else:
                 w.stats = r
-        prefill = [w for w in self.pools["prefill"].workers.values() if w.state == "ready"]
+        prefill = self.pools["prefill"].ready()
         events = await asyncio.gather(*(w.actor.kv_events.remote(self.index.after(w.name)) for w in prefill),
                                       return_exceptions=True)
         for w, payload in zip(prefill, events):

@@ -9,6 +9,8 @@ from http.server import ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
 
+from pdserve.worker.messages import DecodeDelta, PrefillResult
+
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -47,9 +49,9 @@ class Metrics:
     def request_started(self) -> None:
         self.router_inflight.inc()
 
-    def prefill_done(self, worker, prefill: dict, num_prompt: int) -> None:
+    def prefill_done(self, worker, prefill: PrefillResult, num_prompt: int) -> None:
         self.prefix_queries.labels("prefill").inc(num_prompt)
-        self.prefix_hits.labels("prefill").inc(prefill.get("num_cached_tokens", 0))
+        self.prefix_hits.labels("prefill").inc(prefill.num_cached_tokens)
         self.prompt_tokens.inc(num_prompt)
 
     def token_delta(self, first: bool, dt: float, n: int) -> None:
@@ -57,10 +59,10 @@ class Metrics:
         self._recent["ttft" if first else "itl"].append((time.monotonic(), dt))
         self.generation_tokens.inc(n)
 
-    def request_finished(self, seconds: float, d: dict) -> None:
+    def request_finished(self, seconds: float, last: DecodeDelta) -> None:
         self.e2e.observe(seconds)
         self.router_inflight.dec()
-        self.requests.labels(d.get("finish_reason") or "unknown").inc()
+        self.requests.labels(last.finish_reason.value).inc()
 
     def request_aborted(self) -> None:
         self.router_inflight.dec()

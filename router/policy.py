@@ -1,10 +1,10 @@
-"""Routing policies: which ready worker takes a request.
+"""Routing policies: which ready worker of a pool takes a request (config `router.policy`).
 
-- round_robin: in turn.
-- least_loaded: fewest in-flight requests (prefill: fewest uncached prompt tokens queued).
-- cache_aware (prefill): the worker that holds the prompt's prefix, unless that worker is
+- round_robin: in turn (both pools).
+- least_loaded: prefill, fewest uncached prompt tokens queued.
+- cache_aware: prefill, the worker that holds the prompt's prefix, unless that worker is
   overloaded; new prefixes go to the least loaded worker (details on CacheAware).
-Decode has no cache to aim at: least loaded, then most free KV blocks.
+Decode has no cache to aim at: unless round_robin, least loaded, then most free KV blocks.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ class Policy:
     name = ""
 
     def pick(self, workers: list[Worker], num_tokens: int, hashes: list, block_size: int) -> Optional[Worker]:
+        """One of `workers` (a pool's ready ones) for a prompt of `num_tokens` whose cacheable blocks
+        hash to `hashes`; None only when `workers` is empty."""
         raise NotImplementedError
 
 
@@ -39,6 +41,16 @@ class LeastLoaded(Policy):
         if not workers:
             return None
         return min(workers, key=lambda w: (w.queued_tokens, w.inflight, w.stats.get("num_waiting", 0)))
+
+
+class LeastLoadedDecode(Policy):
+    """Fewest requests held (in flight from the router, waiting in the engine), then most free KV blocks."""
+    name = "least_loaded"
+
+    def pick(self, workers, num_tokens, hashes, block_size):
+        if not workers:
+            return None
+        return min(workers, key=lambda w: (w.inflight + w.stats.get("num_waiting", 0), -w.free_blocks))
 
 
 class CacheAware(Policy):
@@ -70,11 +82,12 @@ class CacheAware(Policy):
         return self.fallback.pick(workers, num_tokens, hashes, block_size)
 
 
-def make_policy(name: str, index: KVIndex, slack: float) -> Policy:
+def make_policies(name: str, index: KVIndex, slack: float) -> tuple[Policy, Policy]:
+    """The (prefill, decode) policies for `router.policy` = name."""
     if name == "round_robin":
-        return RoundRobin()
+        return RoundRobin(), RoundRobin()
     if name == "least_loaded":
-        return LeastLoaded()
+        return LeastLoaded(), LeastLoadedDecode()
     if name == "cache_aware":
-        return CacheAware(index, slack)
+        return CacheAware(index, slack), LeastLoadedDecode()
     raise ValueError(f"unknown routing policy {name!r}")

@@ -1,14 +1,20 @@
-"""Pool membership: the worker actors of one role, their state and load, and the pick policy.
+"""Pool membership: the worker actors of one role, their state and load (which one takes a request
+is the policy's business, router/policy.py).
 
-A worker is picked only when `ready`; `draining` workers finish what they hold and take nothing new.
-The router counts in-flight requests itself (exact, no polling lag) and refreshes engine stats
+A worker takes new requests only while READY; a DRAINING one finishes what it holds and takes nothing
+new. The router counts in-flight requests itself (exact, no polling lag) and refreshes engine stats
 (waiting, running, KV usage) in the background.
 """
 from __future__ import annotations
 
-import itertools
+import enum
 from dataclasses import dataclass, field
-from typing import Optional
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  # being removed, or not answering
 
 
 @dataclass
@@ -16,7 +22,7 @@ class Worker:
     name: str
     role: str
     actor: object
-    state: str = "starting"  # starting | ready | draining
+    state: WorkerState = WorkerState.STARTING
     inflight: int = 0
     queued_tokens: int = 0  # prefill: uncached prompt tokens sent and not yet prefilled
     stats: dict = field(default_factory=dict)
@@ -28,28 +34,13 @@ class Worker:
 
 
 class Pool:
-    def __init__(self, role: str, policy: str = "least_loaded"):
+    def __init__(self, role: str):
         self.role = role
-        self.policy = policy
         self.workers: dict[str, Worker] = {}
-        self._rr = itertools.count()
 
     def ready(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.state == "ready"]
+        return [w for w in self.workers.values() if w.state is WorkerState.READY]
 
     def active(self) -> list[Worker]:
         """Workers counted toward the pool's size (not draining)."""
-        return [w for w in self.workers.values() if w.state != "draining"]
-
-    def pick(self, prefer: Optional[Worker] = None) -> Optional[Worker]:
-        ready = self.ready()
-        if not ready:
-            return None
-        if prefer is not None and prefer in ready:
-            return prefer
-        if self.policy == "round_robin":
-            return ready[next(self._rr) % len(ready)]
-        if self.role == "decode":
-            # decode: room for KV first among the least loaded
-            return min(ready, key=lambda w: (w.inflight + w.stats.get("num_waiting", 0), -w.free_blocks))
-        return min(ready, key=lambda w: (w.inflight, w.stats.get("num_waiting", 0)))
+        return [w for w in self.workers.values() if w.state is not WorkerState.DRAINING]
