@@ -170,15 +170,23 @@ class LLMEngine:
         self.block_manager.release(blocks)
 
     def score(self, token_ids: list[int], block_table: list[int] | None = None,
-              num_computed_tokens: int = 0, refresh_tokens: int = 0):
+              num_computed_tokens: int = 0, refresh_tokens: int = 0, remote_kv: RemoteKV | None = None,
+              timeout: float = 30.0):
         """Teacher-forced logits [len(token_ids) - num_computed_tokens, vocab] (row i predicts
         token num_computed_tokens + i + 1), for tokens after a prefix whose KV is already in
-        `block_table`; `refresh_tokens` as in add_request, in the same forward. Runs alone (call it
-        with no requests in flight); frees its own blocks."""
+        `block_table`, or is loaded from `remote_kv` through the connector first (then freed again);
+        `refresh_tokens` as in add_request, in the same forward. Runs alone (call it with no requests
+        or transfers in flight); frees its own blocks."""
         from pdserve.engine.scheduler import ScheduledBatch
 
-        if self.has_unfinished():
+        if self.has_unfinished() or self.has_transfers():
             raise RuntimeError("score() needs an idle engine")
+        if remote_kv is not None:
+            blocks = self._load_now(remote_kv, timeout)
+            try:
+                return self.score(token_ids, blocks, remote_kv.num_tokens, remote_kv.refresh_tokens)
+            finally:
+                self.free_blocks(blocks)
         own = block_table is None
         if own and num_computed_tokens:
             raise ValueError("num_computed_tokens needs the block_table that holds their KV")
@@ -195,6 +203,31 @@ class LLMEngine:
             return self.runner.execute(batch, [], all_logits=True)
         finally:
             self.block_manager.release(table if own else table[extra_from:])
+
+    def _load_now(self, remote: RemoteKV, timeout: float) -> list[int]:
+        """Blocks holding `remote`'s KV, loaded through the connector while nothing else is in flight."""
+        if self.connector is None:
+            raise ValueError("remote_kv needs an engine with a KV connector")
+        blocks = self.reserve_blocks(remote.num_tokens)
+        if blocks is None:
+            raise NoFreeBlocks(f"{remote.num_tokens} tokens of KV do not fit the KV pool")
+        try:
+            self.connector.start_load("score", remote.handle, blocks)
+        except BaseException:
+            self.free_blocks(blocks)
+            raise
+        deadline = time.monotonic() + timeout
+        while True:
+            loaded, failed, _ = self.connector.poll()
+            if loaded:
+                return blocks
+            if failed or time.monotonic() > deadline:
+                if not failed:
+                    self.connector.cancel("score")  # its blocks stay with the connector: never reused
+                    raise RuntimeError(f"KV load did not finish within {timeout:g} s")
+                self.free_blocks(blocks)
+                raise RuntimeError(f"KV load failed: {failed[0][1]}")
+            time.sleep(0.0005)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.awaiting_room)
@@ -353,6 +386,23 @@ class LLMEngine:
         return text[:max(len(text) - hold, seq.num_emitted_chars)]
 
     # -- offline ----------------------------------------------------------------------------------
+    def prefill(self, token_ids: list[int], request_id: str = "prefill") -> RemoteKV:
+        """Run one prompt's prefill to completion and save its KV (all tokens but the last) through the
+        connector, as a prefill worker does; another engine loads it with add_request/score(remote_kv=...)."""
+        if self.connector is None:
+            raise ValueError("prefill() saves through the KV connector; this engine has none")
+        self.add_request(request_id, token_ids, SamplingParams(max_tokens=1), prefill_only=True)
+        out = None
+        while self.has_unfinished():
+            for o in self.step():
+                if o.request_id == request_id:
+                    out = o
+        self._transfers()  # an in-process save is over at once: its blocks are free again now
+        if out is None or out.error is not None or out.kv_handle is None:
+            raise RuntimeError(f"prefill of {len(token_ids)} tokens saved no KV"
+                               + (f": {out.error}" if out is not None and out.error is not None else ""))
+        return RemoteKV(out.kv_handle, out.kv_num_tokens)
+
     def generate(self, requests: Iterable[tuple[list[int], SamplingParams]], on_output=None) -> list[dict]:
         """Run requests to completion, batched; results in input order. `on_output(index, output)`
         sees every delta as it is produced."""

@@ -9,8 +9,13 @@ import time
 import pytest
 import torch
 
-from pdserve.testing.exactness import PROMPTS
+from dataclasses import replace
+
+from pdserve.engine.kv_connector import RemoteKV
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.local import PromptKV, through_wire
+from pdserve.testing.exactness import PROMPTS
+from pdserve.testing.kv import local_connector
 
 
 @pytest.fixture(scope="module")
@@ -20,43 +25,27 @@ def prefill_engine():
     return LLMEngine(dtype="float32", progress=False)
 
 
-def _prefill_blocks(engine, rid, ids):
-    engine.add_request(rid, ids, SamplingParams(max_tokens=1), prefill_only=True)
-    while engine.has_unfinished():
-        engine.step()
-    seq = engine.requests[rid]
-    n = seq.num_computed_tokens
-    return seq.block_table[:engine.block_manager.blocks_for(n)], n
-
-
 def _transfer_and_score(pre, dec, wire, ids_full, n_prompt, tag, refresh=0):
-    from pdserve.kv_transfer import KVTransferAgent
+    """Prefill on `pre`, KV over NIXL into `dec` through both engines' KV connectors (as the workers run
+    it), teacher-forced logits of `dec`; returns them, the bytes that crossed, and how the send ended."""
+    from pdserve.kv_transfer.connector import NixlConnector
 
-    released = []
-    a_p = KVTransferAgent(f"p-{tag}", pre.runner.kv_cache, wire_dtype=wire, lease_seconds=30,
-                          on_release=lambda r, why: released.append((r, why)))
-    a_d = KVTransferAgent(f"d-{tag}", dec.runner.kv_cache, wire_dtype=wire)
+    c_p = NixlConnector(f"p-{tag}", pre.runner.kv_cache, wire, lease_seconds=30, staging_blocks=16)
+    c_d = NixlConnector(f"d-{tag}", dec.runner.kv_cache, wire, lease_seconds=30, staging_blocks=16)
+    pre.connector, dec.connector = c_p, c_d
     try:
-        blocks, n = _prefill_blocks(pre, "r", ids_full[:n_prompt])
-        assert n == n_prompt - 1
-        ticket = a_p.export("r", blocks, n)
-        local = dec.reserve_blocks(n)
-        h = a_d.pull(ticket, local)
+        kv = pre.prefill(ids_full[:n_prompt], "r")
+        assert kv.num_tokens == n_prompt - 1
+        logits = dec.score(ids_full, remote_kv=replace(kv, refresh_tokens=refresh))
         deadline = time.time() + 10
-        while a_d.check(h) == "PENDING":
-            assert time.time() < deadline, "transfer did not complete"
-        assert a_d.check(h) == "DONE"
-        while not released:
-            a_p.poll()
+        while pre.has_transfers():  # the exporter frees its blocks once it sees the READ done
+            pre.step()
             assert time.time() < deadline
-        pre.release("r")
-        logits = dec.score(ids_full, block_table=local, num_computed_tokens=n, refresh_tokens=refresh)
-        dec.free_blocks(local)
-        moved = a_d.stats()["bytes_received"]
-        return logits, moved, released
+        return logits, c_d.stats()["bytes_received"], c_p.stats()["released"]
     finally:
-        a_p.close()
-        a_d.close()
+        pre.connector = dec.connector = None
+        c_p.close()
+        c_d.close()
 
 
 def test_fp8_wire_teacher_forced_agreement(engine_f32, prefill_engine):
@@ -82,7 +71,7 @@ def test_fp8_wire_teacher_forced_agreement(engine_f32, prefill_engine):
             ref = dec.score(full)[len(p) - 1:-1]  # rows predicting the continuation
             got, moved, released = _transfer_and_score(pre, dec, wire, full, len(p), f"{wire}{refresh}-{i}", refresh)
             got = got[:-1]
-            assert released == [("r", "done")]
+            assert released["done"] == 1 and sum(released.values()) == 1
             lp_ref, lp_got = ref.log_softmax(-1), got.log_softmax(-1)
             kl_sum += (lp_ref.exp() * (lp_ref - lp_got)).sum(-1).sum().item()
             same = got.argmax(-1) == ref.argmax(-1)
@@ -141,21 +130,24 @@ def test_sink_refresh_rewrites_exactly_the_first_tokens(engine_f32):
     """The refresh leaves in slots 0..W-1 what a plain local prefill computes, keeps every other
     slot as it arrived, runs once (in the request's first step), clamps W to the tokens that
     arrived, and leaks no block."""
-    from pdserve import eval_handoff as handoff
+    with local_connector(engine_f32, "fp8") as conn:
+        _sink_refresh_rewrites_exactly_the_first_tokens(engine_f32, conn)
 
-    eng, W = engine_f32, 4
+
+def _sink_refresh_rewrites_exactly_the_first_tokens(eng, conn):
+    W = 4
     ids = eng.tokenize("The three primary colors are red, yellow and blue; the secondary ones are")
     n = len(ids) - 1
-    local = handoff.prefill(eng, ids)  # this engine's own KV of the prompt, one pass
-    exact = local.blocks.permute(0, 3, 1, 2, 4, 5).flatten(0, 1)[:n]  # [n, L, 2, H, D]
-    wired = handoff.through_wire(local, "fp8", eng.runner.kv_cache.dtype)
-    arrived = wired.blocks.permute(0, 3, 1, 2, 4, 5).flatten(0, 1)
+    local = eng.prefill(ids)  # this engine's own KV of the prompt, one pass
+    kv = conn.wire.get(local.handle)
+    exact = kv.blocks.permute(0, 3, 1, 2, 4, 5).flatten(0, 1)[:n]  # [n, L, 2, H, D]
+    arrived = through_wire(kv, "fp8", eng.runner.kv_cache.dtype).permute(0, 3, 1, 2, 4, 5).flatten(0, 1)
     assert (arrived[:W] - exact[:W]).abs().max() > 1e-3  # the wire's error is there to undo
 
     seq = eng.add_request("sinks", ids, SamplingParams(max_tokens=3, ignore_eos=True),
-                          block_table=handoff.load(eng, wired), num_computed_tokens=n, refresh_tokens=W)
+                          remote_kv=replace(local, refresh_tokens=W))
     assert seq.num_refresh_tokens == W
-    eng.step()
+    eng.step()  # lands the KV through the fp8 wire, then the request's first step
     got = _token_kv(eng, seq.block_table, len(arrived))
     assert seq.num_refresh_tokens == 0 and seq.num_computed_tokens == n + 1
     # the local prefill's numbers up to float32 rounding (~1e-6 of the largest value: other matmul
@@ -175,15 +167,12 @@ def test_sink_refresh_rewrites_exactly_the_first_tokens(engine_f32):
     # refresh of all of them (written in each layer before attention reads) gives finite logits.
     short = eng.tokenize("Paris is")
     m = len(short) - 1
-    kv = handoff.prefill(eng, short)
+    kv = conn.wire.get(eng.prefill(short).handle)
     ref = eng.score(short)[-1:]
-    poisoned = handoff.PromptKV(torch.full_like(kv.blocks, float("nan")), m)
-    blocks = handoff.load(eng, poisoned)
-    logits = eng.score(short, block_table=blocks, num_computed_tokens=m, refresh_tokens=m + 8)
+    poisoned = RemoteKV(conn.wire.put(PromptKV(torch.full_like(kv.blocks, float("nan")), m)), m, m + 8)
+    logits = eng.score(short, remote_kv=poisoned)
     assert torch.isfinite(logits).all() and (logits - ref).abs().max() < 1e-4
-    eng.free_blocks(blocks)
-    seq = eng.add_request("short", short, SamplingParams(max_tokens=1), block_table=handoff.load(eng, poisoned),
-                          num_computed_tokens=m, refresh_tokens=m + 8)
+    seq = eng.add_request("short", short, SamplingParams(max_tokens=1), remote_kv=poisoned)
     assert seq.num_refresh_tokens == m
     (out,) = eng.step()
     assert out.finished and out.new_token_ids == [int(ref.argmax())]
@@ -194,9 +183,9 @@ def test_sink_refresh_survives_preemption():
     """Requests admitted with transferred KV and a pending refresh, in a pool too small for all of
     them: preempted ones recompute everything locally (no refresh left over), all finish with the
     local engine's tokens (or a near-tie away), and every block is free afterwards."""
-    from pdserve.engine.engine import LLMEngine
-    from pdserve import eval_handoff as handoff
     from pdserve.config import EngineConfig
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.kv_transfer.local import LocalConnector, LocalWire
     from pdserve.testing.exactness import assert_same_or_near_tie
 
     # 4 blocks of 16 = 64 tokens for three sequences that each grow to ~24: someone must yield
@@ -204,9 +193,10 @@ def test_sink_refresh_survives_preemption():
     prompts = [e.tokenize(p) for p in ["Alpha beta gamma delta", "Red green blue", "North south east west"]]
     sp = SamplingParams(max_tokens=20, ignore_eos=True, logprobs=2)
     alone = [e.generate([(p, sp)])[0] for p in prompts]
-    kvs = [handoff.prefill(e, p) for p in prompts]
-    seqs = [e.add_request(f"r{i}", p, sp, block_table=handoff.load(e, kv), num_computed_tokens=kv.num_tokens,
-                          refresh_tokens=4) for i, (p, kv) in enumerate(zip(prompts, kvs))]
+    e.connector = LocalConnector(e.runner.kv_cache, LocalWire())
+    kvs = [e.prefill(p) for p in prompts]
+    seqs = [e.add_request(f"r{i}", p, sp, remote_kv=replace(kv, refresh_tokens=4)) for i, (p, kv) in
+            enumerate(zip(prompts, kvs))]
     out = {s.request_id: [] for s in seqs}
     while e.has_unfinished():
         for o in e.step():
@@ -221,9 +211,8 @@ def test_decode_worker_refreshes_the_sinks_of_fp8_wire_kv(engine_f32):
     """A prefill and a decode worker (real engines, real NIXL agents) with the fp8 wire: the decode
     worker recomputes 1 + 4 tokens in the request's first step, and its greedy tokens are the ones
     `pdserve eval`'s handoff produces for the same configuration (same bytes, same refresh)."""
-    from pdserve.decode_worker.worker import DecodeWorker
-    from pdserve import eval_handoff as handoff
     from pdserve.config import Config
+    from pdserve.decode_worker.worker import DecodeWorker
     from pdserve.prefill_worker.worker import PrefillWorker
 
     cfg = Config()
@@ -258,9 +247,14 @@ def test_decode_worker_refreshes_the_sinks_of_fp8_wire_kv(engine_f32):
 
     out, computed = asyncio.run(run())
     assert computed == 1 + 4 + (max_tokens - 1)
-    wired = handoff.through_wire(handoff.prefill(engine_f32, ids), "fp8", engine_f32.runner.kv_cache.dtype)
-    (expected,) = handoff.generate(engine_f32, [ids], [wired], max_tokens, refresh_tokens=4)
-    assert out[:len(expected)] == expected and len(out) == max_tokens
+    with local_connector(engine_f32, "fp8"):  # the same handoff in one process, as `pdserve eval` runs it
+        kv = engine_f32.prefill(ids)
+        engine_f32.add_request("expected", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                               remote_kv=replace(kv, refresh_tokens=4))
+        expected = []
+        while engine_f32.has_unfinished():
+            expected += [t for o in engine_f32.step() for t in o.new_token_ids]
+    assert out == expected and len(out) == max_tokens
 
 
 def test_lease_expires_when_nobody_pulls(tmp_path):

@@ -173,17 +173,20 @@ def test_sink_refresh_on_cuda(monkeypatch):
     refresh step runs eagerly (its varlen batch is not a decode batch), slots 0..W-1 get this engine's
     own KV (float32: up to matmul-shape rounding), every other slot keeps what arrived through the fp8
     wire, and the next steps replay graphs again."""
+    from dataclasses import replace
+
     from pdserve.engine.sampling_params import SamplingParams
-    from pdserve import eval_handoff as handoff
+    from pdserve.kv_transfer.local import LocalConnector, LocalWire, through_wire
 
     monkeypatch.setenv("PDSERVE_CUDA_GRAPHS", "1")
     eng, W = _engine("cuda"), 4
     ids = list(range(3, 40))
     n = len(ids) - 1
-    local = handoff.prefill(eng, ids)
-    exact = local.blocks.permute(0, 3, 1, 2, 4, 5).flatten(0, 1)[:n]  # [n, layers, 2, heads, dim]
-    wired = handoff.through_wire(local, "fp8", eng.runner.kv_cache.dtype)
-    arrived = wired.blocks.permute(0, 3, 1, 2, 4, 5).flatten(0, 1)
+    conn = eng.connector = LocalConnector(eng.runner.kv_cache, LocalWire(), "fp8")  # a fresh engine of its own
+    local = eng.prefill(ids)
+    kv = conn.wire.get(local.handle)
+    exact = kv.blocks.permute(0, 3, 1, 2, 4, 5).flatten(0, 1)[:n]  # [n, layers, 2, heads, dim]
+    arrived = through_wire(kv, "fp8", eng.runner.kv_cache.dtype).permute(0, 3, 1, 2, 4, 5).flatten(0, 1)
     assert (arrived[:W] - exact[:W]).abs().max() > 1e-3  # the wire's error, for the refresh to undo
 
     replays = []
@@ -191,8 +194,8 @@ def test_sink_refresh_on_cuda(monkeypatch):
     run = graphs.run
     graphs.run = lambda *a, **k: (replays.append(len(a[0])), run(*a, **k))[1]
     seq = eng.add_request("sinks", ids, SamplingParams(max_tokens=4, ignore_eos=True),
-                          block_table=handoff.load(eng, wired), num_computed_tokens=n, refresh_tokens=W)
-    eng.step()
+                          remote_kv=replace(local, refresh_tokens=W))
+    eng.step()  # lands the KV through the fp8 wire, then the refresh step
     assert not replays, "the refresh step replayed a decode graph"
     bs = eng.config.block_size
     got = torch.stack([eng.runner.kv_cache[seq.block_table[t // bs], :, :, t % bs] for t in range(len(arrived))])

@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-from pdserve import eval_handoff as handoff
 from pdserve.cli import build_parser
 from pdserve.commands import DEFAULT_EVAL_CONFIGS
 from pdserve.testing.cluster import NEUTRAL_CWD
@@ -111,9 +110,10 @@ def test_normalize_unwraps_paragraphs(tmp_path):
 # ---- the handoff ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("wire", ["bf16", "fp8"])
 def test_handoff_bytes_equal_nixl_transfer(wire):
-    """The eval's in-process wire puts into the decode cache exactly what two real
-    KVTransferAgents (NIXL READs between registered CPU tensors) put there."""
+    """The in-process connector (kv_transfer.local, what eval and the in-process tests use) puts into the
+    decode cache exactly what two real KVTransferAgents (NIXL READs between registered CPU tensors) put there."""
     from pdserve.kv_transfer import KVTransferAgent
+    from pdserve.kv_transfer.local import LocalConnector, LocalWire, PromptKV, through_wire
 
     g = torch.Generator().manual_seed(1)
     shape = (8, 2, 2, 4, 2, 16)  # blocks, layers, K/V, block size, kv heads, head dim
@@ -132,11 +132,15 @@ def test_handoff_bytes_equal_nixl_transfer(wire):
     finally:
         a_p.close()
         a_d.close()
-    kv = handoff.PromptKV(src[torch.tensor(blocks)].clone(), n)
-    moved = handoff.through_wire(kv, wire, torch.float32)
-    dst_eval[torch.tensor(local)] = moved.blocks
+    shared = LocalWire()
+    handle = LocalConnector(src, shared).save("r", blocks, n)
+    receiver = LocalConnector(dst_eval, shared, wire)
+    receiver.start_load("r", handle, local)
+    assert receiver.poll() == (["r"], [], [])
     assert torch.equal(dst_eval, dst_agent)
-    err = (moved.blocks - kv.blocks).abs()
+    kv = PromptKV(src[torch.tensor(blocks)].clone(), n)
+    moved = through_wire(kv, wire, torch.float32)
+    err = (moved - kv.blocks).abs()
     if wire == "bf16":
         assert err.max() == 0
     else:  # lossy, bounded, and the slots past the prompt arrive as zeros
@@ -144,23 +148,30 @@ def test_handoff_bytes_equal_nixl_transfer(wire):
         e = torch.cat([err[:-1].flatten(), err[-1, :, :, :2].flatten()]).view(-1, 16)
         s = x.abs().amax(-1, keepdim=True) / 448  # per token and head (head_dim 16 = one row here)
         assert 0 < e.max() and (e <= x.abs() / 16 + s / 1024).all()  # fp8_wire's round-trip bound
-        assert moved.blocks[-1, :, :, 2:].abs().max() == 0  # slots past the prompt arrive as zeros
+        assert moved[-1, :, :, 2:].abs().max() == 0  # slots past the prompt arrive as zeros
 
 
 def test_decode_recomputes_the_last_prompt_token(engine_f32):
     """The prefill side hands over KV of all prompt tokens but the last; the decode side never
     reads a slot at or past the last prompt token. Poisoning those slots with NaN changes nothing."""
+    from pdserve.engine.kv_connector import RemoteKV
+    from pdserve.kv_transfer.local import PromptKV
+    from pdserve.testing.kv import local_connector
+
     eng = engine_f32
     ids = eng.tokenize("The three primary colors are red, yellow and")
     full = ids + [eng.tokenize(" blue")[-1]]
-    kv = handoff.prefill(eng, ids)
-    assert kv.num_tokens == len(ids) - 1 and kv.blocks.shape[0] == eng.block_manager.blocks_for(len(ids) - 1)
-    clean = handoff.score(eng, full, kv)
-    poisoned = kv.blocks.clone()
-    bs = poisoned.shape[3]
-    for t in range(kv.num_tokens, poisoned.shape[0] * bs):  # slots from the last prompt token on
-        poisoned[t // bs, :, :, t % bs] = float("nan")
-    got = handoff.score(eng, full, handoff.PromptKV(poisoned, kv.num_tokens))
+    with local_connector(eng) as conn:
+        remote = eng.prefill(ids)
+        kv = conn.wire.get(remote.handle)
+        assert kv.num_tokens == remote.num_tokens == len(ids) - 1
+        assert kv.blocks.shape[0] == eng.block_manager.blocks_for(len(ids) - 1)
+        clean = eng.score(full, remote_kv=remote)
+        poisoned = kv.blocks.clone()
+        bs = poisoned.shape[3]
+        for t in range(kv.num_tokens, poisoned.shape[0] * bs):  # slots from the last prompt token on
+            poisoned[t // bs, :, :, t % bs] = float("nan")
+        got = eng.score(full, remote_kv=RemoteKV(conn.wire.put(PromptKV(poisoned, kv.num_tokens)), kv.num_tokens))
     assert torch.isfinite(got).all() and torch.equal(got, clean)
     # the first output token's logits are the decode engine's own: equal to one unsplit pass
     ref = eng.score(full)[len(ids) - 1:]

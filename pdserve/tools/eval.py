@@ -3,7 +3,7 @@
 A configuration P/D/W: an engine at precision P computes the prompt's KV (all tokens but the
 last), the KV crosses wire W (bf16: the cache's own bytes; fp8: e4m3 + per token-head scales),
 and an engine at precision D recomputes the last prompt token and produces everything after it
-(pdserve/eval_handoff.py), recomputing the first --refresh-sink-tokens prompt tokens (attention
+(the engines' own remote-KV path, through kv_transfer.local's in-process connector), recomputing the first --refresh-sink-tokens prompt tokens (attention
 sinks) in that step wherever a decode worker would (kv_transfer/sinks.py: fp8 wire or P != D).
 The baseline is one unquantized engine at --dtype (float32 on CPU: the exact path) with no transfer.
 
@@ -23,14 +23,15 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
 
-from pdserve.kv_transfer.sinks import sink_refresh_tokens
-from pdserve import eval_handoff as handoff
 from pdserve.config import EngineConfig, KVTransferConfig
+from pdserve.kv_transfer.agent import WIRE_DTYPES
+from pdserve.kv_transfer.local import LocalConnector, LocalWire
+from pdserve.kv_transfer.sinks import sink_refresh_tokens
 from pdserve.tools.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence
 from pdserve.tools.eval_prompts import PROMPTS
 
@@ -58,7 +59,7 @@ class EvalConfig:
         if len(parts) != 3:
             raise ValueError(f"configuration {text!r}: expected PREFILL/DECODE/WIRE, e.g. nvfp4/bf16/fp8")
         p, d, w = parts
-        for what, v, ok in (("prefill", p, PRECISIONS), ("decode", d, PRECISIONS), ("KV wire", w, handoff.WIRES)):
+        for what, v, ok in (("prefill", p, PRECISIONS), ("decode", d, PRECISIONS), ("KV wire", w, WIRE_DTYPES)):
             if v not in ok:
                 raise ValueError(f"configuration {text!r}: {what} must be one of {', '.join(ok)}, got {v!r}")
         return cls(p, d, w)
@@ -182,13 +183,33 @@ class Harness:
                                                                     c.decode)) for c in configs}
         self.baseline_ppl = Perplexity()
         self.baseline_gen: list[list[int]] = []
+        # every engine gets an in-process KV connector for the run (close() takes them off again)
+        self.wire = LocalWire()
+        self.connected = [e for e in pool.engines.values() if e.connector is None]
+        for e in self.connected:
+            e.connector = LocalConnector(e.runner.kv_cache, self.wire)
 
-    def _wired(self, kv: handoff.PromptKV, c: EvalConfig) -> handoff.PromptKV:
-        return handoff.through_wire(kv, c.wire, self.pool.get(c.decode).runner.kv_cache.dtype)
+    def close(self) -> None:
+        for e in self.connected:
+            e.connector = None
 
     def _prefill_all(self, token_ids: list[int], tag: str) -> dict:
-        return {p: handoff.prefill(self.pool.get(p), token_ids, f"eval-{tag}-{p}")
+        """The prompt's KV from each prefill precision, saved once and loaded by every configuration."""
+        return {p: self.pool.get(p).prefill(token_ids, f"eval-{tag}-{p}")
                 for p in sorted({c.prefill for c in self.configs})}
+
+    def _decoder(self, c: EvalConfig):
+        """The decode engine of `c`, its connector set to c's wire."""
+        engine = self.pool.get(c.decode)
+        engine.connector.wire_dtype = c.wire
+        return engine
+
+    def _remote(self, kv, c: EvalConfig):
+        return replace(kv, refresh_tokens=self.results[c.name].refresh_sink_tokens)
+
+    def _discard(self, kvs: dict) -> None:
+        for kv in kvs.values():
+            self.wire.discard(kv.handle)
 
     def run_prompts(self, prompts: list[list[int]]) -> None:
         s = self.settings
@@ -203,16 +224,13 @@ class Harness:
             kv_p = self._prefill_all(p, f"p{i}")
             kvs.append(kv_p)
             for c in self.configs:
-                got = handoff.score(self.pool.get(c.decode), full, self._wired(kv_p[c.prefill], c),
-                                    self.results[c.name].refresh_sink_tokens)[:-1]
+                got = self._decoder(c).score(full, remote_kv=self._remote(kv_p[c.prefill], c))[:-1]
                 self.results[c.name].continuation.add(ref, got)
             if (i + 1) % 8 == 0 or i + 1 == len(prompts):
                 self.log(f"prompt {i + 1}/{len(prompts)} teacher-forced ({time.monotonic() - t0:.1f} s)")
         for c in self.configs:
             t1 = time.monotonic()
-            got = handoff.generate(self.pool.get(c.decode), prompts,
-                                   [self._wired(kv[c.prefill], c) for kv in kvs], s.max_tokens,
-                                   self.results[c.name].refresh_sink_tokens)
+            got = self._generate(c, prompts, [self._remote(kv[c.prefill], c) for kv in kvs], s.max_tokens)
             r = self.results[c.name]
             for ref_ids, ids in zip(self.baseline_gen, got):
                 d = first_divergence(ref_ids, ids)
@@ -221,6 +239,28 @@ class Harness:
                     r.flips += 1
                     r.divergence_at.append(d)
             self.log(f"{c.name}: greedy flips {r.flips}/{r.generations} ({time.monotonic() - t1:.1f} s)")
+        for kv_p in kvs:
+            self._discard(kv_p)
+
+    def _generate(self, c: EvalConfig, prompts: list[list[int]], remotes: list, max_tokens: int) -> list[list[int]]:
+        """Greedy continuations (natural EOS stops) of every prompt on c's decode engine from transferred KV,
+        batched as a decode worker runs them."""
+        engine = self._decoder(c)
+        ids = [f"eval-gen-{i}" for i in range(len(prompts))]
+        out = {rid: [] for rid in ids}
+        try:
+            for rid, prompt, remote in zip(ids, prompts, remotes):
+                engine.add_request(rid, prompt, _greedy(max_tokens), remote_kv=remote)
+            while engine.has_unfinished() or engine.has_transfers():
+                for o in engine.step():
+                    if o.error is not None:
+                        raise o.error
+                    if o.request_id in out:
+                        out[o.request_id].extend(o.new_token_ids)
+            return [out[rid] for rid in ids]
+        finally:
+            for rid in ids:
+                engine.abort(rid)  # no-op for finished requests; frees the blocks of any left behind
 
     def run_text(self, windows: list[list[int]]) -> None:
         prefix = self.settings.ppl_prefix
@@ -231,11 +271,11 @@ class Harness:
             self.baseline_ppl.add(ref, targets)
             kv_p = self._prefill_all(w[:prefix], f"w{i}")
             for c in self.configs:
-                got = handoff.score(self.pool.get(c.decode), w, self._wired(kv_p[c.prefill], c),
-                                    self.results[c.name].refresh_sink_tokens)[:-1]
+                got = self._decoder(c).score(w, remote_kv=self._remote(kv_p[c.prefill], c))[:-1]
                 r = self.results[c.name]
                 r.text.add(ref, got)
                 r.perplexity.add(got, targets)
+            self._discard(kv_p)
             self.log(f"text window {i + 1}/{len(windows)} ({time.monotonic() - t0:.1f} s)")
 
     def report(self) -> dict:
@@ -258,6 +298,13 @@ def run_eval(pool: EnginePool, configs: list[EvalConfig], settings: Settings, te
     """The whole measurement; `text` (an eval_text.EvalText) is needed when ppl_windows > 0."""
     settings.validate()
     h = Harness(pool, configs, settings, log)
+    try:
+        return _run(h, settings, text)
+    finally:
+        h.close()
+
+
+def _run(h: Harness, settings: Settings, text) -> dict:
     base = h.base
     if settings.num_prompts:
         prompts = [base.tokenize(p, chat=chat) for p, chat in PROMPTS[:settings.num_prompts]]
