@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-PRECISIONS = ("bf16", "fp8", "nvfp4")
+from pdserve.config import PRECISIONS
+
 
 
 def resolve_precision(precision: str, role: str, device: torch.device) -> str:

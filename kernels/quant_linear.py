@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.config import PRECISIONS
 from pdserve.kernels import fp8, nvfp4
 
-PRECISIONS = ("bf16", "fp8", "nvfp4")
 
 # Chosen by benchmarks/bench_quant.py on an H100 (docs/bench/quant.md): cuBLAS rowwise FP8 beat the
 # Triton GEMM once that promotes its partial sums to fp32 (1240-1300 vs 940-1070 TFLOP/s); for the

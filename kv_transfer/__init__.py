@@ -9,7 +9,7 @@ One KVTransferAgent per worker, over its KV cache (agent.py states the lease rul
     decode.check(handle)  # never blocks: "PENDING" | "DONE" (KV in the cache) | "ERROR" (handle.error says why)
     prefill.poll()        # on_release(request_id, "done" | "expired" | "cancelled"): the blocks are free again
 """
-from .agent import KVTransferAgent, PullHandle, WIRE_DTYPES
+from .agent import KVTransferAgent, PullHandle
 from .errors import KVTransferBusy, KVTransferError
 from .fp8_wire import FP8_KV_EPS, dequantize_kv, quantize_kv
 from .layout import KVLayout
@@ -17,7 +17,6 @@ from .layout import KVLayout
 __all__ = [
     "KVTransferAgent",
     "PullHandle",
-    "WIRE_DTYPES",
     "KVTransferError",
     "KVTransferBusy",
     "KVLayout",

@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence
 import msgpack
 import torch
 
+from pdserve.config import KV_WIRE_DTYPES
+
 from .errors import KVTransferBusy, KVTransferError
 from .fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
 from .layout import KVLayout
@@ -40,7 +42,6 @@ from .transport import NixlTransport
 
 log = logging.getLogger(__name__)
 
-WIRE_DTYPES = ("bf16", "fp8")  # bf16: the cache's own dtype on the wire (as in the config)
 METADATA_VERSION = 1
 _ABORT = b"abort:"
 
@@ -91,8 +92,8 @@ class KVTransferAgent:
         format (4 bytes per element, a float32 block); a bf16 block takes half of such a slot, an
         fp8 block about a quarter. Staging holds fp8 copies at export and, at pull, fp8 blocks
         or blocks of a source dtype that differs from this cache's."""
-        if wire_dtype not in WIRE_DTYPES:
-            raise KVTransferError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        if wire_dtype not in KV_WIRE_DTYPES:
+            raise KVTransferError(f"wire_dtype must be one of {KV_WIRE_DTYPES}, got {wire_dtype!r}")
         if lease_seconds <= 0:
             raise KVTransferError("lease_seconds must be positive")
         self.name = name
@@ -128,11 +129,7 @@ class KVTransferAgent:
 
     @classmethod
     def from_config(cls, name: str, kv_cache: torch.Tensor, config, on_release=None, **kwargs) -> "KVTransferAgent":
-        """Builds from pdserve.config.KVTransferConfig (dtype, backend, lease_seconds)."""
-        if config.backend != "nixl":
-            raise KVTransferError(
-                f"kv_transfer.backend {config.backend!r} has no implementation in kv_transfer; use 'nixl'"
-            )
+        """Builds from pdserve.config.KVTransferConfig (dtype, lease_seconds)."""
         return cls(name, kv_cache, wire_dtype=config.dtype, lease_seconds=config.lease_seconds,
                    on_release=on_release, **kwargs)
 

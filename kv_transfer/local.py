@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from .agent import WIRE_DTYPES
+from pdserve.config import KV_WIRE_DTYPES
+
 from .errors import KVTransferError
 from .fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
 
@@ -61,7 +62,7 @@ def through_wire(kv: PromptKV, wire: str, dtype: torch.dtype) -> torch.Tensor:
         if kv.blocks.shape[0]:
             pack_fp8_blocks(kv.blocks, kv.num_tokens, packed)
         return unpack_fp8_blocks(packed, shape, dtype)
-    raise KVTransferError(f"wire must be one of {WIRE_DTYPES}, got {wire!r}")
+    raise KVTransferError(f"wire must be one of {KV_WIRE_DTYPES}, got {wire!r}")
 
 
 class LocalConnector:

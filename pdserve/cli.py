@@ -9,7 +9,10 @@ import argparse
 import json
 import os
 import sys
+
+from pdserve.config import PRECISIONS
 from pdserve.errors import EXIT_BAD_INPUT, EXIT_MODEL, CLIError
+
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
@@ -33,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto")
     g.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
-    g.add_argument("--precision", choices=["bf16", "fp8", "nvfp4"], default="bf16",
+    g.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="linear-layer precision of this in-process engine")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt, in input order")
     g.add_argument("--server", default=None, help="HOST:PORT of a pdserve router: send requests over gRPC")

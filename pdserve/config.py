@@ -21,9 +21,10 @@ from typing import Any, Optional
 
 import yaml
 
-DTYPES = ("float32", "bfloat16", "auto")
-PRECISIONS = ("bf16", "fp8", "nvfp4", "auto")
-KV_WIRE_DTYPES = ("bf16", "fp8")
+# the enumerations, defined once; every layer may import them from here
+DTYPES = ("float32", "bfloat16")  # compute dtypes of unquantized layers ("auto" picks one)
+PRECISIONS = ("bf16", "fp8", "nvfp4")  # GEMM precisions of a pool ("auto" picks by GPU)
+KV_WIRE_DTYPES = ("bf16", "fp8")  # KV on the wire: the cache's own dtype, or e4m3 + per-token-per-head scales
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
 
 
@@ -38,7 +39,7 @@ class ModelConfig:
     max_model_len: Optional[int] = None  # defaults to the checkpoint's context length
 
     def validate(self, at: str) -> None:
-        _choice(at + ".dtype", self.dtype, DTYPES)
+        _choice(at + ".dtype", self.dtype, DTYPES + ("auto",))
         _positive(at + ".max_model_len", self.max_model_len, allow_none=True)
 
 
@@ -79,7 +80,7 @@ class PoolConfig:
     def validate(self, at: str) -> None:
         if not isinstance(self.replicas, int) or self.replicas < 0:
             raise ConfigError(f"{at}.replicas: expected an integer >= 0, got {self.replicas!r}")
-        _choice(at + ".precision", self.precision, PRECISIONS)
+        _choice(at + ".precision", self.precision, PRECISIONS + ("auto",))
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ConfigError(f"{at}: num_gpus and num_cpus must be >= 0")
         _check_fields(EngineConfig, self.engine, at + ".engine")
@@ -88,7 +89,7 @@ class PoolConfig:
 @dataclass
 class KVTransferConfig:
     dtype: str = "bf16"  # bf16: the cache's own dtype on the wire; fp8: e4m3 + per-token-per-head scales
-    backend: str = "nixl"  # nixl (UCX); "tcp-fallback" only when named here explicitly
+    backend: str = "nixl"  # NIXL (UCX; RDMA between nodes): the one transport
     lease_seconds: float = 30.0  # prefill frees exported blocks if no pull completes in time
     # decode recomputes the KV of this many first prompt tokens (attention sinks) when the KV it got
     # differs from its own (fp8 wire, or another prefill precision); 0: never (kv_transfer/sinks.py)
@@ -96,7 +97,7 @@ class KVTransferConfig:
 
     def validate(self, at: str) -> None:
         _choice(at + ".dtype", self.dtype, KV_WIRE_DTYPES)
-        _choice(at + ".backend", self.backend, ("nixl", "tcp-fallback"))
+        _choice(at + ".backend", self.backend, ("nixl",))
         _positive(at + ".lease_seconds", self.lease_seconds)
         _count(at + ".refresh_sink_tokens", self.refresh_sink_tokens, "0 disables")
 

@@ -510,8 +510,10 @@ def test_from_config():
         assert agent.wire_dtype == "fp8" and agent.lease_seconds == 5.0
     finally:
         agent.close()
-    with pytest.raises(KVTransferError, match="tcp-fallback.*no implementation"):
-        KVTransferAgent.from_config("never", _cache(2, torch.bfloat16), KVTransferConfig(backend="tcp-fallback"))
+    from pdserve.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="kv_transfer.backend"):  # nothing but NIXL is implemented
+        load_config(None, {"kv_transfer.backend": "tcp-fallback"})
 
 
 def test_missing_nixl_is_named(monkeypatch):

@@ -28,14 +28,12 @@ from datetime import datetime, timezone
 
 import torch
 
-from pdserve.config import EngineConfig, KVTransferConfig
-from pdserve.kv_transfer.agent import WIRE_DTYPES
+from pdserve.config import KV_WIRE_DTYPES, PRECISIONS, EngineConfig, KVTransferConfig
 from pdserve.kv_transfer.local import LocalConnector, LocalWire
 from pdserve.kv_transfer.sinks import sink_refresh_tokens
 from pdserve.tools.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence
 from pdserve.tools.eval_prompts import PROMPTS
 
-PRECISIONS = ("bf16", "fp8", "nvfp4")
 MAX_PROMPT_TOKENS = 96  # bound used to size the KV pools; the fixed prompts are far below it
 
 
@@ -59,7 +57,7 @@ class EvalConfig:
         if len(parts) != 3:
             raise ValueError(f"configuration {text!r}: expected PREFILL/DECODE/WIRE, e.g. nvfp4/bf16/fp8")
         p, d, w = parts
-        for what, v, ok in (("prefill", p, PRECISIONS), ("decode", d, PRECISIONS), ("KV wire", w, WIRE_DTYPES)):
+        for what, v, ok in (("prefill", p, PRECISIONS), ("decode", d, PRECISIONS), ("KV wire", w, KV_WIRE_DTYPES)):
             if v not in ok:
                 raise ValueError(f"configuration {text!r}: {what} must be one of {', '.join(ok)}, got {v!r}")
         return cls(p, d, w)
