@@ -2,7 +2,7 @@
 
 Weights are quantized once, at construction; activations at every forward. On CPU the layers run
 the torch references (kernels/fp8.py, kernels/nvfp4.py); on CUDA the Triton/library kernels that
-tests/test_quant_kernels_gpu.py checks against those references:
+tests/gpu/test_quant_kernels_gpu.py checks against those references:
   fp8   -> fused Triton per-token quantizer + a rowwise-scaled FP8 GEMM (FP8_GEMM picks cuBLAS via
            torch._scaled_mm or the Triton GEMM with the scale epilogue; see docs/bench/quant.md);
   nvfp4 -> capability >= 10: packed codes on the block-scaled tensor cores (tl.dot_scaled);

@@ -60,7 +60,7 @@ def quotient_rn(x, sk, r, k):
     """div_rn(x, s) for (sk, r, k) = divisor(s), without a division per element: q = x r is within an ulp
     of x / s, and one residual correction (exact in an fma) makes it the correctly rounded quotient
     (Markstein's theorem, r = RN(1/s)) unless the residual is subnormal. That only happens for quotients
-    below 2^-24, which come out below 2^-11 and quantize to 0 all the same (tests/test_quant_kernels_gpu.py
+    below 2^-24, which come out below 2^-11 and quantize to 0 all the same (tests/gpu/test_quant_kernels_gpu.py
     checks both on every bf16 value). div_rn expands per element into a reciprocal, a range check and a
     slow-path branch: 44 registers a thread in the SiLU*up quantizer against 32. On the GPU only: the
     interpreter's fma rounds twice."""
@@ -184,7 +184,7 @@ def rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, new_res_ptr, codes_ptr, scale_p
     # The widest store picks the layout the whole row lives in, so also the order of the sum of squares.
     # 16-byte fp8 stores would hold 16 elements per thread where fused.rms_norm's bf16 ones hold 8 (rows
     # over 4096): a different summation order, a different rstd. Vectors of 8 keep fused.rms_norm's order
-    # (tests/test_fp8_fused.py compiles both for sm_90 and compares).
+    # (tests/gpu/test_fp8_fused.py compiles both for sm_90 and compares).
     offs = tl.max_contiguous(tl.arange(0, BLOCK_K), 8)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)

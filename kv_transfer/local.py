@@ -1,7 +1,7 @@
 """The KV connector between engines of one process (`pdserve eval`, tests): what a NIXL transfer delivers,
 without the network copy.
 
-The bytes that land are the agent's (tests/test_eval.py checks them against two real KVTransferAgents):
+The bytes that land are the agent's (tests/unit/test_eval.py checks them against two real KVTransferAgents):
 the raw wire lands the sender's blocks cast to this cache's dtype; the fp8 wire goes through
 fp8_wire.pack_fp8_blocks / unpack_fp8_blocks (per token and head e4m3 codes + fp32 scales, slots past the
 prompt zeroed), as KVTransferAgent does at export and when it lands a READ.

@@ -91,7 +91,7 @@ def register_bench(sub) -> None:
     b.set_defaults(func=_tool("bench"))
 
 
-# `pdserve eval`'s defaults live here, not in pdserve.tools.eval (which imports torch); tests/test_eval.py
+# `pdserve eval`'s defaults live here, not in pdserve.tools.eval (which imports torch); tests/unit/test_eval.py
 # checks them, and the "at most 32" of --num-prompts, against that module.
 DEFAULT_EVAL_CONFIGS = ("bf16/bf16/bf16,bf16/bf16/fp8,fp8/bf16/bf16,fp8/bf16/fp8,"
                         "nvfp4/bf16/bf16,nvfp4/bf16/fp8,nvfp4/nvfp4/bf16,nvfp4/nvfp4/fp8")

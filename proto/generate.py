@@ -1,7 +1,7 @@
 """Writes the committed gRPC stubs of pdserve.proto beside it: `python proto/generate.py` (needs grpcio-tools).
 
 The stubs are committed, so importing the API needs no protoc at run time and writes nothing into the
-installed tree; tests/test_packaging.py regenerates them into a scratch folder and fails if the committed
+installed tree; tests/unit/test_packaging.py regenerates them into a scratch folder and fails if the committed
 files differ, so the .proto and the code cannot drift.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ PLAIN_WHEELS=(
   "grpcio-health-checking==$GRPC_TOOLS_VERSION"
   "grpcio-reflection==$GRPC_TOOLS_VERSION"
   "gguf==0.19.0"                              # pdserve dependency (engine/loader.py)
-  "jsonschema==4.26.0"                        # Ray's install requirement (and tests/test_helm.py)
+  "jsonschema==4.26.0"                        # Ray's install requirement (and tests/unit/test_helm.py)
   "jsonschema-specifications==2025.9.1"
   "referencing==0.37.0"
   "rpds-py==2026.9.1"

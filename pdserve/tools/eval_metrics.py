@@ -13,7 +13,7 @@ import torch
 
 # A baseline top-1 that leads its runner-up by less than this (in logits = nats of log-prob) is a
 # near-tie: a disagreement there says little about the configuration. The same bound as the
-# FP8-wire test (tests/test_disagg_inprocess.py).
+# FP8-wire test (tests/unit/test_disagg_inprocess.py).
 NEAR_TIE = 0.25
 
 

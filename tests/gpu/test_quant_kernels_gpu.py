@@ -83,7 +83,7 @@ def check_nvfp4_hopper_gemm(device, m, n, k, out_dtype, seed, config=None, backe
     qx = nvfp4.quantize_nvfp4(random_activations(m, k, "cpu", seed=seed))
     qw = nvfp4.quantize_nvfp4(random_activations(n, k, "cpu", seed=seed + 1) * 0.02)
     # the literal block-sum form needs M*N*K/16 floats; above ~50M use the matmul form, equal to it
-    # up to fp32 summation order (tests/test_nvfp4.py::test_gemm_forms_agree_with_dequantized_matmul)
+    # up to fp32 summation order (tests/unit/test_nvfp4.py::test_gemm_forms_agree_with_dequantized_matmul)
     small = m * n * k // 16 <= 50_000_000
     ref = nvfp4.nvfp4_gemm_reference(qx, qw) if small else nvfp4.nvfp4_matmul(qx, qw)
     xf = nvfp4.scaled_values(qx).to(operand_dtype).to(device)

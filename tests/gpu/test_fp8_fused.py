@@ -5,11 +5,11 @@ rms_norm_quant_fp8 with the residual add, silu_mul_quant_fp8) and their use by t
 The fused kernels must be byte-equal to the unfused pair (kernels/fused.py producer, then
 triton_fp8.quantize_fp8_rows): codes, scales and the new residual. And a model with fp8 projections
 must give the same output with the fused entry points on (quant_linear.FUSE_PRODUCERS) and off.
-Run two ways, as tests/test_quant_kernels_gpu.py:
+Run two ways, as tests/gpu/test_quant_kernels_gpu.py:
   - on CPU under TRITON_INTERPRET=1 at small shapes, in a child process (bf16 and fp16 inputs; the
     model with the Triton ops interpreted and the torch attention);
   - on a CUDA GPU (marked gpu): serving shapes, and the engine (LLMEngine, fp8 precision) on the
-    random-weight fixture of tests/test_engine_gpu.py (PDSERVE_GPU_FIXTURE; skipped without it).
+    random-weight fixture of tests/gpu/test_engine_gpu.py (PDSERVE_GPU_FIXTURE; skipped without it).
 """
 from __future__ import annotations
 
@@ -339,7 +339,7 @@ def test_model_fused_matches_unfused_on_gpu():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.skipif(not FIXTURE or not Path(FIXTURE or ".", "config.json").exists(),
-                    reason="PDSERVE_GPU_FIXTURE names no model directory (python tests/test_engine_gpu.py DIR)")
+                    reason="PDSERVE_GPU_FIXTURE names no model directory (python tests/gpu/test_engine_gpu.py DIR)")
 def test_engine_fp8_prefill_fused_matches_unfused():
     """LLMEngine at fp8 on the random-weight fixture: teacher-forced prefill logits with the fused
     producers equal (bf16: within 1e-2 relative) those with them off, and the fused kernels ran."""

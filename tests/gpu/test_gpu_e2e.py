@@ -9,7 +9,7 @@ math in the kernels, per-op bf16 in torch), so a near-tie can flip and the gener
 the test measures teacher-forced top-1 agreement on the GPU path's own tokens and requires every disagreement
 to sit on a near-tie of the reference logits.
 
-The model is driven directly (no scheduler, no checkpoint, no tokenizer); tests/test_engine_gpu.py runs the
+The model is driven directly (no scheduler, no checkpoint, no tokenizer); tests/gpu/test_engine_gpu.py runs the
 whole engine on the GPU against the CPU.
 """
 from __future__ import annotations

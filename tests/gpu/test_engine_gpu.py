@@ -4,8 +4,8 @@ The model is a small random-weight Llama written as an HF directory (config.json
 embedded model's tokenizer). The GPU machine cannot build the tokenizer (the GGUF is not there), so the
 directory is made on a CPU box and carried over:
 
-    python tests/test_engine_gpu.py .gpu_fixture          # on the CPU box (git-ignored folder)
-    PDSERVE_GPU_FIXTURE=.gpu_fixture python -m pytest -m gpu tests/test_engine_gpu.py   # on the GPU
+    python tests/gpu/test_engine_gpu.py .gpu_fixture          # on the CPU box (git-ignored folder)
+    PDSERVE_GPU_FIXTURE=.gpu_fixture python -m pytest -m gpu tests/gpu/test_engine_gpu.py   # on the GPU
 
 A slow CPU test runs the same engine wiring (Triton ops and attention, the graph runner's padded static
 buffers, replayed eagerly) under TRITON_INTERPRET=1 against the torch path.
@@ -29,7 +29,7 @@ import torch
 FIXTURE = os.environ.get("PDSERVE_GPU_FIXTURE")
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
        pytest.mark.skipif(not FIXTURE or not Path(FIXTURE, "config.json").exists(),
-                          reason="PDSERVE_GPU_FIXTURE names no model directory (python tests/test_engine_gpu.py DIR)")]
+                          reason="PDSERVE_GPU_FIXTURE names no model directory (python tests/gpu/test_engine_gpu.py DIR)")]
 
 
 def gpu(fn):

@@ -25,7 +25,7 @@ else:
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 import jsonschema
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "pdserve"
 GOLDEN = REPO / "tests" / "golden" / "helm"
 K8S_SCHEMAS = REPO.parent / "shared" / "k8s-schemas"  # beside the repo in CI and on dev machines
@@ -125,7 +125,7 @@ def test_render_matches_golden(variant):
     assert golden.exists(), f"{golden} missing: run with PDSERVE_UPDATE_GOLDEN=1"
     assert text == golden.read_text(), (
         f"rendered chart differs from {golden.relative_to(REPO)}; if the template change is "
-        "intended, regenerate with PDSERVE_UPDATE_GOLDEN=1 pytest tests/test_helm.py and review the diff")
+        "intended, regenerate with PDSERVE_UPDATE_GOLDEN=1 pytest tests/unit/test_helm.py and review the diff")
 
 
 @variants

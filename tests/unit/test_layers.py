@@ -35,7 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
 TOP = ("__init__", "cli", "commands", "client", "__main__", "tools", "testing")
 # ---------------------------------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PKG = "pdserve"
 
 
@@ -210,7 +210,7 @@ def test_the_table_itself_points_one_way():
 
 def test_every_module_is_in_a_layer():
     missing = [f"{MODULES[m].relative_to(ROOT)}: {m}" for m in sorted(MODULES) if unit_of(m) is None]
-    assert not missing, "modules in no layer (add them to LAYERS or TOP in tests/test_layers.py):\n" + "\n".join(
+    assert not missing, "modules in no layer (add them to LAYERS or TOP in tests/unit/test_layers.py):\n" + "\n".join(
         missing)
 
 
