@@ -1,6 +1,7 @@
-"""Time and bytes of one request's KV transfer between two agents in this process (UCX on DRAM).
+"""Time and bytes of one request's KV transfer between two agents in this process (UCX; DRAM, or VRAM
+with --device cuda).
 
-    python -m kv_transfer.bench [--tokens 128,512,2048] [--repeat 7]
+    python benchmarks/bench_kv_transfer.py [--tokens 128,512,2048] [--repeat 7] [--device cpu|cuda]
 
 Defaults are the embedded model's geometry (SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64)
 with block_size 16. Per case it prints median milliseconds of export (ticket + fp8 staging),
@@ -15,7 +16,7 @@ import uuid
 
 import torch
 
-from .agent import KVTransferAgent
+from pdserve.kv_transfer import KVTransferAgent
 
 CASES = (  # (wire, prefill cache dtype, decode cache dtype)
     ("bf16", torch.bfloat16, torch.bfloat16),
@@ -44,8 +45,8 @@ def _one_request(prefill, decode, request_id, src_ids, dst_ids, num_tokens):
 def run_case(wire, src_dtype, dst_dtype, args, tokens):
     blocks = -(-tokens // args.block_size)
     shape = (args.layers, 2, args.block_size, args.kv_heads, args.head_dim)
-    src = torch.randn(blocks * 2, *shape).to(src_dtype)
-    dst = torch.zeros(blocks * 2, *shape, dtype=dst_dtype)
+    src = torch.randn(blocks * 2, *shape, device=args.device).to(src_dtype)
+    dst = torch.zeros(blocks * 2, *shape, dtype=dst_dtype, device=args.device)
     tag = uuid.uuid4().hex[:6]
     with KVTransferAgent(f"bench-p-{tag}", src, wire_dtype=wire, staging_blocks=blocks) as prefill, \
             KVTransferAgent(f"bench-d-{tag}", dst, staging_blocks=blocks) as decode:
@@ -69,6 +70,7 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where both KV caches live: cpu (DRAM) or cuda (VRAM)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     for tokens in (int(t) for t in args.tokens.split(",")):
