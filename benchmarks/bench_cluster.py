@@ -31,7 +31,7 @@ def pct(xs, q):
 
 
 def in_process(engine, n: int) -> dict:
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.sequence import SamplingParams
     from pdserve.tools.bench import random_workload
 
     reqs = random_workload(n, (PROMPT_LEN, PROMPT_LEN), (NEW, NEW), (100, 30000), seed=11)

@@ -26,7 +26,7 @@ def prompts(tok, n: int, length: int) -> list[list[int]]:
 
 
 def ours(engine, batch, new):
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.sequence import SamplingParams
 
     t = time.perf_counter()
     out = engine.generate([(p, SamplingParams(max_tokens=new, ignore_eos=True)) for p in batch])

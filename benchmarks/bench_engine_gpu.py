@@ -48,7 +48,7 @@ def build_engine(model_dir: Path, cfg: dict, args):
 def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int) -> dict:
     """All `batch` prompts of `context` tokens prefilled, then `new_tokens` decode steps; the decode steps'
     wall time (engine.step: schedule, inputs, forward/replay, sampling, detokenization) is measured."""
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.sequence import SamplingParams
 
     gen = torch.Generator().manual_seed(seed)
     for i in range(batch):

@@ -3,7 +3,7 @@
     python benchmarks/bench_prefill.py --out OUT [--layers 32] [--tokens 512,2048,8192]
 
 What runs is engine/model.py's LlamaModel with the linears and the attention backend a pool of that
-precision builds (engine/model_runner.py linear_factory, engine/attention.py get_backend), over a random-
+precision builds (engine/model_runner.py linear_factory, engine/model_runner.py get_backend), over a random-
 weight Llama-3-8B (all 32 layers by default), one fresh prompt of T tokens, plus the LM head of its last
 token: the work of one prefill step. Precisions:
     bf16          TritonDenseLinear (cuBLAS) + the paged Triton prefill attention
@@ -56,7 +56,7 @@ TILES = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
 
 
 def attention_inputs(tokens: int, arch, gen):
-    from pdserve.engine.attention_metadata import build_metadata
+    from pdserve.engine.attention import build_metadata
 
     bs = 16
     nblk = -(-tokens // bs)
@@ -259,7 +259,7 @@ def bench_silu_mul_quant(arch, tokens_list, log) -> list[dict]:
 
 
 def build(precision: str, arch, weights):
-    from pdserve.engine.attention import get_backend
+    from pdserve.engine.model_runner import get_backend
     from pdserve.engine.model import LlamaModel
     from pdserve.engine.model_runner import linear_factory
     from pdserve.config import EngineConfig
@@ -308,7 +308,7 @@ def paired_eager_ms(forward, base_forward, rounds: int = 7) -> tuple[float, floa
 
 
 def bench_forward(arch, weights, tokens_list, layers, log, profile_tokens: int = 0) -> list[dict]:
-    from pdserve.engine.attention_metadata import build_metadata
+    from pdserve.engine.attention import build_metadata
     from pdserve.kernels import quant_linear
 
     bs = 16

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+
 from pdserve.engine.engine import LLMEngine, RequestOutput
 
 log = logging.getLogger("pdserve.engine")
@@ -48,11 +49,6 @@ class AsyncEngine:
         self._work.set()  # a cancelled transfer is still polled to its end
         return found
 
-    async def call(self, fn, *args):
-        """Run fn(*args) on the engine's state, between steps."""
-        async with self.lock:
-            return fn(*args)
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -62,7 +58,7 @@ class AsyncEngine:
                     await self._work.wait()
                     continue
                 async with self.lock:  # only transfers in flight: a cheap poll, on the loop's thread
-                    outputs = self.engine.step()
+                    outputs = self.engine.poll_transfers()
                 self._route(outputs)
                 await asyncio.sleep(self.TRANSFER_POLL_S)
                 continue

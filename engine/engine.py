@@ -13,20 +13,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from pdserve.engine.block_hash import block_hashes
-from pdserve.engine.block_manager import BlockManager
+from pdserve.config import EngineConfig
+from pdserve.engine.block_manager import BlockManager, block_hashes
 from pdserve.engine.kv_connector import KVConnector, RemoteKV
-from pdserve.errors import NoFreeBlocks
 from pdserve.engine.loader import resolve_model_path
-from pdserve.engine.prompt import prompt_ids
 from pdserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from pdserve.engine.sampler import sample
-from pdserve.engine.sampling_params import SamplingParams
-from pdserve.errors import InvalidRequest
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.sequence import Sequence, Status
-from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from pdserve.config import EngineConfig
+from pdserve.engine.sequence import SamplingParams, Sequence, Status
+from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, prompt_ids
+from pdserve.errors import InvalidRequest, NoFreeBlocks
 
 
 @dataclass
@@ -99,7 +95,7 @@ class LLMEngine:
         """Queue a request. `block_table` + `num_computed_tokens`: KV already present in this
         engine's cache (transferred in); the blocks become the sequence's own. `refresh_tokens`:
         recompute the KV of that many first tokens of it (at most num_computed_tokens) in the
-        request's first step, in this engine's precision, over what arrived (kv_transfer/sinks.py).
+        request's first step, in this engine's precision, over what arrived (decode_worker/worker.py).
         `remote_kv`: the prompt's KV is in another engine; the connector loads it into blocks reserved
         here (waiting up to remote_kv_timeout for room), then the request is scheduled.
         `cache_namespace` (a tenant, an adapter) keeps prefix-cache sharing within its namespace.
@@ -233,8 +229,12 @@ class LLMEngine:
         return self.scheduler.has_work() or bool(self.awaiting_room)
 
     def has_transfers(self) -> bool:
-        """KV loads or sends in flight: step() must keep being called (it polls the connector)."""
+        """KV loads or sends in flight: step() or poll_transfers() must keep being called."""
         return bool(self.loading or self.sending)
+
+    def poll_transfers(self) -> list[RequestOutput]:
+        """The connector's half of step() alone (no model work): cheap enough for an event loop's thread."""
+        return self._transfers() if self.connector is not None else []
 
     # -- remote KV (the connector's scheduler half) -----------------------------------------------
     def _transfers(self) -> list[RequestOutput]:

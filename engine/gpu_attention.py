@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.attention_metadata import AttentionMetadata, uses_fp8_attention
+from pdserve.engine.attention import AttentionMetadata, uses_fp8_attention
 from pdserve.kernels import attention, fused
 
 
@@ -18,7 +18,7 @@ class TritonAttention:
     writes_like_fused_kv = True  # write_kv is fused.write_kv: TritonOps may fuse it with RoPE (engine.model)
 
     def __init__(self, fp8_min_tokens: int | None = None):
-        self.fp8_min_tokens = fp8_min_tokens  # see engine.attention_metadata.uses_fp8_attention
+        self.fp8_min_tokens = fp8_min_tokens  # see engine.attention.uses_fp8_attention
 
     def write_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         fused.write_kv(kv_layer, k, v, meta.slot_mapping)

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from pdserve.engine.attention_metadata import AttentionMetadata
+from pdserve.engine.attention import AttentionMetadata
 
 
 def graphs_enabled() -> bool:

@@ -25,7 +25,7 @@ class RemoteKV:
     handle: bytes  # the connector's description of where the KV is (a kv_transfer ticket)
     num_tokens: int
     # recompute the KV of this many first tokens in this engine's precision in the request's first step
-    # (the attention sinks; kv_transfer/sinks.py decides how many)
+    # (the attention sinks; decode_worker/worker.py decides how many)
     refresh_tokens: int = 0
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.attention_metadata import AttentionMetadata
+from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.model_config import ModelArch
 
 
@@ -157,19 +157,20 @@ class DecoderLayer(nn.Module):
         m = prefix + "mlp."
         self.gate_up = linear(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]), None)
         self.down = linear(w[m + "down_proj.weight"], None)
+        self.qkv_sizes = [arch.q_size, arch.kv_size, arch.kv_size]  # once here: forward runs on the host's hot path
 
     def forward(self, x, residual, rope, kv_layer, meta, backend, scale, ops):
         """x: the previous layer's output (the embeddings for the first layer, residual None then);
         returns this layer's output and the residual stream before it, which the next norm adds."""
         arch = self.arch
         qkv, residual = rms_norm_linear(self.qkv, ops, x, self.input_norm, arch.rms_norm_eps, residual)
-        q, k, v = qkv.split([arch.q_size, arch.kv_size, arch.kv_size], dim=-1)
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(-1, arch.num_heads, arch.head_dim)
         k = k.view(-1, arch.num_kv_heads, arch.head_dim)
         v = v.view(-1, arch.num_kv_heads, arch.head_dim)
         q, k = rotary_write_kv(ops, backend, q, k, v, rope, kv_layer, meta)
         attn = backend.attend(q, kv_layer, meta, scale)
-        gate_up, residual = rms_norm_linear(self.gate_up, ops, self.o(attn.reshape(-1, arch.q_size)), self.post_norm,
+        gate_up, residual = rms_norm_linear(self.gate_up, ops, self.o(attn.reshape(-1, self.qkv_sizes[0])), self.post_norm,
                                             arch.rms_norm_eps, residual)
         return silu_mul_linear(self.down, ops, gate_up), residual
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.attention import get_backend
-from pdserve.engine.attention_metadata import build_metadata, slot
+from pdserve.config import EngineConfig
+from pdserve.engine.attention import TorchAttention, build_metadata, slot
 from pdserve.engine.loader import load_weights
 from pdserve.engine.model import DenseLinear, LlamaModel
 from pdserve.engine.model_config import ModelArch
 from pdserve.engine.scheduler import ScheduledBatch
-from pdserve.config import EngineConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_GRAPH_MAX_BATCH = 256  # largest decode batch replayed from a graph when max_num_seqs is not given
@@ -121,3 +120,15 @@ class ModelRunner:
         last = torch.tensor(sample_rows, device=self.device)
         last_tok = meta.query_start_loc[1:].long()[last] - 1
         return self.model.logits(hidden[last_tok])
+
+
+def get_backend(device: torch.device, fp8_min_tokens: int | None = None):
+    """Triton kernels on CUDA when available; the torch reference elsewhere. fp8_min_tokens: the fp8
+    pool's attention rule (uses_fp8_attention); None for every other pool."""
+    if device.type == "cuda":
+        try:
+            from pdserve.engine.gpu_attention import TritonAttention
+            return TritonAttention(fp8_min_tokens)
+        except ImportError:
+            pass
+    return TorchAttention(fp8_min_tokens)

@@ -6,7 +6,6 @@ import torch
 from pdserve.config import PRECISIONS
 
 
-
 def resolve_precision(precision: str, role: str, device: torch.device) -> str:
     """auto: prefill in nvfp4 on Blackwell (cc >= 10), fp8 on Hopper/Ada (cc >= 8.9), bf16 elsewhere
     (CPU included); decode always bf16, where errors compound token after token."""

@@ -245,7 +245,7 @@ def quantize_context(kv_layer: torch.Tensor, seq_lens: torch.Tensor, block_table
     num_kv_heads, head_dim, block_size = kv_layer.shape[3], kv_layer.shape[4], kv_layer.shape[2]
     dev = kv_layer.device
     batch = seq_lens.shape[0]
-    # total_context counts each sequence's context rounded up to ALIGN tokens (engine.attention_metadata.context_offsets:
+    # total_context counts each sequence's context rounded up to ALIGN tokens (engine.attention.context_offsets:
     # TMA reads from 16-byte aligned offsets). Tiles that run past a sequence read the gap under the mask: it
     # gets zero codes, since a NaN code there would survive as 0 * NaN in P @ V.
     k8 = torch.empty((max(total_context, 16), num_kv_heads, head_dim), dtype=torch.float8_e4m3fn, device=dev)

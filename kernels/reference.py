@@ -20,7 +20,7 @@ import torch
 FP8_MAX = 448.0
 LOG2E = 1.4426950408889634
 # the fp8 prefill attention's flat copy of the contexts starts each sequence at a multiple of this many
-# tokens (TMA reads from 16-byte aligned offsets); engine.attention_metadata.context_offsets lays it out
+# tokens (TMA reads from 16-byte aligned offsets); engine.attention.context_offsets lays it out
 CONTEXT_ALIGN = 16
 FP8_KV_EPS = 1e-8  # keeps an all-zero head from dividing by zero; its codes are then all zero
 

@@ -12,7 +12,7 @@ One KVTransferAgent per worker, over its KV cache (agent.py states the lease rul
 from .agent import KVTransferAgent, PullHandle
 from .errors import KVTransferBusy, KVTransferError
 from .fp8_wire import FP8_KV_EPS, dequantize_kv, quantize_kv
-from .layout import KVLayout
+from .ticket import KVLayout
 
 __all__ = [
     "KVTransferAgent",

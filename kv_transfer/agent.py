@@ -33,11 +33,10 @@ from pdserve.config import KV_WIRE_DTYPES
 
 from .errors import KVTransferBusy, KVTransferError
 from .fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
-from .layout import KVLayout
 from .lease import Lease, LeaseTable
 from .staging import StagingPool
 from .stats import TransferStats
-from .ticket import TransferTicket
+from .ticket import KVLayout, TransferTicket
 from .transport import NixlTransport
 
 log = logging.getLogger(__name__)

@@ -84,7 +84,7 @@ def read_requests(args) -> list[dict]:
 
 
 def sampling_from_args(args):
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.sequence import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
@@ -137,10 +137,9 @@ def cmd_generate(args) -> int:
 
 
 def generate_local(args, reqs, params) -> list[dict]:
-    from pdserve.engine.engine import LLMEngine
-    from pdserve.errors import ModelLoadError
-    from pdserve.errors import InvalidRequest
     from pdserve.config import EngineConfig
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.errors import InvalidRequest, ModelLoadError
 
     kw = {}
     if args.max_num_batched_tokens:

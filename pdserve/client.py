@@ -58,7 +58,7 @@ def stream_one(stub, msg, on_delta=None, timeout=None) -> dict:
 
 def generate_remote(server: str, reqs: list[dict], params, stream_to=None, prompt_ids=None) -> list[dict]:
     """Send every request concurrently (the cluster batches them); results in input order."""
-    from pdserve.errors import CLIError, EXIT_BAD_INPUT, EXIT_SERVER
+    from pdserve.errors import EXIT_BAD_INPUT, EXIT_SERVER, CLIError
     from pdserve.proto import rpc
 
     channel = grpc.insecure_channel(server)

@@ -170,7 +170,7 @@ def cmd_serve(args) -> int:
 def cmd_scale(args) -> int:
     import grpc
 
-    from pdserve.errors import CLIError, EXIT_SERVER
+    from pdserve.errors import EXIT_SERVER, CLIError
     from pdserve.proto import pb, rpc
 
     with grpc.insecure_channel(args.server) as ch:

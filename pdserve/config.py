@@ -92,7 +92,7 @@ class KVTransferConfig:
     backend: str = "nixl"  # NIXL (UCX; RDMA between nodes): the one transport
     lease_seconds: float = 30.0  # prefill frees exported blocks if no pull completes in time
     # decode recomputes the KV of this many first prompt tokens (attention sinks) when the KV it got
-    # differs from its own (fp8 wire, or another prefill precision); 0: never (kv_transfer/sinks.py)
+    # differs from its own (fp8 wire, or another prefill precision); 0: never (decode_worker/worker.py)
     refresh_sink_tokens: int = 4
 
     def validate(self, at: str) -> None:

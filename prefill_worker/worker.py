@@ -6,7 +6,7 @@ the request is aborted; only then does the engine release them (and keep them in
 """
 from __future__ import annotations
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import SamplingParams
 from pdserve.worker.base import WorkerBase
 from pdserve.worker.messages import PrefillResult
 

@@ -9,7 +9,7 @@ import os
 import secrets
 
 from pdserve.config import Config
-from pdserve.router.kv_index import KVIndex
+from pdserve.router.policy import KVIndex
 from pdserve.router.pool import Pool, Worker, WorkerState
 
 log = logging.getLogger("pdserve.cluster")

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 from pdserve.config import Config
-from pdserve.engine.block_hash import block_hashes
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.block_manager import block_hashes
+from pdserve.engine.sequence import SamplingParams
+from pdserve.errors import NoReadyWorker
 from pdserve.router.cluster import Cluster
 from pdserve.router.policy import make_policies
-from pdserve.errors import NoReadyWorker
 from pdserve.router.pool import Worker
 from pdserve.worker.messages import DecodeDelta, PrefillResult
 

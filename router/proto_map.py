@@ -6,10 +6,9 @@ from __future__ import annotations
 import grpc
 
 from pdserve.config import Config
-from pdserve.engine.sampling_params import SamplingParams
-from pdserve.errors import InvalidRequest, NoFreeBlocks
+from pdserve.engine.sequence import SamplingParams
+from pdserve.errors import InvalidRequest, NoFreeBlocks, NoReadyWorker
 from pdserve.proto import pb
-from pdserve.errors import NoReadyWorker
 from pdserve.router.dispatch import Delta, cause_of
 
 

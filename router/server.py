@@ -17,14 +17,19 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.config import Config
 from pdserve.engine.loader import load_arch, resolve_model_path
-from pdserve.engine.prompt import prompt_ids
-from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.tokenizer import Tokenizer
+from pdserve.engine.sequence import SamplingParams
+from pdserve.engine.tokenizer import Tokenizer, prompt_ids
 from pdserve.errors import InvalidRequest, NoFreeBlocks
 from pdserve.proto import pb, rpc
 from pdserve.router.cluster import Cluster
 from pdserve.router.dispatch import Dispatcher
-from pdserve.router.proto_map import cluster_info, model_info, response, sampling_from_proto, status_of
+from pdserve.router.proto_map import (
+    cluster_info,
+    model_info,
+    response,
+    sampling_from_proto,
+    status_of,
+)
 
 log = logging.getLogger("pdserve.router")
 SERVICE = "pdserve.v1.PDServe"

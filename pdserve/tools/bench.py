@@ -398,9 +398,9 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
 
 async def _server_info(address: str, timeout: float) -> tuple[dict, dict]:
     import grpc
-
     from google.protobuf.json_format import MessageToDict
-    from pdserve.errors import CLIError, EXIT_SERVER
+
+    from pdserve.errors import EXIT_SERVER, CLIError
     from pdserve.proto import pb, rpc
 
     async with grpc.aio.insecure_channel(address) as ch:

@@ -20,9 +20,9 @@ def cmd_demo(args) -> int:
     """`pdserve demo` (its arguments: pdserve/commands.py)."""
     import grpc
 
-    from pdserve.engine.sampling_params import SamplingParams
     from pdserve.client import request_proto, stream_one
     from pdserve.config import load_config
+    from pdserve.engine.sequence import SamplingParams
     from pdserve.proto import pb, rpc
     from pdserve.router.server import serve
 

@@ -4,7 +4,7 @@ A configuration P/D/W: an engine at precision P computes the prompt's KV (all to
 last), the KV crosses wire W (bf16: the cache's own bytes; fp8: e4m3 + per token-head scales),
 and an engine at precision D recomputes the last prompt token and produces everything after it
 (the engines' own remote-KV path, through kv_transfer.local's in-process connector), recomputing the first --refresh-sink-tokens prompt tokens (attention
-sinks) in that step wherever a decode worker would (kv_transfer/sinks.py: fp8 wire or P != D).
+sinks) in that step wherever a decode worker would (decode_worker/worker.py: fp8 wire or P != D).
 The baseline is one unquantized engine at --dtype (float32 on CPU: the exact path) with no transfer.
 
 Per configuration, against the baseline:
@@ -29,8 +29,8 @@ from datetime import datetime, timezone
 import torch
 
 from pdserve.config import KV_WIRE_DTYPES, PRECISIONS, EngineConfig, KVTransferConfig
+from pdserve.decode_worker.worker import sink_refresh_tokens
 from pdserve.kv_transfer.local import LocalConnector, LocalWire
-from pdserve.kv_transfer.sinks import sink_refresh_tokens
 from pdserve.tools.eval_metrics import NEAR_TIE, Agreement, Perplexity, first_divergence
 from pdserve.tools.eval_prompts import PROMPTS
 
@@ -287,7 +287,7 @@ class Harness:
 
 
 def _greedy(max_tokens: int):
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.sequence import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens)
 
@@ -351,7 +351,7 @@ def command_line(args) -> str:
 
 def cmd_eval(args) -> int:
     """`pdserve eval` (its arguments: pdserve/commands.py)."""
-    from pdserve.errors import CLIError, EXIT_BAD_INPUT, EXIT_MODEL, ModelLoadError
+    from pdserve.errors import EXIT_BAD_INPUT, EXIT_MODEL, CLIError, ModelLoadError
     from pdserve.tools import eval_report
     from pdserve.tools.eval_text import TextMissing, load_text
 

@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.testing.cluster import NEUTRAL_CWD, Server
 from pdserve.testing.exactness import PROMPTS
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import SamplingParams
 from pdserve.client import request_proto, stream_one
 from pdserve.proto import pb, rpc
 

@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 
 from pdserve.testing.cluster import NEUTRAL_CWD, Server
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import SamplingParams
 from pdserve.testing.exactness import assert_same_or_near_tie
 from pdserve.proto import pb, rpc
 

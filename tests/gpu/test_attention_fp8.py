@@ -26,7 +26,7 @@ GPU_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
 
 
 def context_starts(seq_lens: list[int], device) -> tuple[torch.Tensor, int]:
-    from pdserve.engine.attention_metadata import context_offsets
+    from pdserve.engine.attention import context_offsets
 
     starts, total = context_offsets(seq_lens)
     return torch.tensor(starts, dtype=torch.int32, device=device), total
@@ -177,7 +177,7 @@ def test_min_tokens_config_is_validated(value, why):
 
 
 def test_rule_picks_long_prompt_steps_of_fp8_pools_only():
-    from pdserve.engine.attention_metadata import build_metadata, uses_fp8_attention
+    from pdserve.engine.attention import build_metadata, uses_fp8_attention
 
     def meta(q_lens, seq_lens):
         return build_metadata(q_lens, seq_lens, [[0] * 8 for _ in q_lens], 16, torch.device("cpu"))

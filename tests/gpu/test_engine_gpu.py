@@ -75,7 +75,7 @@ def build_fixture(path: str) -> None:
 
 def run_schedule(engine, seed: int = 0) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """Greedy tokens of SCHEDULE's requests, and (sequences, new tokens) of every step."""
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.sequence import SamplingParams
 
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, engine.arch.vocab_size, (n,), generator=gen).tolist() for _, n, _ in SCHEDULE]
@@ -169,13 +169,13 @@ def test_graph_replay_equals_eager_step(monkeypatch):
 
 @gpu
 def test_sink_refresh_on_cuda(monkeypatch):
-    """The decode side's sink refresh (kv_transfer/sinks.py) on the Triton path with CUDA graphs on: the
+    """The decode side's sink refresh (decode_worker/worker.py) on the Triton path with CUDA graphs on: the
     refresh step runs eagerly (its varlen batch is not a decode batch), slots 0..W-1 get this engine's
     own KV (float32: up to matmul-shape rounding), every other slot keeps what arrived through the fp8
     wire, and the next steps replay graphs again."""
     from dataclasses import replace
 
-    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.engine.sequence import SamplingParams
     from pdserve.kv_transfer.local import LocalConnector, LocalWire, through_wire
 
     monkeypatch.setenv("PDSERVE_CUDA_GRAPHS", "1")

@@ -141,8 +141,9 @@ class FusedCalls:
 def model_prefill(device, fuse: bool, prompt_lens=(5, 11), block_size=16):
     """Hidden states and logits of one varlen prefill of a tiny fp8 model, fused producers on or off,
     and the fused kernels' call counts. On CPU: the Triton ops (interpreted) and the torch attention."""
-    from pdserve.engine.attention import TorchAttention, get_backend
-    from pdserve.engine.attention_metadata import build_metadata
+    from pdserve.engine.attention import TorchAttention
+    from pdserve.engine.model_runner import get_backend
+    from pdserve.engine.attention import build_metadata
     from pdserve.engine.gpu_ops import TritonOps
     from pdserve.engine.model import LlamaModel, rope_inv_freq
     from pdserve.kernels import quant_linear

@@ -65,7 +65,7 @@ def _tables(prompts, new_tokens, block_size):
 @torch.inference_mode()
 def _logits(model, backend, seqs, tables, kv_cache, block_size) -> tuple[torch.Tensor, list[int]]:
     """One causal prefill of every sequence: logits of all tokens, and where each sequence starts in them."""
-    from pdserve.engine.attention_metadata import build_metadata
+    from pdserve.engine.attention import build_metadata
 
     lens = [len(s) for s in seqs]
     meta = build_metadata(lens, lens, tables, block_size, kv_cache.device)
@@ -78,7 +78,7 @@ def _logits(model, backend, seqs, tables, kv_cache, block_size) -> tuple[torch.T
 def greedy(model, backend, prompts, new_tokens, kv_cache, block_size=BLOCK_SIZE, graphs=None) -> torch.Tensor:
     """[B, new_tokens] greedy tokens: one batched varlen prefill, then one decode step per token (replayed from
     `graphs`, an engine.gpu_graphs.DecodeGraphs over kv_cache, when given)."""
-    from pdserve.engine.attention_metadata import build_metadata, slot
+    from pdserve.engine.attention import build_metadata, slot
 
     tables = _tables(prompts, new_tokens, block_size)
     logits, starts = _logits(model, backend, prompts, tables, kv_cache, block_size)

@@ -12,7 +12,7 @@ import torch
 from dataclasses import replace
 
 from pdserve.engine.kv_connector import RemoteKV
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import SamplingParams
 from pdserve.kv_transfer.local import PromptKV, through_wire
 from pdserve.testing.exactness import PROMPTS
 from pdserve.testing.kv import local_connector
@@ -49,7 +49,7 @@ def _transfer_and_score(pre, dec, wire, ids_full, n_prompt, tag, refresh=0):
 
 
 def test_fp8_wire_teacher_forced_agreement(engine_f32, prefill_engine):
-    from pdserve.kv_transfer.sinks import sink_refresh_tokens
+    from pdserve.decode_worker.worker import sink_refresh_tokens
     from pdserve.config import KVTransferConfig
 
     dec, pre = engine_f32, prefill_engine
@@ -112,7 +112,7 @@ def test_refresh_sink_tokens_config_is_validated(value, why):
 
 
 def test_sink_refresh_only_where_the_kv_is_not_decodes_own():
-    from pdserve.kv_transfer.sinks import sink_refresh_tokens
+    from pdserve.decode_worker.worker import sink_refresh_tokens
 
     assert sink_refresh_tokens(4, "bf16", "bf16", "bf16") == 0  # raw wire, same precision: its own bits
     assert sink_refresh_tokens(4, "fp8", "bf16", "bf16") == 4

@@ -10,7 +10,7 @@ import torch
 
 from pdserve.testing.cluster import NEUTRAL_CWD
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import SamplingParams
 from pdserve.errors import InvalidRequest
 
 

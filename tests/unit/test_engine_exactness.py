@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.testing.exactness import PROMPTS, assert_same_or_near_tie
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import SamplingParams
 
 NEW = 32
 

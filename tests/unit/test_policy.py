@@ -1,5 +1,5 @@
 """Routing policies on hand-made pools (no cluster needed)."""
-from pdserve.router.kv_index import KVIndex
+from pdserve.router.policy import KVIndex
 from pdserve.router.policy import CacheAware, LeastLoaded, LeastLoadedDecode, RoundRobin, make_policies
 from pdserve.router.pool import Pool, Worker, WorkerState
 import msgpack

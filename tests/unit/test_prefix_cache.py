@@ -4,8 +4,8 @@ from __future__ import annotations
 import msgpack
 import xxhash
 
-from pdserve.engine.block_hash import block_hashes
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.block_manager import block_hashes
+from pdserve.engine.sequence import SamplingParams
 
 SYSTEM = ("You are a meticulous assistant for a public library. You answer questions about books, opening "
           "hours, membership and events. Be concise, cite the catalogue when you can, and never invent titles. ")
