@@ -18,7 +18,7 @@ from pdserve.router.pool import Worker
 
 class KVIndex:
     """The router's view of which prefill worker holds which KV block (by block hash).
-    
+
     Truth comes from the workers' KV events (stored/removed, msgpack, consecutive ids); a worker seen
     for the first time, or one whose log has moved past our cursor (a router restart, a long pause),
     is rebuilt from its snapshot. Between polls the router also records where it just sent a prompt
