@@ -17,8 +17,10 @@ log = logging.getLogger("pdserve.engine")
 
 
 class AsyncEngine:
-    # while only KV transfers are in flight, the loop polls them this often (a 268 MB READ takes ~0.1 ms/MB)
-    TRANSFER_POLL_S = 0.0005
+    # while only KV transfers are in flight the loop polls them: often while a load gates a request's first
+    # token, less often while only sends are out (their end just frees blocks)
+    LOAD_POLL_S = 0.0005
+    SEND_POLL_S = 0.005
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -60,7 +62,7 @@ class AsyncEngine:
                 async with self.lock:  # only transfers in flight: a cheap poll, on the loop's thread
                     outputs = self.engine.poll_transfers()
                 self._route(outputs)
-                await asyncio.sleep(self.TRANSFER_POLL_S)
+                await asyncio.sleep(self.LOAD_POLL_S if self.engine.loading else self.SEND_POLL_S)
                 continue
             async with self.lock:
                 try:
