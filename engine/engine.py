@@ -309,7 +309,7 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = self._transfers() if self.connector is not None else []
+        outputs = self.poll_transfers()
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
@@ -397,7 +397,7 @@ class LLMEngine:
             for o in self.step():
                 if o.request_id == request_id:
                     out = o
-        self._transfers()  # an in-process save is over at once: its blocks are free again now
+        self.poll_transfers()  # an in-process save is over at once: its blocks are free again now
         if out is None or out.error is not None or out.kv_handle is None:
             raise RuntimeError(f"prefill of {len(token_ids)} tokens saved no KV"
                                + (f": {out.error}" if out is not None and out.error is not None else ""))
