@@ -32,12 +32,12 @@ import torch
 from pdserve.config import KV_WIRE_DTYPES
 
 from .errors import KVTransferBusy, KVTransferError
-from .fp8_wire import fp8_block_bytes, pack_fp8_blocks, unpack_fp8_blocks
+from .fp8_wire import fp8_block_bytes, pack_fp8_cache_blocks, unpack_fp8_into_cache
 from .lease import Lease, LeaseTable
 from .staging import StagingPool
 from .stats import TransferStats
 from .ticket import KVLayout, TransferTicket
-from .transport import NixlTransport
+from .transport import NixlTransport, coalesce_runs
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class PullHandle:
         self.error: Optional[str] = None
         self.seconds: Optional[float] = None
         self.settled = False
+        self.descriptors = 0  # NIXL descriptors of the READ: runs of blocks adjacent on both sides
         self._ticket = ticket
         self._xfer = xfer
         self._staging_offset = staging_offset
@@ -86,11 +87,13 @@ class KVTransferAgent:
         lease_seconds: float = 30.0,
         on_release: Optional[Callable[[str, str], None]] = None,
         staging_blocks: int = 64,
+        backend_params: Optional[dict] = None,
     ):
         """staging_blocks: capacity of the registered staging pool, in blocks of the widest wire
         format (4 bytes per element, a float32 block); a bf16 block takes half of such a slot, an
         fp8 block about a quarter. Staging holds fp8 copies at export and, at pull, fp8 blocks
-        or blocks of a source dtype that differs from this cache's."""
+        or blocks of a source dtype that differs from this cache's.
+        backend_params: extra NIXL UCX backend parameters (transport.py), for experiments."""
         if wire_dtype not in KV_WIRE_DTYPES:
             raise KVTransferError(f"wire_dtype must be one of {KV_WIRE_DTYPES}, got {wire_dtype!r}")
         if lease_seconds <= 0:
@@ -115,7 +118,7 @@ class KVTransferAgent:
         self._remotes = {}  # agent name -> loaded NIXL metadata
         self._stats = TransferStats()
         self._closed = False
-        self._nixl = NixlTransport(name)
+        self._nixl = NixlTransport(name, backend_params)
         try:
             self._registrations = [
                 self._nixl.register(t.data_ptr(), t.numel() * t.element_size(), self._mem, self._device_id)
@@ -216,7 +219,7 @@ class KVTransferAgent:
                 wire = self._staging_view(staging_offset, n, wire_block_bytes)
                 try:
                     with torch.inference_mode():  # the engine's cache may be an inference tensor
-                        pack_fp8_blocks(self.kv_cache[self._index(ids)], num_tokens, wire)
+                        pack_fp8_cache_blocks(self.kv_cache, self._index(ids), num_tokens, wire)
                 except BaseException:
                     self._staging_pool.free(staging_offset)
                     raise
@@ -340,8 +343,9 @@ class KVTransferAgent:
                 staging_offset = self._alloc_staging(t.wire_bytes, t.request_id)
                 base = self._staging.data_ptr() + staging_offset
                 local_addrs = [base + i * t.wire_block_bytes for i in range(len(ids))]
+            local_runs, remote_runs, sizes = coalesce_runs(local_addrs, t.addrs, t.wire_block_bytes)
             try:
-                xfer = self._nixl.read(local_addrs, t.addrs, t.wire_block_bytes, (self._mem, self._device_id),
+                xfer = self._nixl.read(local_runs, remote_runs, sizes, (self._mem, self._device_id),
                                        (t.mem, t.device_id), t.agent, t.token)
             except Exception as exc:
                 if staging_offset is not None:
@@ -351,7 +355,9 @@ class KVTransferAgent:
                     f"cannot READ request {t.request_id!r} from agent {t.agent!r} (gone, or not its blocks): {exc}"
                 ) from None
             handle = PullHandle(t, ids, xfer, staging_offset)
+            handle.descriptors = len(sizes)
             self._stats.pulls += 1
+            self._stats.descriptors += len(sizes)
             self._pulls[id(handle)] = handle
             return handle
 
@@ -397,11 +403,11 @@ class KVTransferAgent:
         t = handle._ticket
         if handle._staging_offset is not None:
             wire = self._staging_view(handle._staging_offset, t.num_blocks, t.wire_block_bytes)
-            if t.wire == "fp8":
-                blocks = unpack_fp8_blocks(wire, t.layout.block_shape, self.layout.torch_dtype)
+            if t.wire == "fp8":  # dequantized straight into the blocks (one kernel on CUDA)
+                unpack_fp8_into_cache(wire, self.kv_cache, self._index(handle.local_block_ids))
             else:
                 blocks = wire.view(t.layout.torch_dtype).view(t.num_blocks, *t.layout.block_shape)
-            self.kv_cache.index_copy_(0, self._index(handle.local_block_ids), blocks.to(self.layout.torch_dtype))
+                self.kv_cache.index_copy_(0, self._index(handle.local_block_ids), blocks.to(self.layout.torch_dtype))
             if self.kv_cache.is_cuda:  # the staging range is reused as soon as it is freed
                 torch.cuda.current_stream(self.kv_cache.device).synchronize()
         self._finish(handle, "DONE", None)

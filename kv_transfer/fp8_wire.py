@@ -10,7 +10,14 @@ cache contents are undefined (possibly NaN bits) and must not poison the decode 
 
 Error bound of one round trip in fp32 (e4m3 keeps 3 mantissa bits; its subnormal step is 2^-9):
     |x - dequantize(quantize(x))| <= |x| / 16 + s / 1024
+
+pack_fp8_cache_blocks / unpack_fp8_into_cache work on the cache by block id: on a CUDA cache with
+Triton, one kernel each (kernels/kv_wire.py, the same bytes as the functions below); otherwise these
+torch references with a gather / an index_copy_.
 """
+import functools
+import importlib.util
+
 import torch
 
 E4M3_MAX = 448.0
@@ -87,3 +94,42 @@ def unpack_fp8_blocks(wire: torch.Tensor, block_shape, dtype: torch.dtype) -> to
     # fp32-aligned views of the whole buffer; a copy keeps the reinterpretation legal.
     scales = wire[:, code_bytes:].contiguous().view(torch.float32).reshape(n, *block_shape[:-1])
     return dequantize_kv(codes, scales, dtype)
+
+
+@functools.cache
+def _triton_path(device_index: int) -> bool:
+    # e4m3 conversions in hardware (cvt.rn.satfinite) need sm_89+; older GPUs keep the torch path
+    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def _uses_triton(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.is_cuda and _triton_path(kv_cache.device.index or 0)
+
+
+def pack_fp8_cache_blocks(kv_cache: torch.Tensor, block_ids, num_tokens: int, out: torch.Tensor) -> None:
+    """pack_fp8_blocks(kv_cache[block_ids], num_tokens, out), without the gather on CUDA.
+
+    kv_cache [num_blocks, L, 2, bs, H, D]; block_ids (list or int tensor) the request's blocks in order."""
+    ids = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    n, block_size = ids.numel(), kv_cache.shape[3]
+    if not (n - 1) * block_size < num_tokens <= n * block_size:
+        raise ValueError(f"num_tokens {num_tokens} does not fit {n} block(s) of {block_size}")
+    if _uses_triton(kv_cache):
+        from pdserve.kernels import kv_wire
+
+        kv_wire.pack_fp8(kv_cache, ids, num_tokens, out, FP8_KV_EPS)
+    else:
+        pack_fp8_blocks(kv_cache[ids], num_tokens, out)
+
+
+def unpack_fp8_into_cache(wire: torch.Tensor, kv_cache: torch.Tensor, block_ids) -> None:
+    """kv_cache[block_ids] = unpack_fp8_blocks(wire, ...) in kv_cache's dtype; one pass on CUDA.
+
+    block_ids must be distinct (as for index_copy_)."""
+    ids = torch.as_tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    if _uses_triton(kv_cache):
+        from pdserve.kernels import kv_wire
+
+        kv_wire.unpack_fp8(wire, kv_cache, ids)
+    else:
+        kv_cache.index_copy_(0, ids, unpack_fp8_blocks(wire, tuple(kv_cache.shape[1:]), kv_cache.dtype))

@@ -16,6 +16,7 @@ class TransferStats:
     pulls: int = 0
     pulls_done: int = 0
     pulls_failed: int = 0
+    descriptors: int = 0  # NIXL descriptors posted by pulls (runs of adjacent blocks; see transport.coalesce_runs)
     bytes_received: int = 0
     transfer_seconds: float = 0.0  # pull: post of the READ -> blocks landed in the cache
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT))

@@ -120,6 +120,25 @@ def test_fp8_pack_unpack_zeroes_the_partial_tail():
     assert ((got - valid).abs() <= _bound(valid, scales)).all()
 
 
+def test_fp8_by_block_id_is_gather_pack_and_unpack_index_copy():
+    # the agent's entry points (kernels/kv_wire.py on CUDA: tests/gpu/test_kv_wire_kernels.py); here the torch path
+    from pdserve.kv_transfer.fp8_wire import pack_fp8_cache_blocks, unpack_fp8_into_cache
+
+    cache = torch.randn(6, LAYERS, 2, BLOCK, HEADS, DIM, dtype=torch.bfloat16)
+    shape, ids, num_tokens = tuple(cache.shape[1:]), [4, 0, 5], 2 * BLOCK + 1
+    wire, ref = (torch.full((3, fp8_block_bytes(shape)), 0xFF, dtype=torch.uint8) for _ in range(2))
+    pack_fp8_cache_blocks(cache, ids, num_tokens, wire)
+    pack_fp8_blocks(cache[ids], num_tokens, ref)
+    assert torch.equal(wire, ref)
+    with pytest.raises(ValueError):
+        pack_fp8_cache_blocks(cache, ids, 2 * BLOCK, wire)  # the last block would be empty
+    dst = torch.full((4, *shape), float("nan"))
+    want = dst.clone()
+    unpack_fp8_into_cache(wire, dst, torch.tensor([3, 1, 0]))
+    want[[3, 1, 0]] = unpack_fp8_blocks(ref, shape, torch.float32)
+    assert torch.equal(dst.nan_to_num(7.0), want.nan_to_num(7.0))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp8_wire_on_gpu_is_the_cpu_bytes():
@@ -327,6 +346,31 @@ def test_cancel_releases_once_from_poll(make_agent):
     # close() releases what is still held, as cancelled
     assert prefill.close() == [("c2", "cancelled")]
     assert log == [("c1", "cancelled"), ("c2", "cancelled")]
+
+
+def test_coalesce_runs_merges_only_blocks_adjacent_on_both_sides():
+    from pdserve.kv_transfer.transport import coalesce_runs
+
+    # blocks 0-1 adjacent on both sides, 2 adjacent only locally, 3-4 adjacent on both again
+    local = [1000, 1010, 1020, 1030, 1040]
+    remote = [50, 60, 90, 200, 210]
+    assert coalesce_runs(local, remote, 10) == ([1000, 1020, 1030], [50, 90, 200], [20, 10, 20])
+    assert coalesce_runs([], [], 10) == ([], [], [])
+    assert coalesce_runs([7], [3], 10) == ([7], [3], [10])
+
+
+def test_adjacent_blocks_travel_as_one_descriptor_each_run(make_agent):
+    src = _cache(16, torch.bfloat16, seed=3)
+    dst = torch.zeros(16, LAYERS, 2, BLOCK, HEADS, DIM, dtype=torch.bfloat16)
+    prefill = make_agent("prefill", src)
+    decode = make_agent("decode", dst)
+    # three runs adjacent on both sides: [2 3 4] -> [9 10 11], [8] -> [0], [12 13] -> [14 15]
+    src_ids, dst_ids = [2, 3, 4, 8, 12, 13], [9, 10, 11, 0, 14, 15]
+    handle = decode.pull(prefill.export("runs", src_ids, 6 * BLOCK), dst_ids)
+    assert decode.wait(handle, 5.0) == "DONE", handle.error
+    assert handle.descriptors == 3 and decode.stats()["descriptors"] == 3
+    assert torch.equal(_bits(dst[dst_ids]), _bits(src[src_ids]))
+    assert (dst[[b for b in range(16) if b not in dst_ids]] == 0).all()
 
 
 def test_many_requests_each_released_exactly_once(make_agent):
