@@ -5,7 +5,7 @@ Compare with the standalone kernels benchmark (benchmarks/bench_gpu.py, docs/ben
     python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT
 
 The 16 GB of weights are made on the GPU rather than written and read back as safetensors: the run
-replaces the runner's loader with pdserve/tools/random_weights.py (the same tensor names, unit-variance
+replaces the runner's loader with engine/random_weights.py (the same tensor names, unit-variance
 projections as in benchmarks/random_llama.py). --tokenizer: any HF directory with tokenizer files (the
 engine needs one; the prompts are token ids and out-of-vocabulary output ids decode to nothing).
 """
@@ -31,7 +31,7 @@ def build_engine(model_dir: Path, cfg: dict, args):
     from pdserve.engine.engine import LLMEngine
     from pdserve.engine.model_config import arch_from_hf_config
     from pdserve.config import EngineConfig
-    from pdserve.tools.random_weights import random_weights
+    from pdserve.engine.random_weights import random_weights
 
     loader = model_runner.load_weights
     arch = arch_from_hf_config(cfg)

@@ -420,7 +420,7 @@ def main() -> None:
                     help="also print each precision's top kernels (torch.profiler, eager) at T tokens")
     args = ap.parse_args()
     from pdserve.engine.model_config import arch_from_hf_config
-    from pdserve.tools.random_weights import random_weights
+    from pdserve.engine.random_weights import random_weights
 
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "bench_prefill.log", "a")

@@ -6,6 +6,8 @@ also recomputes the first prompt tokens, the attention sinks (sink_refresh_token
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from pdserve.engine.kv_connector import RemoteKV
 from pdserve.engine.sequence import SamplingParams
 from pdserve.worker.base import WorkerBase
@@ -21,12 +23,13 @@ class DecodeWorker(WorkerBase):
         self.cancelled: dict[str, None] = {}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prefill: PrefillResult):
-        """Async generator of DecodeDelta; ends after the finished one or on abort."""
+                       prefill: Optional[PrefillResult]):
+        """Async generator of DecodeDelta; ends after the finished one or on abort. `prefill` None: no prefill
+        pool (mode colocated), this engine computes the prompt itself."""
         if self.cancelled.pop(request_id, "live") is None:
             return
         remote = None
-        if prefill.ticket is not None:
+        if prefill is not None and prefill.ticket is not None:
             kt = self.config.kv_transfer
             refresh = sink_refresh_tokens(kt.refresh_sink_tokens, kt.dtype, prefill.precision, self.engine.precision)
             remote = RemoteKV(prefill.ticket, prefill.num_tokens, refresh)
@@ -39,7 +42,8 @@ class DecodeWorker(WorkerBase):
                 raise out
             yield DecodeDelta(out.new_token_ids, out.new_text, out.new_logprobs,
                               FinishReason(out.finish_reason) if out.finished else None,
-                              out.num_prompt_tokens, out.num_output_tokens, prefill.num_cached_tokens)
+                              out.num_prompt_tokens, out.num_output_tokens,
+                              out.num_cached_tokens if prefill is None else prefill.num_cached_tokens)
             if out.finished:
                 return
 

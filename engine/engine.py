@@ -21,8 +21,9 @@ from pdserve.engine.model_runner import ModelRunner, resolve_device, resolve_dty
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import SamplingParams, Sequence, Status
-from pdserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer, prompt_ids
-from pdserve.errors import InvalidRequest, NoFreeBlocks
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.tokenizer import Tokenizer, prompt_ids
+from pdserve.errors import InvalidRequest, KVTransferFailed, NoFreeBlocks
 
 
 @dataclass
@@ -44,7 +45,8 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, model: str | None = None, dtype: str = "auto", config: EngineConfig | None = None,
                  precision: str = "bf16", enable_prefix_caching: bool = False, max_model_len: int | None = None,
-                 progress: bool = True, connector: Optional[KVConnector] = None, remote_kv_timeout: float = 15.0):
+                 progress: bool = True, connector: Optional[KVConnector] = None, remote_kv_timeout: float = 15.0,
+                 load_format: str = "auto"):
         config = config or EngineConfig()
         self.config = config
         self.precision = precision
@@ -55,7 +57,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_path, self.dtype, self.device, config.block_size, config.num_blocks,
                                   config.kv_cache_memory_gb, precision=precision, progress=progress,
                                   max_num_seqs=config.max_num_seqs,
-                                  fp8_attention_min_tokens=config.fp8_attention_min_tokens)
+                                  fp8_attention_min_tokens=config.fp8_attention_min_tokens, load_format=load_format)
         self.tokenizer = Tokenizer(self.model_path)
         arch = self.runner.arch
         self.arch = arch
@@ -81,7 +83,7 @@ class LLMEngine:
         precision = resolve_precision(getattr(config, role).precision, role, resolve_device(econf.device))
         return cls(config.model.path, config.model.dtype, econf, precision=precision,
                    enable_prefix_caching=role == "prefill", max_model_len=config.model.max_model_len,
-                   progress=progress)
+                   progress=progress, load_format=config.model.load_format)
 
     # -- input ------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
@@ -257,7 +259,8 @@ class LLMEngine:
                 self.connector.start_load(seq.request_id, seq.remote_kv.handle, blocks)
             except Exception as e:  # a bad or expired handle, a peer that is gone
                 self.free_blocks(blocks)
-                outputs.append(self._fail(seq, e))
+                outputs.append(self._fail(seq, KVTransferFailed(
+                    f"cannot start the KV transfer for {seq.request_id}: {type(e).__name__}: {e}")))
                 continue
             self.loading[seq.request_id] = seq
         if not (self.loading or self.sending):
@@ -275,7 +278,7 @@ class LLMEngine:
             seq = self.loading.pop(rid)
             self.free_blocks(seq.block_table)
             if self.requests.get(rid) is seq:
-                outputs.append(self._fail(seq, RuntimeError(f"KV transfer for {rid} failed: {why}")))
+                outputs.append(self._fail(seq, KVTransferFailed(f"KV transfer for {rid} failed: {why}")))
         for rid in sent:
             seq = self.sending.pop(rid, None)
             if seq is not None:

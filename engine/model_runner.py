@@ -11,7 +11,8 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.attention import TorchAttention, build_metadata, slot
-from pdserve.engine.loader import load_weights
+from pdserve.engine.loader import load_arch, load_weights
+from pdserve.engine.random_weights import random_weights
 from pdserve.engine.model import DenseLinear, LlamaModel
 from pdserve.engine.model_config import ModelArch
 from pdserve.engine.scheduler import ScheduledBatch
@@ -49,9 +50,14 @@ class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, block_size: int,
                  num_blocks: int | None, kv_cache_memory_gb: float, precision: str = "bf16",
                  progress: bool = True, max_num_seqs: int | None = None,
-                 fp8_attention_min_tokens: int = EngineConfig.fp8_attention_min_tokens):
+                 fp8_attention_min_tokens: int = EngineConfig.fp8_attention_min_tokens, load_format: str = "auto"):
         self.device, self.dtype, self.block_size, self.precision = device, dtype, block_size, precision
-        arch, weights = load_weights(model_path, dtype, progress=progress)
+        if load_format == "dummy":
+            arch = load_arch(model_path)
+            arch.tie_word_embeddings = False  # random_weights makes an LM head of its own
+            weights = random_weights(arch, dtype, device)
+        else:
+            arch, weights = load_weights(model_path, dtype, progress=progress)
         self.arch: ModelArch = arch
         weights = {k: v.to(device) for k, v in weights.items()}
         self.model = LlamaModel(arch, weights, linear_factory(precision, dtype, device)).eval()

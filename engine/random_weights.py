@@ -1,6 +1,8 @@
 """Random weights for the engine's own model (engine/model.py), for benchmarks and tests that need a Llama of a
 given shape but not its answers: the tensors an HF checkpoint of `arch` holds, by the same names, made on the
-device instead of read from disk.
+device instead of read from disk. `model.load_format: dummy` serves them (vLLM's `--load-format dummy`): a
+model directory then needs only config.json and the tokenizer, and every worker that loads it on the same
+kind of device gets the same tensors, so a prefill and a decode pool agree as they would on real weights.
 
 Projections have unit-variance outputs for unit-variance inputs (entries of std 1/sqrt(fan-in)), norm weights
 are near 1 and the embeddings have std 1, so activations keep their scale through every layer and the logits

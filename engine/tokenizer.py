@@ -1,10 +1,11 @@
-"""Tokenizer and chat template from the checkpoint, and incremental detokenization.
+"""Tokenizer and chat template from the checkpoint (incremental detokenization: engine/detokenizer.py).
 
 GGUF files carry their tokenizer as metadata; transformers converts it (a few seconds), so the
 converted tokenizer is cached on disk keyed by the file's size and mtime.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -58,42 +59,13 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes] | None:
+        """Each token id's bytes, for the byte-level detokenizer; None where decoding is not a per-token byte
+        mapping. Built on first use (a vocabulary of 128K ids takes a fraction of a second)."""
+        from pdserve.engine.detokenizer import token_bytes_table
 
-class IncrementalDetokenizer:
-    """Turns a growing list of output ids into text deltas.
-
-    Text is emitted only up to the last complete character: a byte-level token can end in the middle
-    of a UTF-8 sequence, and decoding that alone gives U+FFFD, so such a tail waits for the next token.
-    Decoding a short window before the new tokens keeps merges (leading spaces) right.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
-        self.tok = tokenizer
-        self.ids = list(prompt_ids[-6:])  # context so the first output token decodes as it would mid-text
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-        self.text = ""
-
-    def add(self, new_ids: list[int]) -> str:
-        self.ids.extend(new_ids)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tok.decode(self.ids[self.prefix_offset:])
-        if full.endswith("\ufffd"):
-            return ""  # an incomplete character: hold it until the next token completes it
-        delta = full[len(prefix):]
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.ids)
-        self.text += delta
-        return delta
-
-    def flush(self) -> str:
-        """At the end of a sequence: whatever is still held back (a truly broken tail decodes as U+FFFD)."""
-        full = self.tok.decode(self.ids[self.prefix_offset:])
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
-        delta = full[len(prefix):]
-        self.prefix_offset = self.read_offset = len(self.ids)
-        self.text += delta
-        return delta
+        return token_bytes_table(self.hf)
 
 
 def prompt_ids(tokenizer, vocab_size: int, max_model_len: int, prompt: str | None = None,

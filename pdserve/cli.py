@@ -27,6 +27,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    ap.add_argument("--version", action="version", version=f"pdserve {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text in this process (or through a server with --server)")
@@ -48,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.register(sub)
     return ap
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pdserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def read_requests(args) -> list[dict]:

@@ -10,12 +10,18 @@ import signal
 
 
 def register(sub) -> None:
-    s = sub.add_parser("serve", help="start (or join) Ray, the prefill and decode pools and the gRPC router")
+    s = sub.add_parser("serve", help="start (or join) Ray, the prefill and decode pools and the router (gRPC and "
+                                     "OpenAI-compatible HTTP)")
+    s.add_argument("model", nargs="?", default=None,
+                   help="HF model directory or .gguf file, as `vllm serve MODEL` (overrides the config's model.path; "
+                        "default: the embedded SmolLM2)")
     s.add_argument("--config", default=None, help="YAML config (default: embedded model, 1 prefill + 1 decode)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="unquantized compute dtype of both pools (float32 on CPU is the exactness reference)")
     s.add_argument("--host", default=None)
-    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="OpenAI-compatible HTTP port, with /metrics, /health and /ready (default 8000; -1: off)")
     s.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or HOST:PORT)")
     s.set_defaults(func=cmd_serve)
 
@@ -28,6 +34,9 @@ def register(sub) -> None:
     register_demo(sub)
     register_bench(sub)
     register_eval(sub)
+    from pdserve.planner import commands as planner  # profile, plan: only argparse until one of them runs
+
+    planner.register(sub)
 
 
 def _tool(name: str):
@@ -50,6 +59,9 @@ def register_bench(sub) -> None:
                        description="Send a seeded workload to a pdserve router over gRPC and report throughput, "
                                    "TTFT/TPOT/ITL/end-to-end percentiles, goodput and prefix hit rates.")
     b.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the router")
+    b.add_argument("--http", default=None, metavar="URL",
+                   help="drive an OpenAI-compatible HTTP server at URL (e.g. http://127.0.0.1:8000) with streamed "
+                        "/v1/completions instead of gRPC (no cluster samples, no token ids to save or compare)")
     b.add_argument("--workload", choices=["random", "shared-prefix"], default="random")
     b.add_argument("--num-requests", type=int, default=None,
                    help="measured requests (default: 100 for random, prefixes x users for shared-prefix)")
@@ -136,6 +148,10 @@ def load_serve_config(args):
         overrides["router.host"] = args.host
     if args.port is not None:
         overrides["router.port"] = args.port
+    if args.http_port is not None:
+        overrides["router.http_port"] = None if args.http_port < 0 else args.http_port
+    if args.model is not None:
+        overrides["model.path"] = args.model
     if args.ray_address:
         overrides["ray.address"] = args.ray_address
     return load_config(args.config, overrides)
@@ -149,12 +165,17 @@ def cmd_serve(args) -> int:
 
     def ready(port, router):
         pools = router.cluster.pools
-        print(f"pdserve: listening on {config.router.host}:{port} (gRPC)"
-              + (f", metrics on http://{config.router.host}:{config.router.metrics_port}/metrics"
-                 if config.router.metrics_port is not None else ""), flush=True)
-        print(f"pdserve: ready: {len(pools['prefill'].ready())} prefill "
-              f"({pools['prefill'].ready()[0].info.get('precision') if pools['prefill'].ready() else '-'}), "
-              f"{len(pools['decode'].ready())} decode worker(s), model {router.model_path}", flush=True)
+        host = config.router.host
+        print(f"pdserve: listening on {host}:{port} (gRPC)"
+              + (f", http://{host}:{router.http_port}/v1 (OpenAI HTTP)" if router.http_port is not None else "")
+              + (f", metrics on http://{host}:{router.metrics_port}/metrics" if router.metrics_port is not None
+                 else ""), flush=True)
+        def pool(role):
+            ready = pools[role].ready()
+            return f"{len(ready)} {role} ({ready[0].info.get('precision') if ready else '-'})"
+        workers = (f"{pool('decode')} worker(s), colocated (each prefills and decodes)" if config.colocated
+                   else f"{pool('prefill')}, {pool('decode')} worker(s)")
+        print(f"pdserve: ready: {workers}, model {router.model_path}", flush=True)
 
     async def main():
         stop = asyncio.Event()
@@ -163,7 +184,12 @@ def cmd_serve(args) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(config, ready_cb=ready, stop_event=stop)
 
-    asyncio.run(main())
+    from pdserve.errors import EXIT_MODEL, CLIError, ModelLoadError
+
+    try:
+        asyncio.run(main())
+    except ModelLoadError as e:  # the router loads the tokenizer and the architecture before any worker
+        raise CLIError(str(e), EXIT_MODEL) from None
     return 0
 
 

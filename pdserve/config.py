@@ -1,14 +1,18 @@
 """The one config tree. Its YAML form is what `pdserve serve --config` reads and what the Helm
 chart renders from its values; unknown keys are errors, so a typo never silently becomes a default.
 
-    model:       {path, dtype, max_model_len}
+    mode:        disaggregated | colocated
+    model:       {path, dtype, max_model_len, load_format}
     engine:      {block_size, num_blocks, kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens, device,
                   fp8_attention_min_tokens}
     prefill:     {replicas, precision, num_gpus, num_cpus, resources}
     decode:      {replicas, precision, num_gpus, num_cpus, resources}
     kv_transfer: {dtype, backend, lease_seconds, refresh_sink_tokens}
-    router:      {host, port, metrics_port, policy, max_queued_requests, ...}
-    autoscaling: {enabled, interval_s, cooldown_s, prefill: {...}, decode: {...}}
+    router:      {host, port, http_port, metrics_port, policy, max_queued_requests, max_request_id_bytes,
+                  max_cache_namespace_bytes, liveness_timeout_s, call_timeout_s, start_timeout_s,
+                  max_migrations, restart_backoff_s, ...}
+    autoscaling: {enabled, interval_s, cooldown_s, target_ttft_s, target_itl_s, prefill: {...}, decode: {...},
+                  prefill_per_decode}
     ray:         {address, num_cpus}
 """
 from __future__ import annotations
@@ -26,6 +30,10 @@ DTYPES = ("float32", "bfloat16")  # compute dtypes of unquantized layers ("auto"
 PRECISIONS = ("bf16", "fp8", "nvfp4")  # GEMM precisions of a pool ("auto" picks by GPU)
 KV_WIRE_DTYPES = ("bf16", "fp8")  # KV on the wire: the cache's own dtype, or e4m3 + per-token-per-head scales
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
+LOAD_FORMATS = ("auto", "dummy")
+# disaggregated: prefill pool -> KV transfer -> decode pool. colocated: no prefill pool; each decode-pool worker
+# prefills and decodes its requests in one engine (the baseline disaggregation is measured against)
+MODES = ("disaggregated", "colocated")
 
 
 class ConfigError(ValueError):
@@ -37,9 +45,13 @@ class ModelConfig:
     path: Optional[str] = None  # HF directory or .gguf file; None: the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"  # compute dtype of unquantized layers; auto: bfloat16 on CUDA, float32 on CPU
     max_model_len: Optional[int] = None  # defaults to the checkpoint's context length
+    # auto: the checkpoint's weights; dummy: random weights of its shape made on the device (benchmarks of
+    # real shapes without the weights; the directory needs only config.json and the tokenizer)
+    load_format: str = "auto"
 
     def validate(self, at: str) -> None:
         _choice(at + ".dtype", self.dtype, DTYPES + ("auto",))
+        _choice(at + ".load_format", self.load_format, LOAD_FORMATS)
         _positive(at + ".max_model_len", self.max_model_len, allow_none=True)
 
 
@@ -72,7 +84,9 @@ class EngineConfig:
 class PoolConfig:
     replicas: int = 1
     precision: str = "auto"  # prefill auto: nvfp4 on Blackwell, fp8 on Hopper, bf16 elsewhere
-    num_gpus: float = 0.0  # per actor; 0 on CPU
+    # GPUs per actor (Ray's num_gpus; a fraction shares one GPU between actors). None: a whole GPU each where the
+    # Ray cluster has GPUs and the pool's engine may use them, else 0 (gpus_per_actor)
+    num_gpus: Optional[float] = None
     num_cpus: float = 1.0  # per actor
     resources: dict = field(default_factory=dict)  # Ray custom resources that pin actors to pods
     engine: dict = field(default_factory=dict)  # per-pool overrides of `engine:` keys
@@ -81,7 +95,7 @@ class PoolConfig:
         if not isinstance(self.replicas, int) or self.replicas < 0:
             raise ConfigError(f"{at}.replicas: expected an integer >= 0, got {self.replicas!r}")
         _choice(at + ".precision", self.precision, PRECISIONS + ("auto",))
-        if self.num_gpus < 0 or self.num_cpus < 0:
+        if (self.num_gpus is not None and self.num_gpus < 0) or self.num_cpus < 0:
             raise ConfigError(f"{at}: num_gpus and num_cpus must be >= 0")
         _check_fields(EngineConfig, self.engine, at + ".engine")
 
@@ -106,14 +120,37 @@ class KVTransferConfig:
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    metrics_port: Optional[int] = 9400  # Prometheus /metrics (and OpenAI HTTP when enabled); None: off
+    http_port: Optional[int] = 8000  # OpenAI-compatible HTTP (and /metrics, /health, /ready); None: off
+    metrics_port: Optional[int] = 9400  # Prometheus /metrics alone (the chart's ServiceMonitor); None: off
     policy: str = "cache_aware"
     max_queued_requests: int = 1024  # beyond this, RESOURCE_EXHAUSTED
     load_balance_slack: float = 2.0  # cache-aware: skip a worker whose load exceeds min load * slack + 1
+    # UTF-8 bytes; longer is INVALID_ARGUMENT (HTTP 400): a request id is echoed in every streamed message,
+    # and the namespace is hashed into every prompt block
+    max_request_id_bytes: int = 256
+    max_cache_namespace_bytes: int = 1024
+    # toward the workers (router/cluster.py, router/dispatch.py): a worker whose stats probe has not
+    # answered for liveness_timeout_s is UNHEALTHY (routed around, what it holds fails over); no single
+    # wait on a worker (a prefill, the next decode delta, a drain) lasts past call_timeout_s; a new
+    # worker has start_timeout_s to load and answer; a request moves to another worker at most
+    # max_migrations times when its worker dies or stalls; a dead worker is replaced after
+    # restart_backoff_s, doubling per failed attempt up to 60 s
+    liveness_timeout_s: float = 5.0
+    call_timeout_s: float = 120.0
+    start_timeout_s: float = 600.0
+    max_migrations: int = 3
+    restart_backoff_s: float = 1.0
 
     def validate(self, at: str) -> None:
-        if not (0 <= self.port < 65536):
-            raise ConfigError(f"{at}.port: {self.port} is not a TCP port")
+        for name in ("port", "http_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not (0 <= port < 65536):
+                raise ConfigError(f"{at}.{name}: {port} is not a TCP port")
+        _positive(at + ".max_request_id_bytes", self.max_request_id_bytes)
+        _positive(at + ".max_cache_namespace_bytes", self.max_cache_namespace_bytes)
+        for name in ("liveness_timeout_s", "call_timeout_s", "start_timeout_s", "restart_backoff_s"):
+            _positive(f"{at}.{name}", getattr(self, name))
+        _count(at + ".max_migrations", self.max_migrations, "0: a request fails with its worker")
         _choice(at + ".policy", self.policy, POLICIES)
         _positive(at + ".max_queued_requests", self.max_queued_requests)
 
@@ -139,10 +176,14 @@ class AutoscalingConfig:
     target_itl_s: float = 0.1
     prefill: PoolScaling = field(default_factory=lambda: PoolScaling(target=4.0))
     decode: PoolScaling = field(default_factory=lambda: PoolScaling(target=0.8))
+    # the P:D ratio `pdserve plan` recommends: when set, the prefill pool follows the decode pool at this many
+    # prefill replicas per decode replica (rounded up, within its bounds) instead of its own queue and TTFT
+    prefill_per_decode: Optional[float] = None
 
     def validate(self, at: str) -> None:
         self.prefill.validate(at + ".prefill")
         self.decode.validate(at + ".decode")
+        _positive(at + ".prefill_per_decode", self.prefill_per_decode, allow_none=True)
 
 
 @dataclass
@@ -153,6 +194,7 @@ class RayConfig:
 
 @dataclass
 class Config:
+    mode: str = "disaggregated"
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     prefill: PoolConfig = field(default_factory=PoolConfig)
@@ -163,11 +205,31 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> "Config":
+        _choice("mode", self.mode, MODES)
+        if self.mode == "colocated" and (self.prefill.replicas or self.autoscaling.enabled):
+            raise ConfigError("mode colocated runs no prefill pool: set prefill.replicas to 0 (and leave "
+                              "autoscaling off; it scales the two pools of a disaggregated cluster)")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if hasattr(v, "validate"):
                 v.validate(f.name)
         return self
+
+    @property
+    def colocated(self) -> bool:
+        return self.mode == "colocated"
+
+    def roles(self) -> tuple[str, ...]:
+        """The pools this cluster serves with: both, or only the decode pool when colocated."""
+        return ("decode",) if self.colocated else ("prefill", "decode")
+
+    def gpus_per_actor(self, role: str, cluster_gpus: float) -> float:
+        """What one actor of the pool asks Ray for: its num_gpus, or (None) 1 when the cluster has GPUs and the
+        pool's engine is not pinned to the CPU, else 0."""
+        pool = getattr(self, role)
+        if pool.num_gpus is not None:
+            return pool.num_gpus
+        return 1.0 if cluster_gpus > 0 and self.pool_engine(role).device != "cpu" else 0.0
 
     def pool_engine(self, role: str) -> EngineConfig:
         """The engine config one pool runs with: `engine:` overlaid with `<role>.engine:`."""

@@ -1,7 +1,7 @@
 """The errors every layer may raise or map, and the CLI's exit codes: a leaf module that imports nothing.
 
 How each surfaces: InvalidRequest -> INVALID_ARGUMENT / exit 2; NoFreeBlocks -> RESOURCE_EXHAUSTED;
-NoReadyWorker -> UNAVAILABLE; ModelLoadError -> exit 3; CLIError carries its own exit code."""
+NoReadyWorker -> UNAVAILABLE; KVTransferFailed -> retried by the router; ModelLoadError -> exit 3; CLIError carries its own exit code."""
 from __future__ import annotations
 
 EXIT_BAD_INPUT, EXIT_MODEL, EXIT_SERVER = 2, 3, 4
@@ -17,6 +17,11 @@ class NoFreeBlocks(RuntimeError):
 
 class NoReadyWorker(RuntimeError):
     """A pool has no ready worker to take the request: UNAVAILABLE."""
+
+
+class KVTransferFailed(RuntimeError):
+    """A prompt's KV could not be moved (the peer died, the lease expired, a transport error): the router
+    prefills the request again rather than failing it."""
 
 
 class ModelLoadError(RuntimeError):

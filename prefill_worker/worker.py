@@ -6,6 +6,9 @@ the request is aborted; only then does the engine release them (and keep them in
 """
 from __future__ import annotations
 
+import asyncio
+from typing import Optional
+
 from pdserve.engine.sequence import SamplingParams
 from pdserve.worker.base import WorkerBase
 from pdserve.worker.messages import PrefillResult
@@ -14,17 +17,30 @@ from pdserve.worker.messages import PrefillResult
 class PrefillWorker(WorkerBase):
     role = "prefill"
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], cache_namespace=None) -> PrefillResult:
-        """KV for all prompt tokens but the last (the decode side recomputes that one in its own precision)."""
+    async def prefill(self, request_id: str, prompt_token_ids: list[int],
+                      cache_namespace=None) -> Optional[PrefillResult]:
+        """KV for all prompt tokens but the last (the decode side recomputes that one in its own precision);
+        None when the request was aborted meanwhile (the router stopped waiting for it: an error here would
+        only be an unread one in Ray's log)."""
         q = await self.aengine.add(request_id, prompt_token_ids, SamplingParams(max_tokens=1), prefill_only=True,
                                    cache_namespace=cache_namespace)
         out = await q.get()
         if out is None:
-            raise RuntimeError(f"request {request_id} was aborted during prefill")
+            return None
         if isinstance(out, Exception):
             raise out
+        ticket = out.kv_handle
+        if ticket is not None and self.faults.prefixes:
+            ticket = await self._inject_fault(request_id, ticket)
         return PrefillResult(worker=self.name, precision=self.engine.precision, num_tokens=out.kv_num_tokens,
-                             num_cached_tokens=out.num_cached_tokens, ticket=out.kv_handle)
+                             num_cached_tokens=out.num_cached_tokens, ticket=ticket)
+
+    async def _inject_fault(self, request_id: str, ticket: bytes) -> bytes:
+        if self.faults.hits("drop_transfer", request_id):
+            return b"dropped"  # the lease still holds the blocks until the router aborts the request
+        if self.faults.hits("delay_transfer", request_id):
+            await asyncio.sleep(self.config.kv_transfer.lease_seconds + 1.0)
+        return ticket
 
     async def abort(self, request_id: str) -> bool:
         """Wherever the request is: computing, or its KV offered (the send is cancelled, the blocks freed)."""

@@ -103,7 +103,7 @@ class PDServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Scale(self, request, context):
-        """Admin: set a pool's size; added workers serve once ready, removed ones drain first.
+        """Admin: set a pool's size; added workers serve once ready, removed ones drain first. Calls are serialized.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

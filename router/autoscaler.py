@@ -6,15 +6,19 @@
   against `target_itl_s`.
 One step up when over target, one step down when comfortably under (half the target), within
 [min_replicas, max_replicas], and never again before `cooldown_s` has passed for that pool.
+With `prefill_per_decode` (the ratio `pdserve plan` recommends) the prefill pool instead follows the
+decode pool's size at that ratio.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 from pdserve.config import AutoscalingConfig
+from pdserve.router.log_limit import LogLimiter
 
 log = logging.getLogger("pdserve.autoscaler")
 
@@ -46,12 +50,19 @@ def decide(cfg: AutoscalingConfig, role: str, s: PoolSignal, last_change: float,
     return max(bounds.min_replicas, min(bounds.max_replicas, want))
 
 
+def follow_ratio(cfg: AutoscalingConfig, decode_replicas: int) -> int:
+    """Prefill replicas for `decode_replicas` at the planner's ratio, rounded up, within the prefill bounds."""
+    want = math.ceil(decode_replicas * cfg.prefill_per_decode - 1e-9)  # 0.5 x 4 is 2, not 3 by rounding noise
+    return max(cfg.prefill.min_replicas, min(cfg.prefill.max_replicas, want))
+
+
 class Autoscaler:
     def __init__(self, cfg: AutoscalingConfig, cluster, metrics=None):
         self.cfg = cfg
         self.cluster = cluster
         self.metrics = metrics
         self.last_change = {"prefill": 0.0, "decode": 0.0}
+        self.log = LogLimiter(log, period_s=300.0)
 
     def signal(self, role: str) -> PoolSignal:
         pool = self.cluster.pools[role]
@@ -68,10 +79,15 @@ class Autoscaler:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.interval_s)
-            for role in ("prefill", "decode"):
+            ratio = self.cfg.prefill_per_decode
+            decode_want = None
+            for role in ("decode", "prefill") if ratio else ("prefill", "decode"):
                 s = self.signal(role)
                 now = time.monotonic()
-                want = decide(self.cfg, role, s, self.last_change[role], now)
+                if role == "prefill" and ratio:
+                    want = follow_ratio(self.cfg, decode_want)
+                else:
+                    want = decode_want = decide(self.cfg, role, s, self.last_change[role], now)
                 if want != s.replicas:
                     log.info("autoscale %s: %d -> %d (load %.2f, latency %s)", role, s.replicas, want, s.load,
                              s.latency)
@@ -79,6 +95,6 @@ class Autoscaler:
                         await self.cluster.scale(role, want)
                         if self.metrics:
                             self.metrics.scaled(role, s.replicas, want)
-                    except Exception as e:  # a failed scale is retried after the cool-down
-                        log.warning("autoscale %s failed: %s", role, e)
+                    except Exception as e:  # a failed scale (no room on the cluster) is retried after the cool-down
+                        self.log.warning(f"{role}-{type(e).__name__}", "autoscale %s failed: %s", role, e)
                     self.last_change[role] = now

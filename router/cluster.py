@@ -1,14 +1,31 @@
 """The worker pools on Ray: start (or join) Ray, create prefill and decode actors, grow and shrink
-each pool at run time (removal drains: no new requests, in-flight ones finish, then the actor exits).
+each pool at run time, watch every worker, and keep each pool at its size.
+
+- Scale is serialized. Growing checks Ray's free resources first: on a Ray this router started (its size
+  is fixed) a pool is never grown past what can be placed (ClusterFull, RESOURCE_EXHAUSTED); on a Ray it
+  joined (which may autoscale) the unplaced workers stay STARTING, reported as pending, until
+  `router.start_timeout_s`. Shrinking removes STARTING workers first, then UNHEALTHY ones, then the least
+  loaded READY ones, which drain (no new requests, in-flight ones finish, then the actor exits).
+- Liveness: every worker is probed (its stats) without the router ever waiting on the answer. One that has
+  not answered for `router.liveness_timeout_s` turns UNHEALTHY, one whose actor died leaves its pool; both
+  are reported to the listeners ("lost"), so the requests it held move elsewhere (router/dispatch.py).
+- Self-healing: a pool below its size (a worker died) gets replacements, after `router.restart_backoff_s`,
+  doubling per failed start up to 60 s.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 from pdserve.config import Config
+from pdserve.errors import NoFreeBlocks
+from pdserve.router.log_limit import LogLimiter
 from pdserve.router.policy import KVIndex
 from pdserve.router.pool import Pool, Worker, WorkerState
 
@@ -47,6 +64,29 @@ def _actor_class(role: str):
     return ray.remote(cls)
 
 
+MAX_BACKOFF_S = 60.0
+
+
+class ClusterFull(NoFreeBlocks):
+    """Ray cannot place the workers a Scale asks for: RESOURCE_EXHAUSTED, and the pool is left as it was."""
+
+
+def actor_dead(exc: BaseException) -> bool:
+    """The actor behind a failed call is gone for good (not merely slow or briefly unreachable)."""
+    from ray import exceptions as rx
+
+    if isinstance(exc, rx.ActorUnavailableError):
+        return False
+    return isinstance(exc, (rx.RayActorError, rx.ActorUnschedulableError, rx.WorkerCrashedError))
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    previous: int  # the pool's size before (workers not draining)
+    ready: int  # ready workers now
+    pending: int  # workers still starting (not placed, or loading)
+
+
 class Cluster:
     def __init__(self, config: Config):
         self.config = config
@@ -55,15 +95,40 @@ class Cluster:
         # workers outlive the router only on a Ray cluster it joined (so a restarted router adopts
         # them, caches intact); on a Ray it started itself they go down with it
         self.detached = bool(config.ray.address)
+        # called as listener(event, worker): "lost" (UNHEALTHY or dead: its requests must move), "back"
+        # (answering again), "died", "removed" (left its pool), "restarted" (a replacement is ready)
+        self.listeners: list[Callable[[str, Worker], None]] = []
+        self.log = LogLimiter(log)
         self._counter = 0
         self._tasks: set = set()
         self._scale_lock = asyncio.Lock()
+        self._last_round = time.monotonic()
+        base = config.router.restart_backoff_s
+        self._backoff = {r: [0.0, base] for r in self.pools}  # role -> [next attempt, current delay]
+
+    def _emit(self, event: str, w: Worker) -> None:
+        for fn in self.listeners:
+            try:
+                fn(event, w)
+            except Exception:  # a listener's bug must not stop the pools
+                log.exception("cluster listener failed on %s %s", event, w.name)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
 
     async def start(self) -> None:
         init_ray(self.config)
         adopted = await self._adopt() if self.detached else {"prefill": 0, "decode": 0}
-        await asyncio.gather(*(self._add(role, getattr(self.config, role).replicas - adopted[role])
-                               for role in ("prefill", "decode") if not adopted[role]))
+        new = []
+        for role, pool in self.pools.items():
+            pool.target = max(getattr(self.config, role).replicas, adopted[role])
+            if not adopted[role]:
+                new += [w.starting for w in self._create(role, pool.target)]
+        if new:
+            await asyncio.wait(new)
 
     async def _adopt(self) -> dict:
         """Take over the workers a previous router left on this Ray cluster."""
@@ -77,97 +142,252 @@ class Cluster:
                 continue
             try:
                 actor = ray.get_actor(name, namespace=NAMESPACE)
-                info = await actor.start.remote()
+                info = await asyncio.wait_for(actor.start.remote(), self.config.router.call_timeout_s)
             except Exception as e:
                 log.warning("cannot adopt worker %s: %s", name, e)
                 continue
-            self.pools[role].workers[name] = Worker(name, role, actor, state=WorkerState.READY, info=info)
+            self.pools[role].workers[name] = Worker(name, role, actor, state=WorkerState.READY, info=info,
+                                                    last_seen=time.monotonic())
             found[role] += 1
         if any(found.values()):
             log.info("adopted %d prefill and %d decode workers", found["prefill"], found["decode"])
         return found
 
-    async def _add(self, role: str, n: int) -> list[Worker]:
-        import ray
-
+    def _create(self, role: str, n: int, replacement: bool = False) -> list[Worker]:
+        """n new STARTING workers; each has a task (`starting`) that makes it READY or removes it."""
         pool_cfg = getattr(self.config, role)
         cls = _actor_class(role)
         new = []
         for _ in range(n):
             self._counter += 1
             name = f"{role}-{self._counter}-{secrets.token_hex(3)}"
-            actor = cls.options(num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus,
+            actor = cls.options(num_cpus=pool_cfg.num_cpus, num_gpus=self.gpus_per_actor(role),
                                 resources=pool_cfg.resources or None, max_concurrency=1000,
                                 name=name, namespace=NAMESPACE,
                                 lifetime="detached" if self.detached else None).remote(self.config.to_dict(), name)
             w = Worker(name, role, actor)
             self.pools[role].workers[name] = w
+            w.starting = self._spawn(self._start(w, replacement))
             new.append(w)
-        results = await asyncio.gather(*(w.actor.start.remote() for w in new), return_exceptions=True)
-        for w, r in zip(new, results):
-            if isinstance(r, BaseException):
-                log.error("worker %s failed to start: %s", w.name, r)
-                self.pools[role].workers.pop(w.name, None)
-                ray.kill(w.actor)
-            else:
-                w.info = r
-                w.state = WorkerState.READY
-        return [w for w in new if w.state is WorkerState.READY]
+        return new
 
-    async def scale(self, role: str, replicas: int) -> int:
-        """Set a pool's size; returns the previous size. Removal drains the least loaded workers."""
+    async def _start(self, w: Worker, replacement: bool) -> None:
+        try:
+            info = await asyncio.wait_for(w.actor.start.remote(), self.config.router.start_timeout_s)
+        except asyncio.CancelledError:  # removed while starting (a Scale down, shutdown)
+            raise
+        except Exception as e:
+            why = (f"not ready within {self.config.router.start_timeout_s:g} s (not placeable, or still loading)"
+                   if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}")
+            self.log.warning(f"start-{w.role}", "worker %s failed to start: %s", w.name, why)
+            self._remove(w, kill=True)
+            return
+        finally:
+            w.starting = None
+        if self.pools[w.role].workers.get(w.name) is not w:
+            return
+        w.info = info
+        w.state = WorkerState.READY
+        w.last_seen = time.monotonic()
+        self._backoff[w.role][1] = self.config.router.restart_backoff_s
+        if replacement:
+            log.info("worker %s replaces a lost %s worker", w.name, w.role)
+            self._emit("restarted", w)
+
+    def gpus_per_actor(self, role: str) -> float:
+        """The pool's num_gpus, or its default for this Ray cluster (Config.gpus_per_actor)."""
+        import ray
+
+        return self.config.gpus_per_actor(role, ray.cluster_resources().get("GPU", 0.0))
+
+    def placeable(self, role: str) -> float:
+        """How many more workers of `role` Ray has free resources for now (summed over nodes: an upper bound
+        when they are split across nodes)."""
+        import ray
+
+        cfg = getattr(self.config, role)
+        need = {"CPU": cfg.num_cpus, "GPU": self.gpus_per_actor(role), **cfg.resources}
+        free = ray.available_resources()
+        n = math.inf
+        for key, per in need.items():
+            if per > 0:
+                n = min(n, math.floor(free.get(key, 0.0) / per + 1e-6))
+        return n
+
+    async def scale(self, role: str, replicas: int) -> ScaleResult:
+        """Set a pool's size. Growing returns once the new workers are ready or have failed (a joined Ray may
+        leave some pending); shrinking returns at once, the removed ready workers draining behind it."""
         if role not in self.pools:
             raise ValueError(f"role must be prefill or decode, got {role!r}")
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
+        starting: list[asyncio.Task] = []
         async with self._scale_lock:
             pool = self.pools[role]
             prev = len(pool.active())
             if replicas > prev:
-                await self._add(role, replicas - prev)
+                more = replicas - prev
+                room = await asyncio.to_thread(self.placeable, role)
+                if more > room and not self.detached:
+                    cfg = getattr(self.config, role)
+                    raise ClusterFull(f"cannot place {more} more {role} workers: Ray has room for {room} "
+                                      f"(each needs {cfg.num_cpus:g} CPU, {self.gpus_per_actor(role):g} GPU"
+                                      f"{', ' + str(cfg.resources) if cfg.resources else ''}); "
+                                      f"the {role} pool stays at {prev}")
+                starting = [w.starting for w in self._create(role, more)]
             elif replicas < prev:
-                victims = sorted(pool.active(), key=lambda w: w.inflight)[:prev - replicas]
-                for w in victims:
-                    w.state = WorkerState.DRAINING
-                    t = asyncio.get_running_loop().create_task(self._retire(w))
-                    self._tasks.add(t)
-                    t.add_done_callback(self._tasks.discard)
-            return prev
+                self._shrink(pool, prev - replicas)
+            pool.target = replicas
+        if starting:
+            await asyncio.wait(starting)
+        return ScaleResult(prev, len(pool.ready()), len(pool.in_state(WorkerState.STARTING)))
+
+    def _shrink(self, pool: Pool, n: int) -> None:
+        """Remove n workers: those not serving first (starting, newest first; unhealthy), then the least loaded."""
+        order = (list(reversed(pool.in_state(WorkerState.STARTING))) + pool.in_state(WorkerState.UNHEALTHY)
+                 + sorted(pool.ready(), key=lambda w: w.inflight))
+        for w in order[:n]:
+            if w.state is WorkerState.STARTING:
+                if w.starting is not None:
+                    w.starting.cancel()
+                self._remove(w, kill=True)
+            else:
+                w.state = WorkerState.DRAINING
+                self._spawn(self._retire(w))
 
     async def _retire(self, w: Worker) -> None:
-        import ray
-
         try:
-            await w.actor.drain.remote()
-        except Exception:
+            await asyncio.wait_for(w.actor.drain.remote(), self.config.router.call_timeout_s)
+        except Exception:  # dead or stalled: its requests fail over, so it need not hear of the drain
             pass
-        while w.inflight > 0:
+        while w.inflight > 0 and w.name in self.pools[w.role].workers:
             await asyncio.sleep(0.05)
         # a prefill worker stays in flight until its KV was pulled, so no lease is left to strand
-        self.pools[w.role].workers.pop(w.name, None)
-        self.index.forget(w.name)
-        ray.kill(w.actor, no_restart=True)
+        self._remove(w, kill=True)
 
+    def _remove(self, w: Worker, kill: bool) -> None:
+        if self.pools[w.role].workers.get(w.name) is not w:
+            return
+        del self.pools[w.role].workers[w.name]
+        self.index.forget(w.name)
+        for f in (w.probe, w.events_probe):
+            if f is not None:
+                f.cancel()
+        if kill:
+            import ray
+
+            try:
+                ray.kill(w.actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self._emit("removed", w)
+
+    def worker_failed(self, w: Worker, exc: BaseException) -> None:
+        """A call to `w` failed with `exc` (a request's call, or a probe): a dead actor leaves its pool now."""
+        if not actor_dead(exc) or self.pools[w.role].workers.get(w.name) is not w:
+            return
+        log.warning("worker %s died: %s", w.name, _short(exc))
+        self._emit("lost", w)
+        self._emit("died", w)
+        self._remove(w, kill=True)
+
+    # -- liveness and stats ------------------------------------------------------------------------
     async def refresh_stats(self) -> None:
-        workers = [w for p in self.pools.values() for w in p.workers.values() if w.state is not WorkerState.STARTING]
-        results = await asyncio.gather(*(w.actor.stats.remote() for w in workers), return_exceptions=True)
-        for w, r in zip(workers, results):
-            if isinstance(r, BaseException):
-                log.warning("worker %s is not answering: %s", w.name, r)
-                if w.state is WorkerState.READY:
-                    w.state = WorkerState.DRAINING  # a dead actor takes no new requests
-            else:
-                w.stats = r
-        prefill = self.pools["prefill"].ready()
-        events = await asyncio.gather(*(w.actor.kv_events.remote(self.index.after(w.name)) for w in prefill),
-                                      return_exceptions=True)
-        for w, payload in zip(prefill, events):
-            if not isinstance(payload, BaseException):
-                self.index.apply(payload)
+        """One round of the watch (the router calls it every 0.5 s): start the probes that are not in
+        flight, judge liveness, replace lost workers. Never waits on a worker."""
+        now = time.monotonic()
+        liveness = self.config.router.liveness_timeout_s
+        stalled = now - self._last_round > 1.0  # the router itself did not run: answers may be queued unread
+        self._last_round = now
+        for pool in self.pools.values():
+            for w in list(pool.workers.values()):
+                if w.state is WorkerState.STARTING:
+                    continue
+                if w.probe is not None and w.probe.done():  # answered; its callback has not run yet
+                    self._stats_done(w, w.probe)
+                if w.probe is None:
+                    w.probe = self._probe(w, w.actor.stats.remote(), self._stats_done)
+                if w.role == "prefill" and w.state is WorkerState.READY and w.events_probe is None:
+                    w.events_probe = self._probe(w, w.actor.kv_events.remote(self.index.after(w.name)),
+                                                 self._events_done)
+                if stalled:
+                    w.last_seen = max(w.last_seen, now - liveness / 2)
+                elif w.state is WorkerState.UNHEALTHY and now - w.last_seen > self.config.router.call_timeout_s:
+                    # hung for good: make room for a replacement
+                    log.warning("worker %s has not answered for %.0f s: replacing it", w.name, now - w.last_seen)
+                    self._emit("died", w)
+                    self._remove(w, kill=True)
+                elif w.state is WorkerState.READY and now - w.last_seen > liveness:
+                    w.state = WorkerState.UNHEALTHY
+                    log.warning("worker %s has not answered for %.1f s: unhealthy, routed around", w.name,
+                                now - w.last_seen)
+                    self._emit("lost", w)
+        self._heal(now)
+
+    def _probe(self, w: Worker, ref, done) -> asyncio.Future:
+        f = asyncio.ensure_future(ref)
+        f.add_done_callback(lambda f: done(w, f))
+        return f
+
+    def _stats_done(self, w: Worker, f: asyncio.Future) -> None:
+        if w.probe is not f:  # handled already (refresh_stats found it done before its callback ran)
+            return
+        w.probe = None
+        if f.cancelled():
+            return
+        if f.exception() is not None:
+            if actor_dead(f.exception()):
+                self.worker_failed(w, f.exception())
+            else:  # unreachable for now: liveness decides
+                self.log.warning(f"probe-{w.name}", "worker %s did not answer its probe: %s", w.name,
+                                 _short(f.exception()))
+            return
+        w.stats = f.result()
+        w.last_seen = time.monotonic()
+        if w.state is WorkerState.UNHEALTHY:
+            log.warning("worker %s answers again: ready", w.name)
+            w.state = WorkerState.READY
+            self._emit("back", w)
+
+    def _events_done(self, w: Worker, f: asyncio.Future) -> None:
+        w.events_probe = None
+        if f.cancelled() or f.exception() is not None:
+            return  # the stats probe judges liveness
+        if w.name in self.pools[w.role].workers:
+            self.index.apply(f.result())
+
+    def _heal(self, now: float) -> None:
+        """Replace the workers a pool lost, one backoff step at a time."""
+        if self._scale_lock.locked():
+            return
+        for role, pool in self.pools.items():
+            missing = pool.target - len(pool.active())
+            nxt, delay = self._backoff[role]
+            if missing <= 0 or now < nxt:
+                continue
+            self._backoff[role] = [now + delay, min(delay * 2, MAX_BACKOFF_S)]
+            if not self.detached:
+                try:
+                    missing = min(missing, self.placeable(role))
+                except Exception:  # Ray itself is unreachable: try again after the backoff
+                    continue
+                if missing <= 0:
+                    self.log.warning(f"heal-{role}", "the %s pool is %d below its size; Ray has no room for a "
+                                     "replacement yet", role, pool.target - len(pool.active()))
+                    continue
+            log.warning("replacing %d lost %s worker(s)", missing, role)
+            self._create(role, int(missing), replacement=True)
 
     async def shutdown(self) -> None:
         import ray
 
+        for t in list(self._tasks):
+            t.cancel()
+        for p in self.pools.values():
+            for w in list(p.workers.values()):
+                for f in (w.probe, w.events_probe):
+                    if f is not None:
+                        f.cancel()
         if self.detached:  # they serve the next router on this Ray cluster
             return
         for p in self.pools.values():
@@ -177,3 +397,9 @@ class Cluster:
                 except Exception:
                     pass
             p.workers.clear()
+
+
+def _short(exc: BaseException) -> str:
+    """One line of a failure, without Ray's multi-line actor report."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

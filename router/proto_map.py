@@ -9,7 +9,7 @@ from pdserve.config import Config
 from pdserve.engine.sequence import SamplingParams
 from pdserve.errors import InvalidRequest, NoFreeBlocks, NoReadyWorker
 from pdserve.proto import pb
-from pdserve.router.dispatch import Delta, cause_of
+from pdserve.router.dispatch import Delta, WorkerFailed, cause_of
 
 
 def sampling_from_proto(s) -> SamplingParams:
@@ -45,11 +45,13 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
     if isinstance(cause, NoFreeBlocks):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause)
-    if isinstance(cause, NoReadyWorker):
+    if isinstance(cause, (NoReadyWorker, WorkerFailed)):
         return grpc.StatusCode.UNAVAILABLE, str(cause)
-    # by name, to keep Ray out of this module: RayActorError, ActorDiedError, ActorUnavailableError
-    dead_actor = "Actor" in type(exc).__name__
-    return (grpc.StatusCode.UNAVAILABLE if dead_actor else grpc.StatusCode.INTERNAL), f"{type(cause).__name__}: {cause}"
+    # by name, to keep Ray out of this module: RayActorError, ActorDiedError, ActorUnavailableError; their text
+    # (actor ids, pids, addresses) is for the log, not for clients
+    if "Actor" in type(exc).__name__:
+        return grpc.StatusCode.UNAVAILABLE, "a worker serving the request is gone"
+    return grpc.StatusCode.INTERNAL, f"{type(cause).__name__}: {cause}"
 
 
 def model_info(config: Config, arch, model_path: str, max_model_len: int, pools: dict) -> pb.ModelInfo:
@@ -65,11 +67,13 @@ def model_info(config: Config, arch, model_path: str, max_model_len: int, pools:
 
 def cluster_info(pools: dict) -> pb.ClusterInfo:
     info = pb.ClusterInfo(prefill_replicas=len(pools["prefill"].active()),
-                          decode_replicas=len(pools["decode"].active()))
+                          decode_replicas=len(pools["decode"].active()),
+                          prefill_ready=len(pools["prefill"].ready()), decode_ready=len(pools["decode"].ready()))
     for p in pools.values():
         for w in p.workers.values():
             s = w.stats
             info.workers.add(name=w.name, role=w.role, state=w.state.value, num_waiting=s.get("num_waiting", 0),
                              num_running=s.get("num_running", 0), kv_cache_usage=s.get("kv_cache_usage", 0.0),
-                             num_free_blocks=s.get("num_free_blocks", 0), inflight=w.inflight)
+                             num_free_blocks=s.get("num_free_blocks", 0), inflight=w.inflight,
+                             pid=w.info.get("pid", 0))
     return info

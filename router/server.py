@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from contextlib import aclosing
 
 import grpc
@@ -17,12 +16,14 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.config import Config
 from pdserve.engine.loader import load_arch, resolve_model_path
-from pdserve.engine.sequence import SamplingParams
-from pdserve.engine.tokenizer import Tokenizer, prompt_ids
+from pdserve.engine.tokenizer import Tokenizer
 from pdserve.errors import InvalidRequest, NoFreeBlocks
 from pdserve.proto import pb, rpc
+from pdserve.router.admission import Admission, Admitted
 from pdserve.router.cluster import Cluster
 from pdserve.router.dispatch import Dispatcher
+from pdserve.router.health import PoolHealth
+from pdserve.router.metrics import request_arrived
 from pdserve.router.proto_map import (
     cluster_info,
     model_info,
@@ -46,32 +47,28 @@ class Router(rpc.PDServeServicer):
         self.max_model_len = min(config.model.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
         self.dispatch = Dispatcher(config, cluster, metrics)
+        self.admission = Admission(config, self.tokenizer, self.arch.vocab_size, self.max_model_len, self.dispatch)
 
-    def _admit(self, request) -> tuple[str, list[int], SamplingParams]:
-        params = sampling_from_proto(request.sampling)
+    async def _admit(self, request) -> Admitted:
         which = request.WhichOneof("input")
-        ids = prompt_ids(self.tokenizer, self.arch.vocab_size, self.max_model_len,
-                         prompt=None if which == "prompt_token_ids" else request.prompt,
-                         prompt_token_ids=list(request.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
-                         chat=request.chat)
-        rid = request.request_id or uuid.uuid4().hex
-        active = self.dispatch.active
-        if rid in active:
-            raise InvalidRequest(f"request id {rid!r} is already in use")
-        if len(active) >= self.config.router.max_queued_requests:
-            raise NoFreeBlocks(f"the router holds {len(active)} requests, its limit")
-        return rid, ids, params
+        return await self.admission.admit(
+            sampling_from_proto(request.sampling), chat=request.chat,
+            prompt=None if which == "prompt_token_ids" else request.prompt,
+            prompt_token_ids=request.prompt_token_ids.ids if which == "prompt_token_ids" else None,
+            request_id=request.request_id, namespace=request.cache_namespace)
 
     async def Generate(self, request, context):
+        request_arrived()
         try:
-            rid, ids, params = self._admit(request)
+            req = await self._admit(request)
         except (InvalidRequest, NoFreeBlocks) as e:
+            self.dispatch.refused(e)
             await context.abort(*status_of(e))
         try:
             # closed here, not whenever it is collected: a stream that ends early frees its blocks now
-            async with aclosing(self.dispatch.run(rid, ids, params, request.cache_namespace or None)) as deltas:
+            async with aclosing(self.dispatch.run(req.rid, req.ids, req.params, req.namespace)) as deltas:
                 async for d in deltas:
-                    yield response(rid, d, ids)
+                    yield response(req.rid, d, req.ids)
         except Exception as e:
             await context.abort(*status_of(e))
 
@@ -103,10 +100,15 @@ class Router(rpc.PDServeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be prefill or decode")
         if request.replicas < 0 or request.replicas > 256:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "replicas must be in [0, 256]")
-        prev = await self.cluster.scale(request.role, request.replicas)
+        if request.role not in self.config.roles() and request.replicas:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"mode {self.config.mode} has no {request.role} pool")
+        try:
+            r = await self.cluster.scale(request.role, request.replicas)
+        except NoFreeBlocks as e:  # ClusterFull: Ray cannot place them; the pool is as it was
+            await context.abort(*status_of(e))
         if self.dispatch.metrics:
-            self.dispatch.metrics.scaled(request.role, prev, request.replicas)
-        return pb.ScaleResponse(previous=prev, replicas=request.replicas)
+            self.dispatch.metrics.scaled(request.role, r.previous, request.replicas)
+        return pb.ScaleResponse(previous=r.previous, replicas=request.replicas, ready=r.ready, pending=r.pending)
 
 
 async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None = None) -> None:
@@ -120,29 +122,33 @@ async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None 
     if port == 0:
         raise RuntimeError(f"cannot listen on {addr}")
     metrics = None
-    if config.router.metrics_port is not None:
-        from pdserve.router.metrics import Metrics, start_http
+    if config.router.metrics_port is not None or config.router.http_port is not None:
+        from pdserve.router.metrics import Metrics
+        from pdserve.router.openai_map import served_model_name
 
-        metrics = Metrics(cluster)
+        metrics = Metrics(cluster, served_model_name(config))
     router = Router(config, cluster, metrics)
     rpc.add_PDServeServicer_to_server(router, server)
     reflection.enable_server_reflection(
         (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    pool_health = PoolHealth(health_servicer, SERVICE, config.roles())
+    await pool_health.publish(cluster.pools)  # NOT_SERVING while the pools load; "liveness" SERVING
     await server.start()  # probes see NOT_SERVING while the pools load
-    await cluster.start()
-    stats_task = asyncio.get_running_loop().create_task(_refresh(cluster))
-    metrics_server = None if metrics is None else start_http(metrics, config.router.host, config.router.metrics_port)
+    http_servers = await _start_http(config, router, metrics)  # /ready says 503 while they load
+    try:
+        await cluster.start()
+    except BaseException:
+        for h in http_servers:
+            await h.stop()
+        raise
+    stats_task = asyncio.get_running_loop().create_task(_refresh(cluster, pool_health))
     tasks = [stats_task]
     if config.autoscaling.enabled:
         from pdserve.router.autoscaler import Autoscaler
 
         tasks.append(asyncio.get_running_loop().create_task(
             Autoscaler(config.autoscaling, cluster, metrics).run()))
-    ready = bool(cluster.pools["prefill"].ready() and cluster.pools["decode"].ready())
-    status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-    await health_servicer.set("", status)
-    await health_servicer.set(SERVICE, status)
+    await pool_health.publish(cluster.pools)
     if ready_cb is not None:
         ready_cb(port, router)
     try:
@@ -153,17 +159,43 @@ async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None 
     finally:
         for t in tasks:
             t.cancel()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await pool_health.stop()
         await server.stop(grace=2)
-        if metrics_server is not None:
-            metrics_server.shutdown()
+        for h in http_servers:
+            await h.stop()
+        router.admission.close()
         await cluster.shutdown()
 
 
-async def _refresh(cluster: Cluster) -> None:
+async def _start_http(config: Config, router: Router, metrics) -> list:
+    """The OpenAI HTTP server (router.http_port) and the metrics-only one (router.metrics_port), as configured;
+    their bound ports go on the router for whoever reports them."""
+    from pdserve.router.http_server import HTTPServer, metrics_app, openai_app
+
+    servers = []
+    r = config.router
+    router.http_port = router.metrics_port = None
+    try:
+        if r.http_port is not None:
+            servers.append(HTTPServer(openai_app(router, metrics), r.host, r.http_port))
+            router.http_port = servers[-1].port
+        if r.metrics_port is not None:
+            servers.append(HTTPServer(metrics_app(metrics), r.host, r.metrics_port))
+            router.metrics_port = servers[-1].port
+        for h in servers:
+            await h.start()
+    except BaseException:
+        for h in servers:
+            await h.stop()
+        raise
+    return servers
+
+
+async def _refresh(cluster: Cluster, pool_health: PoolHealth) -> None:
     while True:
         try:
-            await cluster.refresh_stats()
-        except Exception as e:  # stats are advisory; never let them stop the router
-            log.warning("stats refresh failed: %s", e)
+            await cluster.refresh_stats()  # never waits on a worker (liveness, router/cluster.py)
+            await pool_health.publish(cluster.pools)
+        except Exception as e:  # never let the watch stop the router
+            cluster.log.warning("refresh", "pool refresh failed: %s", e)
         await asyncio.sleep(0.5)

@@ -13,6 +13,7 @@
 #                                         if the image's own are too old for grpcio-tools (see gpu_install.sh)
 #   .gpu/bundle/<name>-<ver>-slim.tar.xz  Ray and NIXL wheels unpacked and cut down (too big as wheels)
 #   .gpu/bundle/MANIFEST                  versions and sizes; gpu_install.sh reads the grpc pins from it
+#   .gpu/models/llama-3-8b/               config.json + tokenizer for `model.load_format: dummy` (3.4 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,11 @@ PLAIN_WHEELS=(
   "referencing==0.37.0"
   "rpds-py==2026.9.1"
 )
+# the router's HTTP front door and metrics (pure Python), at the versions CI runs with
+for name in prometheus_client starlette uvicorn h11 click anyio sniffio; do
+  pin=$(grep -i "^${name}==" constraints.txt) || { echo "gpu_bundle: $name is not pinned in constraints.txt" >&2; exit 1; }
+  PLAIN_WHEELS+=("$pin")
+done
 FALLBACK_WHEELS=("grpcio==$GRPCIO_VERSION" "protobuf==$PROTOBUF_VERSION")
 SLIM_RECIPE=2                   # bump when the slimming below changes, to rebuild the cached tarballs
 LIMIT_MB=50
@@ -199,6 +205,10 @@ build_slim ray "$RAY_VERSION" ray
   echo "ray=$RAY_VERSION"
   (cd "$OUT" && find . -type f ! -name MANIFEST -printf '%P %s\n' | sort)
 } > "$OUT/MANIFEST"
+
+# Llama-3-8B shapes for `model.load_format: dummy` (config.json + the embedded tokenizer; no weights)
+rm -rf .gpu/models
+"${VENV_PY:-.venv/bin/python}" -P benchmarks/dummy_model.py .gpu/models/llama-3-8b >/dev/null
 
 if ! grep -qxF '/.gpu/' .gitignore 2>/dev/null; then
   [ ! -s .gitignore ] || [ -z "$(tail -c1 .gitignore)" ] || echo >> .gitignore

@@ -13,6 +13,7 @@ import torch
 from pdserve.config import Config, from_dict
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
+from pdserve.worker.faults import Faults
 
 
 class KVEvent(str, enum.Enum):
@@ -33,6 +34,7 @@ class WorkerBase:
         self.engine.connector = self.connector
         self.engine.remote_kv_timeout = self.config.kv_transfer.lease_seconds / 2
         self.aengine: AsyncEngine | None = None
+        self.faults = Faults()  # chaos tests only (PDSERVE_FAULTS); empty otherwise
         self.draining = False
         # KV events: (id, KVEvent, block hash), ids consecutive from 1
         self.kv_log: deque = deque(maxlen=100_000)

@@ -29,16 +29,20 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, config: dict, tmp: Path, timeout: float = 240):
+    def __init__(self, config: dict, tmp: Path, timeout: float = 240, args: tuple = ()):
+        """`args`: more `pdserve serve` arguments (a MODEL, flags), after --config."""
         config = dict(config)
+        self.args = list(args)
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         config.setdefault("router", {})
         config["router"] = {**config["router"], "host": "127.0.0.1", "port": self.port,
-                            "metrics_port": self.metrics_port}
+                            "metrics_port": self.metrics_port, "http_port": self.http_port}
         self.config_path = tmp / f"pdserve-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.address = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         for attempt in (1, 2):
             self.log_path = tmp / f"pdserve-{self.port}-{attempt}.log"
             self._launch()
@@ -57,7 +61,8 @@ class Server:
     def _launch(self) -> None:
         self.log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--config", str(self.config_path),
+                                      *self.args],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=NEUTRAL_CWD, env=env,
                                      start_new_session=True)
 

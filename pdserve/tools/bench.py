@@ -1,4 +1,5 @@
-"""`pdserve bench`: a serving benchmark client for the gRPC router.
+"""`pdserve bench`: a serving benchmark client for the gRPC router (or, with --http, its OpenAI-compatible
+HTTP door: bench_http.py).
 
 Three layers, the first two pure (testable without a server):
 - workloads: seeded request lists (`random_workload`, `shared_prefix_workload`) and arrival times;
@@ -351,19 +352,31 @@ def _channels(address: str, n: int):
 
 async def run_load(address: str, requests: list[BenchRequest], arrivals: list[float], concurrency: int | None,
                    *, ignore_eos: bool = True, seed: int | None = None, temperature: float = 0.0,
-                   timeout: float = 600.0, progress: bool = True,
-                   desc: str = "bench") -> tuple[list[RequestResult], float, dict]:
+                   timeout: float = 600.0, progress: bool = True, desc: str = "bench",
+                   http_model: str | None = None) -> tuple[list[RequestResult], float, dict]:
     """Send `requests` at `arrivals` (seconds from start), at most `concurrency` in flight.
     Returns the results in request order, the wall time from the start to the last completion,
-    and the client's own overhead measurements."""
+    and the client's own overhead measurements. With `http_model`, `address` is an HTTP base URL."""
     from tqdm import tqdm
 
     from pdserve.proto import rpc
 
     inflight = len(requests) if concurrency is None else min(concurrency, len(requests))
-    chans = _channels(address, max(1, math.ceil(inflight / 48)))
-    stubs = [rpc.PDServeStub(c) for c in chans]
-    msgs = [_request_proto(q, ignore_eos, seed, temperature) for q in requests]
+    if http_model is None:
+        chans = _channels(address, max(1, math.ceil(inflight / 48)))
+        stubs = [rpc.PDServeStub(c) for c in chans]
+        msgs = [_request_proto(q, ignore_eos, seed, temperature) for q in requests]
+
+        def send(i):
+            return _stream(stubs[i % len(stubs)], msgs[i], timeout)
+    else:
+        from pdserve.tools import bench_http
+
+        chans = [bench_http.client(inflight)]
+        bodies = [bench_http.completion_body(http_model, q, ignore_eos, seed, temperature) for q in requests]
+
+        def send(i):
+            return bench_http.stream(chans[0], address, bodies[i], timeout, RequestResult(ok=False))
     sem = asyncio.Semaphore(max(1, inflight))
     bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not progress, leave=False)
     probe = _LoopLagProbe()
@@ -376,7 +389,7 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
             await asyncio.sleep(delay)
         arrival_lag.append(max(0.0, time.perf_counter() - t0 - arrivals[i]))
         async with sem:  # waiting here is closed-loop queueing; TTFT counts from the send
-            results[i] = await _stream(stubs[i % len(stubs)], msgs[i], timeout)
+            results[i] = await send(i)
         bar.update(1)
 
     probe.start()
@@ -389,7 +402,7 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
         await probe.stop()
         bar.close()
         for c in chans:
-            await c.close()
+            await (c.close() if http_model is None else c.aclose())
     end = max((r.sent + r.e2e for r in results if r.ok), default=t0 + wall)
     overhead = {"loop_lag_s": summarize(probe.lags), "arrival_lag_s": summarize(arrival_lag),
                 "cpu_frac": cpu / max(wall, 1e-9), "channels": len(chans)}
@@ -500,6 +513,12 @@ def warmup_workload(args, requests: list[BenchRequest], vocab: tuple[int, int]) 
 def _check_args(args) -> None:
     from pdserve.errors import CLIError
 
+    if getattr(args, "http", None):
+        if not args.http.startswith(("http://", "https://")):
+            raise CLIError(f"--http must be an http:// or https:// URL, got {args.http!r}")
+        args.http = args.http.rstrip("/").removesuffix("/v1")
+        if args.compare_outputs or args.save_outputs:
+            raise CLIError("--save-outputs and --compare-outputs need token ids, which only gRPC returns")
     for name in ("num_requests", "warmup", "num_prefixes", "users_per_prefix", "prefix_len", "concurrency"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "warmup" else 1):
@@ -541,8 +560,15 @@ async def bench(args) -> dict:
     """The whole run in one event loop: server info, warm-up, the measured requests, the report."""
     from pdserve.errors import CLIError
 
-    model, cluster_before = await _server_info(args.server, args.connect_timeout)
-    vocab = _vocab(args, int(model.get("vocab_size") or 0))
+    http = getattr(args, "http", None)
+    if http:
+        from pdserve.tools.bench_http import server_info
+
+        model, cluster_before = await server_info(http, args.connect_timeout), None
+    else:
+        model, cluster_before = await _server_info(args.server, args.connect_timeout)
+    target = http or args.server
+    vocab = _vocab(args, int(model.get("vocab_size") or 32000))  # a server that does not say: a 32k vocabulary
     try:
         requests = make_workload(args, vocab)
         warm = warmup_workload(args, requests, vocab) if args.warmup else []
@@ -558,25 +584,26 @@ async def bench(args) -> dict:
     reference = load_reference(args.compare_outputs, len(requests)) if args.compare_outputs else None
     kw = {"ignore_eos": args.ignore_eos, "seed": args.sampling_seed, "temperature": args.temperature,
           "timeout": args.request_timeout,
-          "progress": not args.no_progress}
+          "progress": not args.no_progress, "http_model": model["model"] if http else None}
     if warm:
-        w, _, _ = await run_load(args.server, warm, [0.0] * len(warm), args.concurrency or 16, desc="warmup", **kw)
+        w, _, _ = await run_load(target, warm, [0.0] * len(warm), args.concurrency or 16, desc="warmup", **kw)
         bad = [r for r in w if not r.ok]
         if bad:
             print(f"pdserve bench: {len(bad)} of {len(w)} warm-up requests failed: {bad[0].status}: {bad[0].error}",
                   file=sys.stderr)
     arrivals = arrival_times(len(requests), args.request_rate, args.seed)
     samples: list[dict] = []
-    watcher = asyncio.create_task(watch_cluster(args.server, args.cluster_poll, time.perf_counter(), samples))
+    watcher = asyncio.create_task(watch_cluster(args.server, args.cluster_poll, time.perf_counter(), samples)
+                                  if not http else asyncio.sleep(0))
     try:
-        results, duration, overhead = await run_load(args.server, requests, arrivals, args.concurrency, **kw)
+        results, duration, overhead = await run_load(target, requests, arrivals, args.concurrency, **kw)
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
     if args.save_outputs:
         save_outputs(args.save_outputs, requests, results)
     compared = compare_outputs(args.compare_outputs, reference, results) if args.compare_outputs else None
-    _, cluster_after = await _server_info(args.server, args.connect_timeout)
+    cluster_after = None if http else (await _server_info(args.server, args.connect_timeout))[1]
     rep = build_report(results, duration, goodput_ttft=args.goodput_ttft, goodput_tpot=args.goodput_tpot,
                        oracle=oracle)
     rep["client"] = overhead

@@ -26,7 +26,8 @@ def cmd_demo(args) -> int:
     from pdserve.proto import pb, rpc
     from pdserve.router.server import serve
 
-    config = load_config(args.config, {"router.port": args.port, "router.metrics_port": None})
+    config = load_config(args.config, {"router.port": args.port, "router.metrics_port": None,
+                                       "router.http_port": None})
     ready = threading.Event()
     state: dict = {}
 

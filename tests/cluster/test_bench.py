@@ -261,6 +261,25 @@ def test_outputs_compared_with_a_saved_run(server, capsys, tmp_path):
         bench.cmd_bench(parse(argv + ["--num-requests", "3", "--compare-outputs", str(saved)]))
 
 
+def test_bench_over_http_counts_the_same(server, capsys):
+    """The same workload through the router's OpenAI-compatible HTTP door (streamed /v1/completions)."""
+    argv = ["--http", server.http_url + "/v1", "--workload", "shared-prefix", "--num-prefixes", "2",
+            "--users-per-prefix", "3", "--prefix-len", "48", "--suffix-len", "5:12", "--max-tokens", "4",
+            "--concurrency", "1", "--json", "--seed", "11", "--no-progress"]
+    assert bench.cmd_bench(parse(argv)) == 0
+    rep = _strict_json(capsys.readouterr().out)
+    reqs = shared_prefix_workload(2, 3, 48, (5, 12), (4, 4), tuple(rep["config"]["vocab_range"]), seed=11)
+    assert (rep["num_requests"], rep["completed"], rep["failed"], rep["failures"]) == (6, 6, 0, {})
+    assert rep["total_input_tokens"] == sum(len(q.prompt_token_ids) for q in reqs)
+    assert rep["total_output_tokens"] == 6 * 4 and rep["finish_reasons"] == {"length": 6}
+    assert rep["cached_tokens"] == 4 * 48 and rep["prefix_hit_rate"] == pytest.approx(rep["oracle_hit_rate"])
+    assert rep["ttft_s"]["n"] == 6 and rep["itl_s"]["n"] == 6 * 3
+    assert rep["model"]["vocab_size"] == 49152 and rep["cluster"]["after"] is None
+    assert "successful requests" in bench.format_report(rep)
+    with pytest.raises(CLIError):
+        bench._check_args(parse(["--http", "127.0.0.1:8000"]))
+
+
 def test_human_table_against_a_real_cluster(server, capsys):
     argv = ["--server", server.address, "--num-requests", "4", "--input-len", "8:24", "--max-tokens", "3",
             "--prompt-format", "text", "--request-rate", "20", "--no-progress"]

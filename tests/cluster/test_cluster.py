@@ -115,13 +115,11 @@ def test_32_concurrent_streams_mixed_lengths(stub, engine_f32):
 
 def test_abort_and_cancel_free_blocks_on_both_sides(stub, engine_f32):
     long_prompt = {"prompt_token_ids": engine_f32.tokenize(PROMPTS[1][0] * 60)}  # ~800 tokens: slow prefill
-    # Abort RPC mid-prefill
-    call = stub.Generate.future if False else None
+    # Abort RPC mid-prefill: the stream ends OK, its last message says why
     it = stub.Generate(request_proto(long_prompt, SamplingParams(max_tokens=64), request_id="abort-prefill"))
     time.sleep(0.3)
     assert stub.Abort(pb.AbortRequest(request_id="abort-prefill")).found
-    with pytest.raises(grpc.RpcError):
-        list(it)
+    assert [r.finish_reason for r in it][-1] == "abort"
     # client cancellation mid-decode
     it = stub.Generate(request_proto({"prompt": "Count from one to one hundred:"},
                                      SamplingParams(max_tokens=200, ignore_eos=True), request_id="cancel-decode"))
@@ -160,6 +158,24 @@ def test_bad_requests_get_status_codes_and_server_keeps_serving(stub):
     assert _code(stub, {"prompt": "hi"}, top_p=1.5)[0] == INVALID
     code, msg = _code(stub, {"prompt_token_ids": [504] * 8000})  # fits the context, never the KV pool
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, msg
+    # the router's own limits (router.max_request_id_bytes 256, max_cache_namespace_bytes 1024)
+    long_id = request_proto({"prompt": "hi"}, SamplingParams(max_tokens=2), request_id="r" * 257)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(long_id))
+    assert e.value.code() == INVALID and "request_id" in e.value.details()
+    long_ns = request_proto({"prompt": "hi"}, SamplingParams(max_tokens=2))
+    long_ns.cache_namespace = "n" * 1025
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(long_ns))
+    assert e.value.code() == INVALID and "cache_namespace" in e.value.details()
+    assert stub.Abort(pb.AbortRequest(request_id="never-sent")).found is False  # not an error: nothing to abort
+    with pytest.raises(grpc.RpcError) as e:  # more workers than this box can place: refused, the pool kept
+        stub.Scale(pb.ScaleRequest(role="decode", replicas=256), timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Scale(pb.ScaleRequest(role="router", replicas=1), timeout=30)
+    assert e.value.code() == INVALID
+    assert stub.GetClusterInfo(pb.ClusterInfoRequest()).decode_replicas == 2
     ok = stream_one(stub, request_proto({"prompt": "The capital of France is"}, SamplingParams(max_tokens=4)))
     assert ok["finish_reason"] == "length" and len(ok["token_ids"]) == 4
 

@@ -1,4 +1,4 @@
-"""End to end on a GPU: the engine's own model (engine/model.py) on random weights (pdserve/tools/random_weights.py)
+"""End to end on a GPU: the engine's own model (engine/model.py) on random weights (engine/random_weights.py)
 generates the same greedy tokens through the Triton path (engine/gpu_ops.py, engine/gpu_attention.py; eager and
 CUDA-graph decode through engine/gpu_graphs.py) as through the torch path (TorchOps, DenseLinear, TorchAttention).
 
@@ -42,7 +42,7 @@ def _models(arch, device, dtype, seed):
     from pdserve.engine.gpu_attention import TritonAttention
     from pdserve.engine.gpu_ops import TritonDenseLinear, TritonOps
     from pdserve.engine.model import DenseLinear, LlamaModel, TorchOps, rope_inv_freq
-    from pdserve.tools.random_weights import random_weights
+    from pdserve.engine.random_weights import random_weights
 
     w = random_weights(arch, dtype, device, seed)
     inv_freq = rope_inv_freq(arch).to(device)

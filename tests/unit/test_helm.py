@@ -8,6 +8,7 @@ import argparse
 import copy
 import functools
 import json
+import math
 import os
 import shlex
 from pathlib import Path
@@ -52,6 +53,11 @@ VARIANTS = {
     "rdma-fp8": lambda: helm.parse_set_string(
         "kvTransfer.dtype=fp8,kvTransfer.ucx.tls=rc\\,cuda_copy\\,cuda_ipc,"
         "prefill.rdma.enabled=true,decode.rdma.enabled=true,prefill.gpus=4,decode.gpus=2"),
+    # several workers per pod: eight 1-GPU prefill workers on each 8-GPU node, two decode workers per GPU (a values
+    # file: Helm's --set turns 0.5 into a string, which the schema refuses)
+    "dense-nodes": lambda: helm.values_from_yaml(
+        "prefill: {workersPerPod: 8, replicas: 12, minReplicas: 8, maxReplicas: 24}\n"
+        "decode: {workersPerPod: 2, gpus: 0.5, replicas: 3, maxReplicas: 6}\n"),
 }
 
 
@@ -88,9 +94,15 @@ def group(cluster: dict, name: str) -> dict:
     return g
 
 
+def config_map(objs: list[dict]) -> dict:
+    """The ConfigMap holding pdserve's config (the other one holds the Grafana dashboard)."""
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and "config.yaml" in o["data"]]
+    return cm
+
+
 def config_of(objs: list[dict], tmp_path: Path):
     path = tmp_path / "config.yaml"
-    path.write_text(one(objs, "ConfigMap")["data"]["config.yaml"])
+    path.write_text(config_map(objs)["data"]["config.yaml"])
     return load_config(path)
 
 
@@ -217,14 +229,16 @@ def test_pools_get_their_replicas_gpus_and_pinning(variant, tmp_path):
     assert [g["groupName"] for g in cluster["spec"]["workerGroupSpecs"]] == ["prefill", "decode"]
     for role in ("prefill", "decode"):
         g, want, pool = group(cluster, role), values[role], getattr(config, role)
-        assert (g["replicas"], g["minReplicas"], g["maxReplicas"]) == (
-            want["replicas"], want["minReplicas"], want["maxReplicas"])
-        assert pool.replicas == g["replicas"]
-        # each pod advertises one unit, each worker asks for one: one worker per pod of its pool
-        assert ray_resources(g) == {f"pdserve_{role}": 1} == pool.resources
+        per = want["workersPerPod"]
+        # pool sizes count workers, the group counts pods: workersPerPod workers a pod, rounded up
+        assert (g["replicas"], g["minReplicas"], g["maxReplicas"]) == tuple(
+            math.ceil(want[k] / per) for k in ("replicas", "minReplicas", "maxReplicas"))
+        assert pool.replicas == want["replicas"]
+        # each pod advertises workersPerPod units, each worker asks for one: that many workers per pod
+        assert ray_resources(g) == {f"pdserve_{role}": per} and pool.resources == {f"pdserve_{role}": 1}
         (container,) = g["template"]["spec"]["containers"]
         gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
-        assert gpus == want["gpus"] == pool.num_gpus
+        assert gpus == math.ceil(want["gpus"] * per) and pool.num_gpus == want["gpus"]
         assert pool.precision == want["precision"]
         assert g["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == role
 
@@ -285,11 +299,13 @@ def test_head_runs_the_router_with_grpc_health_probes():
     assert "exec pdserve serve --config /etc/pdserve/config.yaml --ray-address auto" in c["args"][0]
     assert {"name": "config", "mountPath": "/etc/pdserve", "readOnly": True} in c["volumeMounts"]
     (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "config"]
-    assert vol["configMap"]["name"] == one(objs, "ConfigMap")["metadata"]["name"]
+    assert vol["configMap"]["name"] == config_map(objs)["metadata"]["name"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert (ports["grpc"], ports["http-metrics"]) == (50051, 9400)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": 50051}  # grpc.health.v1, overall server health
+    assert (ports["grpc"], ports["http"], ports["http-metrics"]) == (50051, 8000, 9400)
+    for probe in ("startupProbe", "readinessProbe"):
+        assert c[probe]["grpc"] == {"port": 50051}  # grpc.health.v1 "": SERVING while every pool has a ready worker
+    # an empty pool makes the router unready, never restarted: "liveness" is SERVING while the process runs
+    assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": "liveness"}
 
 
 def test_service_selects_only_the_head_and_exposes_grpc_and_metrics():
@@ -300,7 +316,7 @@ def test_service_selects_only_the_head_and_exposes_grpc_and_metrics():
     for g in cluster["spec"]["workerGroupSpecs"]:
         assert not selector <= g["template"]["metadata"]["labels"].items()
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
-        "grpc": "grpc", "http-metrics": "http-metrics"}
+        "grpc": "grpc", "http": "http", "http-metrics": "http-metrics"}
 
 
 def test_service_monitor_scrapes_the_router_service():
@@ -319,7 +335,24 @@ def test_service_monitor_scrapes_the_router_service():
 def test_metrics_off_removes_the_port_everywhere(tmp_path):
     objs = objects(render({"metrics": {"enabled": False}}))
     assert config_of(objs, tmp_path).router.metrics_port is None
-    assert "http-metrics" not in json.dumps(objs)
+    assert "http-metrics" not in json.dumps(objs) and "grafana_dashboard" not in json.dumps(objs)
+
+
+def test_grafana_dashboard_configmap_charts_the_vllm_series(tmp_path):
+    objs = objects(rendered("defaults"))
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and "pdserve.json" in o["data"]]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar looks for
+    dash = json.loads(cm["data"]["pdserve.json"])
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hits",
+                 "prefix_cache_queries", "prompt_tokens", "generation_tokens", "request_success"):
+        assert f"vllm:{name}" in exprs, name
+    assert "pdserve_kv_transfer_bytes" in exprs
+    assert config_of(objs, tmp_path).router.http_port == 8000
+    off = objects(render({"metrics": {"grafanaDashboard": {"enabled": False}}}))
+    assert not [o for o in off if o["kind"] == "ConfigMap" and "pdserve.json" in o["data"]]
 
 
 # ---- scaling one pool touches only that pool ----------------------------------------------
@@ -340,7 +373,7 @@ def _flatten(node, path: str, out: dict) -> dict:
 def _leaves(values: dict) -> dict:
     out = {}
     for o in objects(render(values)):
-        if o["kind"] == "ConfigMap":  # compare the config itself, not its text
+        if o["kind"] == "ConfigMap" and "config.yaml" in o["data"]:  # compare the config itself, not its text
             o["data"]["config.yaml"] = yaml.safe_load(o["data"]["config.yaml"])
         _flatten(o, f"{o['kind']}/{o['metadata']['name']}", out)
     return out
@@ -405,7 +438,8 @@ def test_the_commands_the_chart_runs_parse_with_the_cli(subcommand):
 @pytest.mark.parametrize("values_yaml, where, what", [
     ("prefill:\n  replica: 2\n", "/prefill", "additional properties 'replica' not allowed"),
     ("prefill:\n  replicas: two\n", "/prefill/replicas", "want integer"),
-    ("decode:\n  gpus: 1.5\n", "/decode/gpus", "want integer"),
+    ("decode:\n  gpus: -1\n", "/decode/gpus", "minimum: got -1, want 0"),
+    ("decode:\n  workersPerPod: 0\n", "/decode/workersPerPod", "minimum: got 0, want 1"),
     ("kvTransfer:\n  dtype: fp4\n", "/kvTransfer/dtype", "'bf16', 'fp8'"),
     ("kvTransfer:\n  refreshSinkTokens: -1\n", "/kvTransfer/refreshSinkTokens", "minimum: got -1, want 0"),
     ("router:\n  port: 70000\n", "/router/port", "want 65,535"),

@@ -32,7 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "router":         ("proto", "worker", "prefill_worker", "decode_worker", "engine", "kv_transfer", "kernels",
                        "config", "errors"),
 }
-TOP = ("__init__", "cli", "commands", "client", "__main__", "tools", "testing")
+TOP = ("__init__", "cli", "commands", "client", "__main__", "tools", "testing", "planner")
 # ---------------------------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]

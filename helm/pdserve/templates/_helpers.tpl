@@ -89,6 +89,7 @@ kv_transfer:
 router:
   host: "0.0.0.0"
   port: {{ $v.router.port | toJson }}
+  http_port: {{ $v.router.httpPort | toJson }}
   metrics_port: {{ ternary $v.router.metricsPort nil $v.metrics.enabled | toJson }}
   policy: {{ $v.router.policy | toJson }}
   max_queued_requests: {{ $v.router.maxQueuedRequests | toJson }}

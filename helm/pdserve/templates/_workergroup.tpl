@@ -1,11 +1,14 @@
-{{/* One KubeRay worker group: pods of one pool, each advertising pdserve_<role> so that exactly
-one pdserve worker of that pool lands on each pod. */}}
+{{/* One KubeRay worker group: pods of one pool, each advertising workersPerPod units of pdserve_<role> so
+that exactly that many pdserve workers of the pool land on each pod (each asks for one unit and `gpus` GPUs).
+Pool sizes are counted in workers; the group's in pods, rounded up. */}}
 {{- define "pdserve.workerGroup" -}}
 {{- $root := .root -}}
 {{- $role := .role -}}
 {{- $p := index $root.Values $role -}}
 {{- $limits := deepCopy ($p.resources.limits | default dict) -}}
-{{- if gt (int $p.gpus) 0 }}{{- $_ := set $limits "nvidia.com/gpu" (int $p.gpus) }}{{- end }}
+{{- $per := int $p.workersPerPod -}}
+{{- $podGpus := int (ceil (mulf $p.gpus $per)) -}}
+{{- if gt $podGpus 0 }}{{- $_ := set $limits "nvidia.com/gpu" $podGpus }}{{- end }}
 {{- if $p.rdma.enabled }}{{- $_ := set $limits $p.rdma.resourceName (int $p.rdma.count) }}{{- end }}
 {{- $resources := merge (dict "limits" $limits) (deepCopy $p.resources) -}}
 {{- $ucx := $root.Values.kvTransfer.ucx -}}
@@ -14,12 +17,12 @@ one pdserve worker of that pool lands on each pod. */}}
 {{- with $ucx.netDevices }}{{ $env = append $env (dict "name" "UCX_NET_DEVICES" "value" .) }}{{ end -}}
 {{- $env = concat $env ($root.Values.extraEnv | default list) ($p.env | default list) -}}
 - groupName: {{ $role }}
-  replicas: {{ int $p.replicas }}
-  minReplicas: {{ int $p.minReplicas }}
-  maxReplicas: {{ int $p.maxReplicas }}
+  replicas: {{ int (ceil (divf $p.replicas $per)) }}
+  minReplicas: {{ int (ceil (divf $p.minReplicas $per)) }}
+  maxReplicas: {{ int (ceil (divf $p.maxReplicas $per)) }}
   rayStartParams:
     # KubeRay's format: a JSON object in its own shell quotes
-    resources: {{ printf "\"{\\\"%s\\\": 1}\"" (include "pdserve.rayResource" $role) | squote }}
+    resources: {{ printf "\"{\\\"%s\\\": %d}\"" (include "pdserve.rayResource" $role) $per | squote }}
   template:
     metadata:
       labels:

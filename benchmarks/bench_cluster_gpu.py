@@ -1,0 +1,132 @@
+"""The cluster on one GPU against a colocated engine on the same GPU, at the same offered load, in one run.
+
+    python benchmarks/bench_cluster_gpu.py --model .gpu/models/llama-3-8b [--deployments disagg-fp8,colocated]
+        [--concurrency 1,8,32] [--input-len 2048] [--max-tokens 64] [--out results.json]
+
+Each deployment is a real `pdserve serve` (Ray actors with fractional GPUs, the gRPC router) on Llama-3-8B shapes
+with random weights (`model.load_format: dummy`; benchmarks/dummy_model.py writes the directory), driven by
+`pdserve bench` (closed loop at each concurrency, exact-length random prompts, greedy, ignore_eos):
+- disagg-fp8:  one fp8 prefill actor + one bf16 decode actor, fp8 wire (the deployment pdserve is for);
+- disagg-bf16: one bf16 prefill actor + one bf16 decode actor, raw wire;
+- colocated:   one bf16 engine that prefills and decodes (`mode: colocated`), the baseline.
+Per deployment and concurrency: TTFT, ITL and TPOT p50/p99, throughput, and for the disaggregated ones the KV
+transfer's mean time per request (decode workers' pull time, post of the READ to blocks landed, from the
+router's metrics) and its share of the mean TTFT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ENGINE = {"kv_cache_memory_gb": 24, "max_num_batched_tokens": 4096, "max_num_seqs": 64}
+DEPLOYMENTS = {
+    "disagg-fp8": {"prefill": {"replicas": 1, "precision": "fp8", "num_gpus": 0.4},
+                   "decode": {"replicas": 1, "precision": "bf16", "num_gpus": 0.4},
+                   "kv_transfer": {"dtype": "fp8"}},
+    "disagg-bf16": {"prefill": {"replicas": 1, "precision": "bf16", "num_gpus": 0.4},
+                    "decode": {"replicas": 1, "precision": "bf16", "num_gpus": 0.4},
+                    "kv_transfer": {"dtype": "bf16"}},
+    "colocated": {"mode": "colocated", "prefill": {"replicas": 0},
+                  "decode": {"replicas": 1, "precision": "bf16", "num_gpus": 0.4}},
+}
+
+
+def _metrics(port: int) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("pdserve_kv_transfer") and 'role="decode"' in line:
+            key, val = line.rsplit(" ", 1)
+            out[key.split("{")[0]] = float(val)
+    return out
+
+
+def _bench(address: str, args, concurrency: int, num: int) -> dict:
+    cmd = [sys.executable, "-m", "pdserve", "bench", "--server", address, "--json", "--no-progress",
+           "--input-len", str(args.input_len), "--max-tokens", str(args.max_tokens), "--concurrency", str(concurrency),
+           "--num-requests", str(num), "--warmup", str(min(concurrency, 4)), "--seed", "1"]
+    if args.goodput_ttft:
+        cmd += ["--goodput-ttft", str(args.goodput_ttft), "--goodput-tpot", str(args.goodput_tpot)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pdserve bench failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def _row(name: str, concurrency: int, rep: dict, transfer: dict | None) -> dict:
+    def ms(key, q):
+        s = rep.get(key)
+        return None if s is None else round(s[q] * 1e3, 2)
+
+    row = {"deployment": name, "concurrency": concurrency, "requests": rep["completed"], "failed": rep["failed"],
+           "ttft_p50_ms": ms("ttft_s", "p50"), "ttft_p99_ms": ms("ttft_s", "p99"), "ttft_mean_ms": ms("ttft_s", "mean"),
+           "itl_p50_ms": ms("itl_s", "p50"), "itl_p99_ms": ms("itl_s", "p99"),
+           "tpot_p50_ms": ms("tpot_s", "p50"), "tpot_p99_ms": ms("tpot_s", "p99"),
+           "output_tok_s": round(rep["output_token_throughput"], 1), "req_s": round(rep["request_throughput"], 3),
+           "client_loop_lag_p99_ms": None}
+    lag = rep.get("client", {}).get("loop_lag_s")
+    if isinstance(lag, dict):
+        row["client_loop_lag_p99_ms"] = round(lag.get("p99", 0) * 1e3, 2)
+    if rep.get("goodput"):
+        row["goodput_fraction"] = round(rep["goodput"]["fraction"], 3)
+    if transfer:
+        row.update(transfer)
+        if row["ttft_mean_ms"]:
+            row["transfer_share_of_ttft"] = round(transfer["transfer_ms_per_request"] / row["ttft_mean_ms"], 4)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (config.json + tokenizer) for load_format dummy")
+    p.add_argument("--deployments", default="disagg-fp8,colocated")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests-per-stream", type=int, default=4, help="measured requests = this x concurrency (>= 8)")
+    p.add_argument("--input-len", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--goodput-ttft", type=float, default=None)
+    p.add_argument("--goodput-tpot", type=float, default=None)
+    p.add_argument("--out", default=None, help="write every row as JSON here")
+    args = p.parse_args()
+    from pdserve.testing.cluster import Server
+
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-gpu-"))
+    for name in args.deployments.split(","):
+        config = {"model": {"path": str(Path(args.model).resolve()), "load_format": "dummy", "dtype": "bfloat16"},
+                  "engine": ENGINE, "ray": {"num_cpus": 8}, **DEPLOYMENTS[name]}
+        t0 = time.monotonic()
+        server = Server(config, tmp, timeout=900)
+        print(f"# {name}: ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        try:
+            for c in (int(x) for x in args.concurrency.split(",")):
+                before = _metrics(server.metrics_port) if name != "colocated" else None
+                rep = _bench(server.address, args, c, max(8, args.requests_per_stream * c))
+                transfer = None
+                if before is not None:
+                    time.sleep(1.0)  # the router refreshes worker stats every 0.5 s
+                    after = _metrics(server.metrics_port)
+                    pulls = rep["completed"] + min(c, 4)  # measured + warmup requests
+                    seconds = after.get("pdserve_kv_transfer_seconds", 0) - before.get("pdserve_kv_transfer_seconds", 0)
+                    nbytes = after.get("pdserve_kv_transfer_bytes", 0) - before.get("pdserve_kv_transfer_bytes", 0)
+                    transfer = {"transfer_ms_per_request": round(seconds / pulls * 1e3, 3),
+                                "transfer_GBps": round(nbytes / seconds / 1e9, 1) if seconds else None,
+                                "wire_MB_per_request": round(nbytes / pulls / 1e6, 1)}
+                row = _row(name, c, rep, transfer)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            server.stop()
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

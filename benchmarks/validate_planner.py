@@ -1,0 +1,197 @@
+"""The planner's simulator against the real CPU cluster: TTFT and ITL p50/p90 of the same request lists.
+
+    .venv/bin/python -P benchmarks/validate_planner.py --out docs/bench/planner_validation.json   # ~15 min
+
+1. Start a 1P1D cluster (`pdserve serve`, pdserve/testing/cluster.py) and measure the CPU profile with
+   `pdserve profile --server` (engine curves in this process while the cluster idles, then the cluster's fixed
+   overheads from isolated requests); it is written beside --out and is what every prediction below uses.
+2. For each scenario, `pdserve bench` sends a seeded workload at a Poisson rate, and the simulator gets the very
+   same requests (lengths, output tokens, shared prefixes, arrival times: bench's own generators and seed).
+3. Errors = (simulated - measured) / measured, per percentile.
+
+The engines of a cluster on this box share its two cores with everything else: other jobs, and the cluster's own
+router, Ray and the bench client. How much of a core they got while they had work is read from the kernel
+(/proc/PID/task/TID/schedstat: time on a core over time on a core plus time waiting for one) over each bench
+run, and the profile records the same for its own measurements; the simulation scales the profile's step times
+by the ratio (pdserve/planner/hostload.py). That share is an input, like the profile: what the box gave the
+engines, not what the simulator predicts (queueing, batching, the latencies).
+The load average before each step is recorded too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pdserve.planner import profile as profile_mod
+from pdserve.planner.hostload import CPUShare, pids_whose_cmdline_has
+from pdserve.planner import stats
+from pdserve.planner.sim import ClusterSpec, simulate
+from pdserve.planner.workload import SimRequest
+from pdserve.testing.cluster import NEUTRAL_CWD, Server
+from pdserve.tools import bench
+
+PDSERVE = [sys.executable, "-m", "pdserve"]
+SCENARIOS = [  # name, prefill, decode, bench workload arguments
+    ("1P1D random", 1, 1, {"workload": "random", "num_requests": 40, "input_len": "64:192", "max_tokens": "16:32",
+                          "request_rate": 0.7, "seed": 11}),
+    ("2P2D random", 2, 2, {"workload": "random", "num_requests": 40, "input_len": "64:192", "max_tokens": "16:32",
+                          "request_rate": 1.0, "seed": 12}),
+    ("2P1D shared-prefix", 2, 1, {"workload": "shared-prefix", "num_requests": 48, "num_prefixes": 8,
+                                  "users_per_prefix": 6, "prefix_len": 256, "suffix_len": "16:32",
+                                  "max_tokens": "16:32", "request_rate": 1.0, "seed": 13}),
+]
+CONFIG = {"model": {"dtype": "float32"}, "engine": {"kv_cache_memory_gb": 0.5}}
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def bench_args(a: dict) -> list[str]:
+    out = []
+    for k, v in a.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def sim_requests(a: dict) -> list[SimRequest]:
+    """The measured requests exactly as `pdserve bench` makes them (same functions, same seed)."""
+    ns = argparse.Namespace(workload=a["workload"], num_requests=a.get("num_requests"), seed=a["seed"],
+                            max_tokens=a["max_tokens"], input_len=a.get("input_len", "128"), prompt_format="ids",
+                            num_prefixes=a.get("num_prefixes", 1), users_per_prefix=a.get("users_per_prefix", 1),
+                            prefix_len=a.get("prefix_len", 1), suffix_len=a.get("suffix_len", "1"))
+    reqs = bench.make_workload(ns, (100, 30000))
+    arrivals = bench.arrival_times(len(reqs), a["request_rate"], a["seed"])
+    plen = a.get("prefix_len", 0)
+    return [SimRequest(t, len(q.prompt_token_ids), q.max_tokens, q.group, plen if q.group >= 0 else 0)
+            for q, t in zip(reqs, arrivals)]
+
+
+def server_config(p: int, d: int) -> dict:
+    return {**CONFIG, "prefill": {"replicas": p, "num_cpus": 0.5}, "decode": {"replicas": d, "num_cpus": 0.5}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", default=None, help="use this profile instead of measuring one (its overheads too)")
+    ap.add_argument("--only", default=None, help="run the scenarios whose name contains this")
+    ap.add_argument("--resimulate", default=None,
+                    help="a result JSON of this script: simulate its runs again (its profile, its measured CPU "
+                         "shares) with the code here, write --out, run nothing")
+    args = ap.parse_args(argv)
+    if args.resimulate:
+        return resimulate(Path(args.resimulate), Path(args.out))
+    out = Path(args.out)
+    prof_path = Path(args.profile) if args.profile else out.with_name(out.stem + "-profile.json")
+    tmp = Path(tempfile.mkdtemp(prefix="pdserve-validate-"))
+    rows, loads = [], {"start": load()}
+    server = None
+    try:
+        for name, p, d, a in [s for s in SCENARIOS if not args.only or args.only in s[0]]:
+            if server is None or (server.p, server.d) != (p, d):
+                if server:
+                    server.stop()
+                loads[f"before start {p}P{d}D"] = load()
+                server = Server(server_config(p, d), tmp)
+                server.p, server.d = p, d
+            if not args.profile and not prof_path.exists():
+                loads["before profile"] = load()
+                # the points the scenarios need (prompts up to ~300 tokens, batches up to ~16), to keep it short
+                subprocess.run([*PDSERVE, "profile", "--out", str(prof_path.resolve()), "--host-cores", "2",
+                                "--server", server.address, "--kv-cache-memory-gb", "0.5",
+                                "--prefill-tokens", "16,32,64,128,256,512", "--batches", "1,2,4,8,16",
+                                "--contexts", "64,384", "--transfer-tokens", "16,128,512", "--repeats", "3",
+                                "--decode-steps", "8"],
+                               check=True, cwd=NEUTRAL_CWD)
+            prof = profile_mod.load(prof_path)
+            loads[f"before {name}"] = load()
+            # the engines' CPU share over the run (other jobs, the router, Ray and the bench client take the rest)
+            workers = {role: pids_whose_cmdline_has(f"ray::{cls}", session=server.proc.pid)
+                       for role, cls in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker"))}
+            shares = {role: CPUShare(pids).start() for role, pids in workers.items()}
+            r = subprocess.run([*PDSERVE, "bench", "--server", server.address, "--json", "--no-progress",
+                                "--warmup", "4", "--concurrency", "64", *bench_args(a)],
+                               capture_output=True, text=True, cwd=NEUTRAL_CWD, check=True)
+            t_end = time.monotonic()
+            mean_share = {role: sh.stop() for role, sh in shares.items()}
+            real = json.loads(r.stdout)
+            # the measured requests ran in the bench's last duration_s seconds (then it only asks the server's info)
+            traces = {role: sh.trace(since=t_end - real["duration_s"] - 0.5) or mean_share[role]
+                      for role, sh in shares.items()}
+            t = time.perf_counter()
+            simrep = simulated(prof, p, d, a, traces)
+            row = {"scenario": name, "load_during": load(), "sim_seconds": time.perf_counter() - t,
+                   "engines_cpu_share": mean_share, "profile_cpu_share": prof.host_cpu_share,
+                   "engine_processes": {role: len(pids) for role, pids in workers.items()},
+                   "cpu_share_traces": traces,
+                   "client_cpu_frac": real["client"]["cpu_frac"], "prefix_hit_rate": [real["prefix_hit_rate"],
+                                                                                      simrep["prefix_hit_rate"]]}
+            for metric in ("ttft_s", "itl_s"):
+                for q in ("p50", "p90"):
+                    m, s = real[metric][q], simrep[metric][q]
+                    row[f"{metric}_{q}"] = {"measured_ms": m * 1e3, "simulated_ms": s * 1e3, "error": (s - m) / m}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        if server:
+            server.stop()
+    result = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "profile": str(prof_path), "loads": loads,
+              "rows": rows, "bound": 0.2,
+              "within_bound": all(abs(r[k]["error"]) <= 0.2 for r in rows for k in r if k.endswith(("p50", "p90")))}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    return 0
+
+
+def simulated(prof, p: int, d: int, a: dict, cpu_share) -> dict:
+    spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, kv_cache_tokens=None, cpu_share=cpu_share)
+    spec.host_cores = None  # the measured shares stand for all contention, the engines' own included
+    outs, engines = simulate(prof, spec, sim_requests(a))
+    return stats.report(outs, engines, None, None)
+
+
+def resimulate(src: Path, out: Path) -> int:
+    result = json.loads(src.read_text())
+    prof_path = Path(result["profile"])
+    prof = profile_mod.load(prof_path if prof_path.exists() else src.with_name(prof_path.name))
+    scen = {name: (p, d, a) for name, p, d, a in SCENARIOS}
+    for row in result["rows"]:
+        p, d, a = scen[row["scenario"]]
+        shares = {role: [tuple(x) for x in v] if isinstance(v, list) else v
+                  for role, v in row["cpu_share_traces"].items()}
+        rep = simulated(prof, p, d, a, shares)
+        for metric in ("ttft_s", "itl_s"):
+            for q in ("p50", "p90"):
+                cell = row[f"{metric}_{q}"]
+                cell["simulated_ms"] = rep[metric][q] * 1e3
+                cell["error"] = (cell["simulated_ms"] - cell["measured_ms"]) / cell["measured_ms"]
+    result["resimulated_from"] = str(src)
+    result["within_bound"] = all(abs(r[k]["error"]) <= 0.2 for r in result["rows"] for k in r
+                                 if k.endswith(("p50", "p90")))
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    return 0
+
+
+def table(result: dict) -> str:
+    lines = ["| scenario | TTFT p50 meas / sim (err) | TTFT p90 | ITL p50 | ITL p90 | CPU share P / D (profile's) | load avg |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = [f"{r[k]['measured_ms']:.0f} / {r[k]['simulated_ms']:.0f} ms ({r[k]['error']:+.0%})"
+                 for k in ("ttft_s_p50", "ttft_s_p90", "itl_s_p50", "itl_s_p90")]
+        lines.append(f"| {r['scenario']} | " + " | ".join(cells)
+                     + f" | {r['engines_cpu_share']['prefill']:.2f} / {r['engines_cpu_share']['decode']:.2f}"
+                     + f" ({r['profile_cpu_share']:.2f})"
+                     + f" | {r['load_during']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU machine's part of issue #14, in the pieces one device call can hold (10 minutes each). From the repo
+# root there, with .gpu carried (scripts/gpu_bundle.sh builds it here):
+#   bash scripts/gpu_checks.sh transfer   # NIXL VRAM->VRAM between two processes vs the CUDA IPC copy; fp8 wire kernels
+#   bash scripts/gpu_checks.sh cluster    # the cluster on one GPU: tests/gpu/test_cluster_gpu.py
+#   bash scripts/gpu_checks.sh bench      # pdserve bench: disaggregated vs colocated at concurrency 1, 8, 32
+# Several parts in one call: bash scripts/gpu_checks.sh transfer cluster. Results go to $OUT (or .out/gpu).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.out/gpu}
+mkdir -p "$OUT"
+source scripts/gpu_install.sh || exit 1
+MODEL=.gpu/models/llama-3-8b
+status=0
+
+part_transfer() {
+  # UCX settings are read once per process: one bench process per setting
+  python3 -P benchmarks/bench_kv_transfer_ipc.py --tokens 16,256,2048,8192 --wire bf16,fp8 \
+    --placement scattered,adjacent > "$OUT/transfer.jsonl" || status=1
+  python3 -P benchmarks/bench_kv_transfer_ipc.py --tokens 2048,8192 --wire bf16 --placement scattered \
+    --nixl-params num_threads=4,split_batch_size=16 > "$OUT/transfer_threads.jsonl" || status=1
+  UCX_CUDA_IPC_ENABLE_GET_ZCOPY=auto python3 -P benchmarks/bench_kv_transfer_ipc.py --tokens 2048 --wire bf16 \
+    --placement adjacent --repeat 3 > "$OUT/transfer_ucx_default.jsonl" || status=1
+  PDSERVE_TEST_SEED=random python3 -P -m pytest -q -m gpu tests/gpu/test_kv_wire_kernels.py \
+    tests/unit/test_kv_transfer.py 2>&1 | tail -5 | tee "$OUT/kv_wire_tests.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  [ ! -f benchmarks/bench_kv_wire.py ] || python3 -P benchmarks/bench_kv_wire.py --json "$OUT/kv_wire.json" > "$OUT/kv_wire.txt" || status=1
+}
+
+part_cluster() {
+  PDSERVE_GPU_MODEL=$MODEL python3 -P -m pytest -q -s -m gpu tests/gpu/test_cluster_gpu.py 2>&1 |
+    tail -30 | tee "$OUT/cluster_tests.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+
+part_bench() {
+  python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
+    --concurrency 1,8,32 --input-len 2048 --max-tokens 64 --out "$OUT/cluster_bench.json" || status=1
+}
+
+for part in "$@"; do
+  echo "== $part ($(date -u +%T))"
+  "part_$part"
+done
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+exit $status

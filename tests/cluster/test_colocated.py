@@ -1,0 +1,51 @@
+"""`mode: colocated`: the same router and API with no prefill pool; each decode-pool worker prefills and
+decodes its requests in one engine (the baseline disaggregation is measured against, and a deployment of
+its own where a GPU is too small to split)."""
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from pdserve.client import request_proto, stream_one
+from pdserve.engine.sequence import SamplingParams
+from pdserve.proto import pb, rpc
+from pdserve.testing.cluster import Server
+from pdserve.testing.exactness import PROMPTS
+
+CONFIG = {
+    "mode": "colocated",
+    "model": {"dtype": "float32"},
+    "engine": {"kv_cache_memory_gb": 0.2, "max_num_batched_tokens": 256},
+    "prefill": {"replicas": 0},
+    "decode": {"replicas": 1, "num_cpus": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    s = Server(CONFIG, tmp_path_factory.mktemp("colocated"))
+    ch = grpc.insecure_channel(s.address)
+    yield rpc.PDServeStub(ch), s
+    ch.close()
+    s.stop()
+
+
+def test_colocated_greedy_equals_in_process_without_a_transfer(stub, engine_f32):
+    stub, server = stub
+    prompts = [engine_f32.tokenize(p, chat=c) for p, c in PROMPTS]
+    ref = engine_f32.generate([(p, SamplingParams(max_tokens=16)) for p in prompts])
+    got = [stream_one(stub, request_proto({"prompt": p, "chat": c}, SamplingParams(max_tokens=16)))
+           for p, c in PROMPTS]
+    for r, g in zip(ref, got):
+        assert g["token_ids"] == r["token_ids"]  # one float32 engine, the same steps: no near-ties to allow
+        assert g["finish_reason"] == r["finish_reason"]
+    info = stub.GetClusterInfo(pb.ClusterInfoRequest())
+    assert info.prefill_replicas == 0 and info.decode_replicas == 1
+    assert {w.role for w in info.workers} == {"decode"}
+    time.sleep(1.0)  # stats refresh every 0.5 s
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    moved = [line for line in text.splitlines() if line.startswith("pdserve_kv_transfer_bytes{")]
+    assert moved and all(float(line.rsplit(" ", 1)[1]) == 0 for line in moved), moved

@@ -1,0 +1,26 @@
+"""The config tree's rules that are not a plain type check: deployment mode, GPU placement defaults."""
+from __future__ import annotations
+
+import pytest
+
+from pdserve.config import ConfigError, load_config
+
+
+def test_colocated_config_needs_an_empty_prefill_pool():
+    with pytest.raises(ConfigError, match="prefill.replicas to 0"):
+        load_config(overrides={"mode": "colocated"})
+    with pytest.raises(ConfigError, match="mode: expected one of"):
+        load_config(overrides={"mode": "both"})
+    assert load_config(overrides={"mode": "colocated", "prefill.replicas": 0}).roles() == ("decode",)
+
+
+def test_actors_own_whole_gpus_by_default_and_none_without_gpus():
+    c = load_config()
+    assert c.prefill.num_gpus is None and c.decode.num_gpus is None
+    assert (c.gpus_per_actor("prefill", 8.0), c.gpus_per_actor("decode", 8.0)) == (1.0, 1.0)
+    assert c.gpus_per_actor("decode", 0.0) == 0.0
+    pinned = load_config(overrides={"decode.engine": {"device": "cpu"}, "prefill.num_gpus": 0.5})
+    assert pinned.gpus_per_actor("decode", 8.0) == 0.0  # its engine may not use them
+    assert pinned.gpus_per_actor("prefill", 0.0) == 0.5  # as configured, even where Ray has none
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        load_config(overrides={"prefill.num_gpus": -1})
