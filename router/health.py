@@ -24,6 +24,7 @@ class PoolHealth:
         self.service = service
         self.roles = roles  # the pools requests need (mode colocated: only decode)
         self.published: dict[str, int] = {}
+        self.served: set[str] = set()  # pools that have had a ready worker: only their changes are news
 
     def statuses(self, pools: dict) -> dict[str, int]:
         per_pool = {role: SERVING if pools[role].ready() else NOT_SERVING for role in pools}
@@ -33,9 +34,11 @@ class PoolHealth:
     async def publish(self, pools: dict) -> None:
         for name, status in self.statuses(pools).items():
             if self.published.get(name) != status:
-                if name in self.roles and self.published.get(name) is not None:
+                if name in self.roles and name in self.served:  # not the first start, which is no news
                     log.warning("the %s pool %s", name, "has a ready worker again" if status == SERVING
                                 else "has no ready worker: NOT_SERVING")
+                if name in self.roles and status == SERVING:
+                    self.served.add(name)
                 await self.servicer.set(name, status)
                 self.published[name] = status
 
