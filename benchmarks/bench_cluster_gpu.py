@@ -9,6 +9,9 @@ with random weights (`model.load_format: dummy`; benchmarks/dummy_model.py write
 - disagg-fp8:  one fp8 prefill actor + one bf16 decode actor, fp8 wire (the deployment pdserve is for);
 - disagg-bf16: one bf16 prefill actor + one bf16 decode actor, raw wire;
 - colocated:   one bf16 engine that prefills and decodes (`mode: colocated`), the baseline.
+On two GPUs (issue #19) the same three with a whole GPU per actor: disagg-fp8-2gpu and disagg-bf16-2gpu put
+prefill on one GPU and decode on the other (KV over NIXL between the devices); colocated-2gpu runs two colocated
+engines, one per GPU. The decode ITL p99 under prefill load is the number disaggregation exists for.
 Per deployment and concurrency: TTFT, ITL and TPOT p50/p99, throughput, and for the disaggregated ones the KV
 transfer's mean time per request (decode workers' pull time, post of the READ to blocks landed, from the
 router's metrics) and its share of the mean TTFT.
@@ -35,6 +38,16 @@ DEPLOYMENTS = {
                     "kv_transfer": {"dtype": "bf16"}},
     "colocated": {"mode": "colocated", "prefill": {"replicas": 0},
                   "decode": {"replicas": 1, "precision": "bf16", "num_gpus": 0.4}},
+    # two GPUs (issue #19): a whole GPU per actor, so Ray puts prefill on one and decode on the other
+    "disagg-fp8-2gpu": {"prefill": {"replicas": 1, "precision": "fp8", "num_gpus": 1},
+                        "decode": {"replicas": 1, "precision": "bf16", "num_gpus": 1},
+                        "kv_transfer": {"dtype": "fp8"}},
+    "disagg-bf16-2gpu": {"prefill": {"replicas": 1, "precision": "bf16", "num_gpus": 1},
+                         "decode": {"replicas": 1, "precision": "bf16", "num_gpus": 1},
+                         "kv_transfer": {"dtype": "bf16"}},
+    # the baseline at equal GPUs: two bf16 engines that each prefill and decode, the router spreading load
+    "colocated-2gpu": {"mode": "colocated", "prefill": {"replicas": 0},
+                       "decode": {"replicas": 2, "precision": "bf16", "num_gpus": 1}},
 }
 
 

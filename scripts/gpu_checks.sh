@@ -4,6 +4,9 @@
 #   bash scripts/gpu_checks.sh transfer   # NIXL VRAM->VRAM between two processes vs the CUDA IPC copy; fp8 wire kernels
 #   bash scripts/gpu_checks.sh cluster    # the cluster on one GPU: tests/gpu/test_cluster_gpu.py
 #   bash scripts/gpu_checks.sh bench      # pdserve bench: disaggregated vs colocated at concurrency 1, 8, 32
+# On nvidia-h200-x2 (issue #19):
+#   bash scripts/gpu_checks.sh x2transfer          # NIXL GPU0 -> GPU1 vs the peer-to-peer copy; both GPUs visible, and isolated as under Ray
+#   bash scripts/gpu_checks.sh x2bench2k x2bench8k # prefill on GPU 0 + decode on GPU 1 vs two colocated engines, concurrency 1-64
 # Several parts in one call: bash scripts/gpu_checks.sh transfer cluster. Results go to $OUT (or .out/gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +40,22 @@ part_bench() {
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
     --concurrency 1,8,32 --input-len 2048 --max-tokens 64 --out "$OUT/cluster_bench.json" || status=1
 }
+
+part_x2transfer() {
+  for visible in all isolated; do
+    python3 -P benchmarks/bench_kv_transfer_ipc.py --devices 0,1 --visible $visible --tokens 256,2048,8192 \
+      --wire bf16,fp8 --placement adjacent,scattered > "$OUT/x2_transfer_$visible.jsonl" || status=1
+  done
+}
+
+x2bench() {  # $1: prompt tokens
+  python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" \
+    --deployments "${DEPLOYMENTS:-disagg-fp8-2gpu,colocated-2gpu}" --concurrency 1,8,32,64 --input-len "$1" \
+    --max-tokens 128 --requests-per-stream 2 --goodput-ttft "${GOODPUT_TTFT:-2.0}" --goodput-tpot "${GOODPUT_TPOT:-0.05}" \
+    --out "$OUT/x2_bench_$1.json" || status=1
+}
+part_x2bench2k() { x2bench 2048; }
+part_x2bench8k() { x2bench 8192; }
 
 for part in "$@"; do
   echo "== $part ($(date -u +%T))"
