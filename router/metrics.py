@@ -65,6 +65,7 @@ class Metrics:
         self.kv_bytes = Gauge("pdserve_kv_transfer_bytes", "KV bytes moved (total)", ["role"], registry=r)
         self.kv_seconds = Gauge("pdserve_kv_transfer_seconds", "Seconds spent moving KV (total)", ["role"],
                                 registry=r)
+        self._kv_totals: dict[tuple[str, str], tuple[int, float]] = {}  # (role, worker): its last totals
         self.router_inflight = Gauge("pdserve_router_requests_inflight", "Requests inside the router", registry=r)
         self._recent = {"ttft": collections.deque(maxlen=256), "itl": collections.deque(maxlen=2048)}
 
@@ -147,10 +148,6 @@ class Metrics:
             v["request_decode_time_seconds"].observe(now - clock.first_token)
         v["request_success"].labels(self.model_name, "router", last.finish_reason.value).inc()
 
-    def request_aborted(self) -> None:
-        self.router_inflight.dec()
-        self.requests.labels("abort").inc()
-
     # -- the control plane's (router/dispatch.py, router/cluster.py) ------------------------------------
     def _control_counters(self) -> None:
         if hasattr(self, "failures"):
@@ -208,12 +205,17 @@ class Metrics:
             self.running.labels(role).set(sum(w.stats.get("num_running", 0) for w in ws))
             for w in ws:
                 self.kv_usage.labels(role, w.name).set(w.stats.get("kv_cache_usage", 0.0))
-            kt = [w.stats.get("kv_transfer", {}) for w in ws]
-            # prefill: bytes its leases handed over; decode: bytes its READs landed
+            # prefill: bytes its leases handed over; decode: bytes its READs landed. A worker's last totals
+            # stay counted after it is gone, so the pool's totals never drop (rate() over them stays right)
             key_b, key_s = ("bytes_sent", "stage_seconds") if role == "prefill" else ("bytes_received",
                                                                                     "transfer_seconds")
-            self.kv_bytes.labels(role).set(sum(k.get(key_b, 0) for k in kt))
-            self.kv_seconds.labels(role).set(sum(k.get(key_s, 0.0) for k in kt))
+            for w in ws:
+                k = w.stats.get("kv_transfer")
+                if k:
+                    self._kv_totals[(role, w.name)] = (k.get(key_b, 0), k.get(key_s, 0.0))
+            totals = [t for (r, _), t in self._kv_totals.items() if r == role]
+            self.kv_bytes.labels(role).set(sum(b for b, _ in totals))
+            self.kv_seconds.labels(role).set(sum(s for _, s in totals))
 
     def _vllm_pool(self, role: str, ready: list) -> None:
         """vLLM's per-engine gauges for a pool: counts summed, KV usage averaged over its ready workers."""
