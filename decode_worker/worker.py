@@ -23,9 +23,10 @@ class DecodeWorker(WorkerBase):
         self.cancelled: dict[str, None] = {}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prefill: Optional[PrefillResult]):
+                       prefill: Optional[PrefillResult], cache_namespace: Optional[str] = None):
         """Async generator of DecodeDelta; ends after the finished one or on abort. `prefill` None: no prefill
-        pool (mode colocated), this engine computes the prompt itself."""
+        pool (mode colocated), this engine computes the prompt itself, reusing its prefix cache within
+        `cache_namespace`."""
         if self.cancelled.pop(request_id, "live") is None:
             return
         remote = None
@@ -33,7 +34,8 @@ class DecodeWorker(WorkerBase):
             kt = self.config.kv_transfer
             refresh = sink_refresh_tokens(kt.refresh_sink_tokens, kt.dtype, prefill.precision, self.engine.precision)
             remote = RemoteKV(prefill.ticket, prefill.num_tokens, refresh)
-        q = await self.aengine.add(request_id, prompt_token_ids, params, remote_kv=remote)
+        q = await self.aengine.add(request_id, prompt_token_ids, params, remote_kv=remote,
+                                   cache_namespace=cache_namespace if prefill is None else None)
         while True:
             out = await q.get()
             if out is None:

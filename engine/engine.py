@@ -82,7 +82,7 @@ class LLMEngine:
         econf = config.pool_engine(role)
         precision = resolve_precision(getattr(config, role).precision, role, resolve_device(econf.device))
         return cls(config.model.path, config.model.dtype, econf, precision=precision,
-                   enable_prefix_caching=role == "prefill", max_model_len=config.model.max_model_len,
+                   enable_prefix_caching=role == "prefill" or config.colocated, max_model_len=config.model.max_model_len,
                    progress=progress, load_format=config.model.load_format)
 
     # -- input ------------------------------------------------------------------------------------

@@ -307,7 +307,9 @@ class Cluster:
                     self._stats_done(w, w.probe)
                 if w.probe is None:
                     w.probe = self._probe(w, w.actor.stats.remote(), self._stats_done)
-                if w.role == "prefill" and w.state is WorkerState.READY and w.events_probe is None:
+                # the workers that prefill publish their prefix cache: the prefill pool, or every worker colocated
+                if ((w.role == "prefill" or self.config.colocated) and w.state is WorkerState.READY
+                        and w.events_probe is None):
                     w.events_probe = self._probe(w, w.actor.kv_events.remote(self.index.after(w.name)),
                                                  self._events_done)
                 if stalled:

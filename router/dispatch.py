@@ -141,7 +141,9 @@ class Dispatcher:
     def _pick(self, num_tokens: int, hashes: list) -> tuple[Optional[Worker], Worker]:
         pools, bs = self.cluster.pools, self.block_size
         P = self.prefill_policy.pick(pools["prefill"].ready(), num_tokens, hashes, bs) if self.prefill_pool else None
-        D = self.decode_policy.pick(pools["decode"].ready(), num_tokens, hashes, bs)
+        # colocated, the decode worker prefills too: it is picked as a prefill worker is, by its prefix cache
+        D = (self.decode_policy if self.prefill_pool else self.prefill_policy).pick(
+            pools["decode"].ready(), num_tokens, hashes, bs)
         if (P is None and self.prefill_pool) or D is None:
             raise NoReadyWorker(f"the {'decode' if D is None else 'prefill'} pool has no ready worker")
         return P, D
@@ -223,17 +225,19 @@ class Dispatcher:
             params = dataclasses.replace(params, max_tokens=params.max_tokens - len(req.output))
         # a fresh id on the workers: the lost attempt's id may still be held there (a stalled worker)
         wid = req.rid if not req.migrations else f"{req.rid}#{req.migrations}"
-        hashes = block_hashes(prompt[:-1], bs, req.namespace) if self.prefill_pool else []
+        hashes = block_hashes(prompt[:-1], bs, req.namespace)
         P, D = self._pick(len(prompt), hashes)
         req.P, req.D, req.stage = P, D, "prefill"
-        uncached = 0
+        # the worker that prefills (P, or D colocated) has these tokens queued until its first result
+        prefiller = P or D
+        uncached = len(prompt) - min(index.overlap(prefiller.name, hashes) * bs, len(prompt))
+        prefiller.queued_tokens += uncached
+        index.expect(prefiller.name, hashes)
         if P is not None:
             # the prefill worker counts as busy until the decode side has pulled the KV (first delta)
-            uncached = len(prompt) - min(index.overlap(P.name, hashes) * bs, len(prompt))
             P.inflight += 1
-            P.queued_tokens += uncached
-            index.expect(P.name, hashes)
         D.inflight += 1
+        colocated_prefill = P is None
         req.holding_prefill = in_prefill = P is not None
         decode_sent = finished = False
         try:
@@ -249,7 +253,8 @@ class Dispatcher:
                 if not req.migrations:
                     req.cached_tokens = prefill.num_cached_tokens
             req.stage = "transfer"
-            stream = D.actor.generate.options(num_returns="streaming").remote(wid, prompt, params, prefill)
+            stream = D.actor.generate.options(num_returns="streaming").remote(wid, prompt, params, prefill,
+                                                                              req.namespace)
             decode_sent = True
             last = None
             while True:
@@ -259,6 +264,9 @@ class Dispatcher:
                 if req.holding_prefill:
                     P.inflight -= 1
                     req.holding_prefill = False
+                if colocated_prefill:
+                    D.queued_tokens -= uncached
+                    colocated_prefill = False
                 req.stage = "decode"
                 now = time.monotonic()
                 first = not req.output and last is None
@@ -278,6 +286,8 @@ class Dispatcher:
         finally:
             if in_prefill:
                 P.queued_tokens -= uncached
+            if colocated_prefill:
+                D.queued_tokens -= uncached
             if req.holding_prefill:
                 P.inflight -= 1
             D.inflight -= 1

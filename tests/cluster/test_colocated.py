@@ -49,3 +49,25 @@ def test_colocated_greedy_equals_in_process_without_a_transfer(stub, engine_f32)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     moved = [line for line in text.splitlines() if line.startswith("pdserve_kv_transfer_bytes{")]
     assert moved and all(float(line.rsplit(" ", 1)[1]) == 0 for line in moved), moved
+
+
+def test_colocated_engine_reuses_its_prefix_cache(stub, engine_f32):
+    """A colocated worker prefills too, so it keeps a prefix cache as a prefill worker does: a second prompt
+    sharing a long prefix computes only its new blocks, with the output of an uncached run; another
+    cache_namespace shares nothing."""
+    stub, _ = stub
+    prefix = engine_f32.tokenize(PROMPTS[1][0] * 40)[:160]  # 10 blocks of 16
+    a, b = prefix + engine_f32.tokenize("First question?"), prefix + engine_f32.tokenize("A second one.")
+    ref = engine_f32.generate([(b, SamplingParams(max_tokens=8))])[0]
+
+    def run(ids, ns=""):
+        msg = request_proto({"prompt_token_ids": ids}, SamplingParams(max_tokens=8))
+        msg.cache_namespace = ns
+        return stream_one(stub, msg, timeout=120)
+
+    assert run(a)["usage"]["cached_tokens"] == 0
+    time.sleep(1.0)  # the router learns the worker's cached blocks from its KV events (every 0.5 s)
+    got = run(b)
+    assert got["usage"]["cached_tokens"] == len(prefix), got["usage"]
+    assert got["token_ids"] == ref["token_ids"]
+    assert run(b, ns="another-tenant")["usage"]["cached_tokens"] == 0
