@@ -6,11 +6,14 @@ also recomputes the first prompt tokens, the attention sinks (sink_refresh_token
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Optional
 
+from pdserve import tracing
 from pdserve.engine.kv_connector import RemoteKV
-from pdserve.engine.sequence import SamplingParams
+from pdserve.engine.sequence import Continuation, SamplingParams
 from pdserve.worker.base import WorkerBase
+from pdserve.worker.faults import die
 from pdserve.worker.messages import DecodeDelta, FinishReason, PrefillResult
 
 
@@ -23,10 +26,12 @@ class DecodeWorker(WorkerBase):
         self.cancelled: dict[str, None] = {}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prefill: Optional[PrefillResult], cache_namespace: Optional[str] = None):
+                       prefill: Optional[PrefillResult], cache_namespace: Optional[str] = None,
+                       trace_context: Optional[dict] = None, continuation: Optional[Continuation] = None):
         """Async generator of DecodeDelta; ends after the finished one or on abort. `prefill` None: no prefill
         pool (mode colocated), this engine computes the prompt itself, reusing its prefix cache within
-        `cache_namespace`."""
+        `cache_namespace`. `trace_context`: the router's span of this call (W3C headers) when the request is
+        traced. `continuation`: the request moved here mid-stream; the prompt ends with its output so far."""
         if self.cancelled.pop(request_id, "live") is None:
             return
         remote = None
@@ -34,20 +39,32 @@ class DecodeWorker(WorkerBase):
             kt = self.config.kv_transfer
             refresh = sink_refresh_tokens(kt.refresh_sink_tokens, kt.dtype, prefill.precision, self.engine.precision)
             remote = RemoteKV(prefill.ticket, prefill.num_tokens, refresh)
-        q = await self.aengine.add(request_id, prompt_token_ids, params, remote_kv=remote,
-                                   cache_namespace=cache_namespace if prefill is None else None)
-        while True:
-            out = await q.get()
-            if out is None:
-                return
-            if isinstance(out, Exception):
-                raise out
-            yield DecodeDelta(out.new_token_ids, out.new_text, out.new_logprobs,
-                              FinishReason(out.finish_reason) if out.finished else None,
-                              out.num_prompt_tokens, out.num_output_tokens,
-                              out.num_cached_tokens if prefill is None else prefill.num_cached_tokens)
-            if out.finished:
-                return
+        with self._traced("decode", request_id, trace_context, prompt_tokens=len(prompt_token_ids),
+                          remote_kv_tokens=remote.num_tokens if remote else None) as span:
+            q = await self.aengine.add(request_id, prompt_token_ids, params, remote_kv=remote,
+                                       cache_namespace=cache_namespace if prefill is None else None,
+                                       continuation=continuation)
+            kill_at = self.faults.kill_at("kill_decode_at", request_id) if self.faults.prefixes else None
+            streamed = 0
+            while True:
+                out = await q.get()
+                if out is None:
+                    return
+                if isinstance(out, Exception):
+                    raise out
+                if kill_at is not None and streamed >= kill_at:
+                    # chaos tests: kill -9 with exactly kill_at tokens of this request sent. Ray sends a stream's
+                    # items from its own threads: give the last one a moment to leave first.
+                    await asyncio.sleep(0.1)
+                    die()
+                streamed += len(out.new_token_ids)
+                yield DecodeDelta(out.new_token_ids, out.new_text, out.new_logprobs,
+                                  FinishReason(out.finish_reason) if out.finished else None,
+                                  out.num_prompt_tokens, out.num_output_tokens,
+                                  out.num_cached_tokens if prefill is None else prefill.num_cached_tokens)
+                if out.finished:
+                    tracing.annotate(span, completion_tokens=out.num_output_tokens, finish_reason=out.finish_reason)
+                    return
 
     async def abort(self, request_id: str) -> bool:
         found = await self.aengine.abort(request_id)

@@ -20,7 +20,7 @@ from pdserve.engine.loader import resolve_model_path
 from pdserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from pdserve.engine.sampler import sample
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.sequence import SamplingParams, Sequence, Status
+from pdserve.engine.sequence import Continuation, SamplingParams, Sequence, Status
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.tokenizer import Tokenizer, prompt_ids
 from pdserve.errors import InvalidRequest, KVTransferFailed, NoFreeBlocks
@@ -93,7 +93,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prefill_only: bool = False, block_table: list[int] | None = None,
                     num_computed_tokens: int = 0, cache_namespace=None, refresh_tokens: int = 0,
-                    remote_kv: RemoteKV | None = None) -> Sequence:
+                    remote_kv: RemoteKV | None = None, continuation: Continuation | None = None) -> Sequence:
         """Queue a request. `block_table` + `num_computed_tokens`: KV already present in this
         engine's cache (transferred in); the blocks become the sequence's own. `refresh_tokens`:
         recompute the KV of that many first tokens of it (at most num_computed_tokens) in the
@@ -101,7 +101,8 @@ class LLMEngine:
         `remote_kv`: the prompt's KV is in another engine; the connector loads it into blocks reserved
         here (waiting up to remote_kv_timeout for room), then the request is scheduled.
         `cache_namespace` (a tenant, an adapter) keeps prefix-cache sharing within its namespace.
-        One engine has one precision, so precision needs no namespace of its own."""
+        One engine has one precision, so precision needs no namespace of its own.
+        `continuation`: the request was started by another engine; the prompt ends with its output so far."""
         if remote_kv is not None:
             if self.connector is None:
                 raise ValueError("remote_kv needs an engine with a KV connector")
@@ -121,7 +122,7 @@ class LLMEngine:
             seq.num_refresh_tokens = refresh
         elif self.block_manager.enable_prefix_caching:
             seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, cache_namespace)
-        seq.detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        seq.detok = self._detokenizer(seq, continuation)
         self.requests[request_id] = seq
         if remote_kv is not None:
             seq.status = Status.WAITING_FOR_REMOTE_KV
@@ -136,6 +137,21 @@ class LLMEngine:
         else:
             self.scheduler.add(seq)
         return seq
+
+    def _detokenizer(self, seq: Sequence, cont: Continuation | None) -> IncrementalDetokenizer:
+        if cont is None:
+            return IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        k = cont.num_output_tokens
+        if not 0 < k < seq.num_tokens:
+            raise InvalidRequest(f"a continuation of {k} output tokens needs a longer prompt than {seq.num_tokens}")
+        detok = IncrementalDetokenizer(self.tokenizer, seq.token_ids[:-k])
+        for tok in seq.token_ids[-k:]:  # one by one, as the first engine added them: the same held-back state
+            detok.add([tok])
+        if not 0 <= cont.num_emitted_chars <= len(detok.text):
+            raise InvalidRequest(f"a continuation says {cont.num_emitted_chars} characters were streamed; "
+                                 f"its {k} output tokens decode to {len(detok.text)}")
+        seq.num_emitted_chars = cont.num_emitted_chars
+        return detok
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks, whatever state it is in. Blocks the connector is loading or

@@ -78,6 +78,17 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """A request another engine started (the router moved it here after a fault): the last `num_output_tokens`
+    of its prompt are output the client already has, and `num_emitted_chars` characters of their text reached
+    the client. The engine detokenizes those tokens again as output, so it holds back what the first engine
+    held back (an incomplete UTF-8 character, a tail that may begin a stop string), finds a stop string that
+    spans the move, and emits only text the client has not seen."""
+    num_output_tokens: int
+    num_emitted_chars: int
+
+
 class Status(enum.Enum):
     WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # its prompt KV is being loaded by the KV connector
     WAITING = "waiting"
@@ -103,7 +114,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list = field(default_factory=list)  # chained hashes of full prompt blocks
     finish_reason: Optional[str] = None
-    generator: Optional[torch.Generator] = None
+    generator: Optional[torch.Generator] = None  # seeded sampling's, re-seeded per token (engine/sampler.py)
     arrival_time: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
     detok: object = None  # IncrementalDetokenizer, set by the engine
@@ -111,10 +122,6 @@ class Sequence:
     logprobs: list = field(default_factory=list)
     num_hashed_blocks: int = 0  # full prompt blocks already offered to the prefix cache
     num_emitted_chars: int = 0  # output text already streamed
-
-    def __post_init__(self):
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_tokens(self) -> int:

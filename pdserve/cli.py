@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear-layer precision of this in-process engine")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt, in input order")
     g.add_argument("--server", default=None, help="HOST:PORT of a pdserve router: send requests over gRPC")
+    from pdserve.client import add_credential_args
+
+    add_credential_args(g.add_argument_group("with --server, a router that needs TLS or a token"))
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--block-size", type=int, default=None)
     g.set_defaults(func=cmd_generate)
@@ -135,9 +138,10 @@ def cmd_generate(args) -> int:
     except InvalidRequest as e:
         raise CLIError(str(e)) from None
     if args.server:
-        from pdserve.client import generate_remote
+        from pdserve.client import credentials_from_args, generate_remote
 
-        results = generate_remote(args.server, reqs, params, stream_to=None if args.json else StreamPrinter(len(reqs)))
+        results = generate_remote(args.server, reqs, params, stream_to=None if args.json else StreamPrinter(len(reqs)),
+                                  credentials=credentials_from_args(args))
     else:
         results = generate_local(args, reqs, params)
     if args.json:

@@ -1,10 +1,134 @@
-"""A small gRPC client for the router: `pdserve generate --server`, the demo, bench and tests."""
+"""A small gRPC client for the router: `pdserve generate --server`, the demo, bench and tests; and the
+credentials a client shows a router that needs TLS or a token (router/tls.py, router/auth.py)."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import grpc
+
+TOKEN_ENV = "PDSERVE_AUTH_TOKEN"  # the router reads its own token from the same variable
+
+
+@dataclass(frozen=True)
+class Credentials:
+    token: Optional[str] = None  # sent as `authorization: Bearer TOKEN`
+    ca_file: Optional[str] = None  # PEM CA of the router's certificate; TLS when set
+    cert_file: Optional[str] = None  # this client's certificate and key, for a router that asks for one (mTLS)
+    key_file: Optional[str] = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+    def channel(self, target: str, options=None, aio: bool = False):
+        """A gRPC channel (grpc.aio's with `aio`) that carries these credentials on every call."""
+        mod = grpc.aio if aio else grpc
+        options = list(options or [])
+        if self.tls:
+            ch = mod.secure_channel(target, grpc.ssl_channel_credentials(
+                _read(self.ca_file), _read(self.key_file), _read(self.cert_file)), options,
+                **({"interceptors": self._interceptors()} if aio else {}))
+        else:
+            ch = mod.insecure_channel(target, options, **({"interceptors": self._interceptors()} if aio else {}))
+        # a plaintext channel takes no call credentials, so the token goes as metadata through interceptors
+        return ch if aio or self.token is None else grpc.intercept_channel(ch, _Bearer(self.token))
+
+    def _interceptors(self) -> list:
+        kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+        return [] if self.token is None else [kind(self.token) for kind in kinds]
+
+    def http_headers(self) -> dict:
+        return {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
+
+    def http_verify(self):
+        """httpx's `verify`: the router's CA (and this client's certificate), or True (the system's CAs)."""
+        if self.ca_file is None:
+            return True
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
+def add_credential_args(p) -> None:
+    """The flags of every command that talks to a router."""
+    p.add_argument("--token-file", default=None,
+                   help=f"file holding the router's bearer token (default: ${TOKEN_ENV} when set)")
+    p.add_argument("--ca-file", default=None, help="PEM CA that signed the router's certificate: connect over TLS")
+    p.add_argument("--cert-file", default=None, help="this client's PEM certificate, for a router that checks it")
+    p.add_argument("--key-file", default=None, help="the key of --cert-file")
+
+
+def credentials_from_args(args) -> Credentials:
+    from pdserve.errors import CLIError
+
+    token = os.environ.get(TOKEN_ENV, "").strip() or None
+    if args.token_file:
+        try:
+            token = open(args.token_file).read().strip() or None
+        except OSError as e:
+            raise CLIError(f"cannot read --token-file {args.token_file}: {e.strerror}") from None
+    if (args.cert_file is None) != (args.key_file is None) or (args.cert_file and not args.ca_file):
+        raise CLIError("--cert-file and --key-file go together, and with --ca-file (TLS)")
+    for flag, path in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
+        if path is not None and not os.path.isfile(path):
+            raise CLIError(f"{flag} {path}: no such file")
+    return Credentials(token, args.ca_file, args.cert_file, args.key_file)
+
+
+def _read(path: Optional[str]) -> Optional[bytes]:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _with_token(details, token: str):
+    md = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
+    return details._replace(metadata=md)
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, token: str):
+        self.token = token
+
+    def _call(self, continuation, details, request):
+        return continuation(_with_token(details, self.token), request)
+
+    intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _call
+
+
+class _AioBearer:
+    """grpc.aio files an interceptor under the first kind of call it implements: one class per kind."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    async def _call(self, continuation, details, request):
+        return await continuation(_with_token(details, self.token), request)
+
+
+class _AioUnaryUnary(_AioBearer, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _AioBearer._call
+
+
+class _AioUnaryStream(_AioBearer, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _AioBearer._call
+
+
+class _AioStreamUnary(_AioBearer, grpc.aio.StreamUnaryClientInterceptor):
+    intercept_stream_unary = _AioBearer._call
+
+
+class _AioStreamStream(_AioBearer, grpc.aio.StreamStreamClientInterceptor):
+    intercept_stream_stream = _AioBearer._call
 
 
 class ServerError(Exception):
@@ -56,12 +180,13 @@ def stream_one(stub, msg, on_delta=None, timeout=None) -> dict:
     return out
 
 
-def generate_remote(server: str, reqs: list[dict], params, stream_to=None, prompt_ids=None) -> list[dict]:
+def generate_remote(server: str, reqs: list[dict], params, stream_to=None, prompt_ids=None,
+                    credentials: Credentials = Credentials()) -> list[dict]:
     """Send every request concurrently (the cluster batches them); results in input order."""
     from pdserve.errors import EXIT_BAD_INPUT, EXIT_SERVER, CLIError
     from pdserve.proto import rpc
 
-    channel = grpc.insecure_channel(server)
+    channel = credentials.channel(server)
     try:
         grpc.channel_ready_future(channel).result(timeout=10)
     except grpc.FutureTimeoutError:

@@ -22,6 +22,8 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
     s.add_argument("--http-port", type=int, default=None,
                    help="OpenAI-compatible HTTP port, with /metrics, /health and /ready (default 8000; -1: off)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics (and the probes' /health, /ready) on plain HTTP (default 9400; -1: off)")
     s.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or HOST:PORT)")
     s.set_defaults(func=cmd_serve)
 
@@ -29,6 +31,9 @@ def register(sub) -> None:
     c.add_argument("role", choices=["prefill", "decode"])
     c.add_argument("replicas", type=int)
     c.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the router")
+    from pdserve.client import add_credential_args
+
+    add_credential_args(c)
     c.set_defaults(func=cmd_scale)
 
     register_demo(sub)
@@ -59,6 +64,9 @@ def register_bench(sub) -> None:
                        description="Send a seeded workload to a pdserve router over gRPC and report throughput, "
                                    "TTFT/TPOT/ITL/end-to-end percentiles, goodput and prefix hit rates.")
     b.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the router")
+    from pdserve.client import add_credential_args
+
+    add_credential_args(b.add_argument_group("a router that needs TLS or a token (gRPC and --http)"))
     b.add_argument("--http", default=None, metavar="URL",
                    help="drive an OpenAI-compatible HTTP server at URL (e.g. http://127.0.0.1:8000) with streamed "
                         "/v1/completions instead of gRPC (no cluster samples, no token ids to save or compare)")
@@ -150,6 +158,8 @@ def load_serve_config(args):
         overrides["router.port"] = args.port
     if args.http_port is not None:
         overrides["router.http_port"] = None if args.http_port < 0 else args.http_port
+    if args.metrics_port is not None:
+        overrides["router.metrics_port"] = None if args.metrics_port < 0 else args.metrics_port
     if args.model is not None:
         overrides["model.path"] = args.model
     if args.ray_address:
@@ -166,8 +176,10 @@ def cmd_serve(args) -> int:
     def ready(port, router):
         pools = router.cluster.pools
         host = config.router.host
-        print(f"pdserve: listening on {host}:{port} (gRPC)"
-              + (f", http://{host}:{router.http_port}/v1 (OpenAI HTTP)" if router.http_port is not None else "")
+        tls = config.router.tls_cert_file is not None
+        print(f"pdserve: listening on {host}:{port} (gRPC{', TLS' if tls else ''})"
+              + (f", http{'s' if tls else ''}://{host}:{router.http_port}/v1 (OpenAI HTTP)"
+                 if router.http_port is not None else "")
               + (f", metrics on http://{host}:{router.metrics_port}/metrics" if router.metrics_port is not None
                  else ""), flush=True)
         def pool(role):
@@ -196,10 +208,11 @@ def cmd_serve(args) -> int:
 def cmd_scale(args) -> int:
     import grpc
 
+    from pdserve.client import credentials_from_args
     from pdserve.errors import EXIT_SERVER, CLIError
     from pdserve.proto import pb, rpc
 
-    with grpc.insecure_channel(args.server) as ch:
+    with credentials_from_args(args).channel(args.server) as ch:
         try:
             r = rpc.PDServeStub(ch).Scale(pb.ScaleRequest(role=args.role, replicas=args.replicas), timeout=600)
         except grpc.RpcError as e:

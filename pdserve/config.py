@@ -10,10 +10,12 @@ chart renders from its values; unknown keys are errors, so a typo never silently
     kv_transfer: {dtype, backend, lease_seconds, refresh_sink_tokens}
     router:      {host, port, http_port, metrics_port, policy, max_queued_requests, max_request_id_bytes,
                   max_cache_namespace_bytes, liveness_timeout_s, call_timeout_s, start_timeout_s,
-                  max_migrations, restart_backoff_s, ...}
+                  max_migrations, restart_backoff_s, drain_timeout_s, tls_cert_file, tls_key_file,
+                  tls_client_ca_file, auth_token_file, ...}
     autoscaling: {enabled, interval_s, cooldown_s, target_ttft_s, target_itl_s, prefill: {...}, decode: {...},
                   prefill_per_decode}
     ray:         {address, num_cpus}
+    tracing:     {otlp_endpoint, service_name, sample_ratio}
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -140,6 +143,18 @@ class RouterConfig:
     start_timeout_s: float = 600.0
     max_migrations: int = 3
     restart_backoff_s: float = 1.0
+    # on SIGTERM/SIGINT the router stops admitting (UNAVAILABLE / HTTP 503, health NOT_SERVING) and gives the
+    # requests in flight this long to finish; those still running then end with finish_reason "abort"
+    drain_timeout_s: float = 30.0
+    # TLS on the gRPC and OpenAI HTTP ports (PEM files); with tls_client_ca_file, clients must present a
+    # certificate that CA signed (mTLS). The metrics port stays plain HTTP (router/tls.py says why)
+    tls_cert_file: Optional[str] = None
+    tls_key_file: Optional[str] = None
+    tls_client_ca_file: Optional[str] = None
+    # a bearer token every gRPC call and HTTP request must carry (`authorization: Bearer TOKEN`), but health
+    # checks (router/auth.py). Read from this file, else from $PDSERVE_AUTH_TOKEN; never from the config itself,
+    # which is often a ConfigMap or checked in
+    auth_token_file: Optional[str] = None
 
     def validate(self, at: str) -> None:
         for name in ("port", "http_port", "metrics_port"):
@@ -148,8 +163,13 @@ class RouterConfig:
                 raise ConfigError(f"{at}.{name}: {port} is not a TCP port")
         _positive(at + ".max_request_id_bytes", self.max_request_id_bytes)
         _positive(at + ".max_cache_namespace_bytes", self.max_cache_namespace_bytes)
-        for name in ("liveness_timeout_s", "call_timeout_s", "start_timeout_s", "restart_backoff_s"):
+        for name in ("liveness_timeout_s", "call_timeout_s", "start_timeout_s", "restart_backoff_s", "drain_timeout_s"):
             _positive(f"{at}.{name}", getattr(self, name))
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError(f"{at}.tls_cert_file and {at}.tls_key_file: set both (TLS) or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError(f"{at}.tls_client_ca_file needs {at}.tls_cert_file and tls_key_file: client "
+                              "certificates are checked only over TLS")
         _count(at + ".max_migrations", self.max_migrations, "0: a request fails with its worker")
         _choice(at + ".policy", self.policy, POLICIES)
         _positive(at + ".max_queued_requests", self.max_queued_requests)
@@ -193,6 +213,26 @@ class RayConfig:
 
 
 @dataclass
+class TracingConfig:
+    # OpenTelemetry spans of every request (router, prefill and decode workers; pdserve/tracing.py), exported over
+    # OTLP/gRPC to this receiver: http://HOST:PORT (plaintext, e.g. http://otel-collector:4317) or https:// (TLS).
+    # None: tracing off, and nothing of OpenTelemetry is imported
+    otlp_endpoint: Optional[str] = None
+    service_name: str = "pdserve"  # each process reports as <service_name>-router, -prefill or -decode
+    # share of the requests traced among those whose caller sent no traceparent (a traceparent decides itself)
+    sample_ratio: float = 1.0
+
+    def validate(self, at: str) -> None:
+        if self.otlp_endpoint is not None:
+            _endpoint(at + ".otlp_endpoint", self.otlp_endpoint)
+        if not isinstance(self.service_name, str) or not self.service_name:
+            raise ConfigError(f"{at}.service_name: expected a non-empty string, got {self.service_name!r}")
+        ratio = self.sample_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ConfigError(f"{at}.sample_ratio: expected a number in [0, 1], got {ratio!r}")
+
+
+@dataclass
 class Config:
     mode: str = "disaggregated"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -203,6 +243,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def validate(self) -> "Config":
         _choice("mode", self.mode, MODES)
@@ -332,3 +373,18 @@ def _positive(at: str, value, allow_none: bool = False) -> None:
         return
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{at}: expected a positive number, got {value!r}")
+
+
+def _endpoint(at: str, value) -> None:
+    """An OTLP/gRPC receiver's URL: the scheme says plaintext or TLS, and a port is needed (gRPC's default, 443,
+    is not OTLP's 4317)."""
+    want = "expected http://HOST:PORT or https://HOST:PORT (OTLP/gRPC, e.g. http://otel-collector:4317)"
+    if not isinstance(value, str):
+        raise ConfigError(f"{at}: {want}, got {value!r}")
+    url = urlsplit(value)
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if url.scheme not in ("http", "https") or not url.hostname or port is None or url.path not in ("", "/"):
+        raise ConfigError(f"{at}: {want}, got {value!r}")

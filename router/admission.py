@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
+from pdserve import tracing
 from pdserve.config import Config
 from pdserve.engine.sequence import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer, prompt_ids
-from pdserve.errors import InvalidRequest, NoFreeBlocks
+from pdserve.errors import InvalidRequest, NoFreeBlocks, NoReadyWorker
 
 # two threads: one long prompt does not hold up every other admission, and the box's cores stay with the engines
 _THREADS = 2
@@ -46,14 +47,35 @@ class Admission:
         self.max_model_len = max_model_len
         self.dispatch = dispatch
         self.admitting = 0  # requests between arrival and dispatch, counted toward max_queued_requests
+        self.closed: Optional[str] = None  # why no request is admitted any more (router/drain.py), or None
         self._pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="admission")
 
     async def admit(self, params: SamplingParams, *, prompt: Optional[str] = None,
                     prompt_token_ids: Optional[list[int]] = None, messages: Optional[list[dict]] = None,
                     chat: bool = False, request_id: str = "", namespace: str = "") -> Admitted:
         """One of prompt (with `chat`: as the user message), prompt_token_ids or messages (a chat)."""
+        admitting = self._admit(params, prompt, prompt_token_ids, messages, chat, request_id, namespace)
+        trace = tracing.current()
+        if trace is None:
+            return await admitting
+        try:
+            with tracing.span(trace, "admit") as span:
+                admitted = await admitting
+                tracing.annotate(span, prompt_tokens=len(admitted.ids))
+        except asyncio.CancelledError:  # the client went away: its request ends here
+            trace.end("cancelled")
+            raise
+        tracing.annotate(trace.root, request_id=admitted.rid, prompt_tokens=len(admitted.ids),
+                         max_tokens=params.max_tokens)
+        return admitted
+
+    async def _admit(self, params: SamplingParams, prompt, prompt_token_ids, messages, chat, request_id,
+                     namespace) -> Admitted:
         _check_size("request_id", request_id, self.limits.max_request_id_bytes)
         _check_size("cache_namespace", namespace, self.limits.max_cache_namespace_bytes)
+        if params.max_tokens > self.max_model_len:  # could never be met: say so, as vLLM does (a 400)
+            raise InvalidRequest(f"max_tokens is {params.max_tokens}; the model's context is {self.max_model_len} "
+                                 "tokens, prompt included")
         self._check_room()
         self.admitting += 1
         try:
@@ -68,6 +90,8 @@ class Admission:
         return Admitted(rid, ids, params, namespace or None)
 
     def _check_room(self) -> None:
+        if self.closed is not None:
+            raise NoReadyWorker(self.closed)
         held = len(self.dispatch.active) + self.admitting
         if held >= self.limits.max_queued_requests:
             raise NoFreeBlocks(f"the router holds {held} requests, its limit")

@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import secrets
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -34,24 +36,54 @@ NAMESPACE = "pdserve"
 
 
 def init_ray(config: Config) -> None:
+    if not config.ray.address:
+        # A Ray of our own serves this process alone, so all it starts listens on loopback. Each Ray component
+        # binds its gRPC server to 127.0.0.1 only when its node IP is 127.0.0.1, and ray.init turns a loopback
+        # _node_ip_address into the machine's address unless Ray believes it runs single-node (as on macOS and
+        # Windows), which this variable tells it; Ray reads it when first imported. Its children inherit it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
     # workers import pdserve from the same environment as the router: no source folder goes on their path
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if config.ray.address:
-        ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True, namespace=NAMESPACE)
-        return
-    need = config.prefill.num_cpus * max(config.prefill.replicas, 1) + config.decode.num_cpus * max(config.decode.replicas, 1)
-    num_cpus = config.ray.num_cpus or max(int(need + 0.999) + 2, os.cpu_count() or 1)
-    # Ray waits 30 s for its GCS and 30 s for its raylet to come up; on the loaded 2-core CI box each was
-    # missed once. The GCS wait can be raised; the raylet's has no setting.
-    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-    # address="local": always a new Ray of our own, even if another one runs on this machine
-    ray.init(address="local", num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True,
-             namespace=NAMESPACE,
-             configure_logging=True, logging_level=logging.WARNING)
+    handlers = _stop_handlers()
+    try:
+        if config.ray.address:
+            ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True, namespace=NAMESPACE)
+            return
+        need = (config.prefill.num_cpus * max(config.prefill.replicas, 1)
+                + config.decode.num_cpus * max(config.decode.replicas, 1))
+        num_cpus = config.ray.num_cpus or max(int(need + 0.999) + 2, os.cpu_count() or 1)
+        # Ray waits 30 s for its GCS and 30 s for its raylet to come up; on the loaded 2-core CI box each was
+        # missed once. The GCS wait can be raised; the raylet's has no setting.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+        # UCX's TCP transport listens on every network device; the workers of one machine need only loopback
+        env["env_vars"]["UCX_NET_DEVICES"] = os.environ.get("UCX_NET_DEVICES", "lo")
+        # address="local": always a new Ray of our own, even if another one runs on this machine
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True,
+                 namespace=NAMESPACE, _node_ip_address="127.0.0.1",
+                 configure_logging=True, logging_level=logging.WARNING)
+        if ray.util.get_node_ip_address() != "127.0.0.1":
+            log.warning("Ray listens on %s, not only on loopback: it was imported before pdserve could set "
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0", ray.util.get_node_ip_address())
+    finally:
+        _restore(handlers)
+
+
+def _stop_handlers() -> dict:
+    """This process's own SIGTERM/SIGINT handlers (the CLI's: drain, then exit 0), to put back after ray.init,
+    which installs its own (sys.exit) and whose core worker adds abseil's, which dumps a stack on SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    return {s: h for s, h in handlers.items() if callable(h)}
+
+
+def _restore(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def _actor_class(role: str):
@@ -65,6 +97,7 @@ def _actor_class(role: str):
 
 
 MAX_BACKOFF_S = 60.0
+FLUSH_TRACES_S = 5.0  # the longest a worker about to be killed is given to export its spans
 
 
 class ClusterFull(NoFreeBlocks):
@@ -263,6 +296,7 @@ class Cluster:
         while w.inflight > 0 and w.name in self.pools[w.role].workers:
             await asyncio.sleep(0.05)
         # a prefill worker stays in flight until its KV was pulled, so no lease is left to strand
+        await self._flush_traces([w])
         self._remove(w, kill=True)
 
     def _remove(self, w: Worker, kill: bool) -> None:
@@ -392,6 +426,8 @@ class Cluster:
                         f.cancel()
         if self.detached:  # they serve the next router on this Ray cluster
             return
+        await self._flush_traces([w for p in self.pools.values() for w in p.workers.values()
+                                  if w.state is not WorkerState.STARTING])
         for p in self.pools.values():
             for w in list(p.workers.values()):
                 try:
@@ -399,6 +435,20 @@ class Cluster:
                 except Exception:
                     pass
             p.workers.clear()
+        # the Ray this router started goes with it: its processes are stopped and waited for here, not left
+        # to the exit hooks of a process that is going away
+        ray.shutdown()
+
+    async def _flush_traces(self, workers: list[Worker]) -> None:
+        """With tracing on, have workers about to be killed export the spans they hold (ray.kill runs none of
+        their exit hooks); waits at most FLUSH_TRACES_S for whichever answer."""
+        if not self.config.tracing.otlp_endpoint or not workers:
+            return
+        calls = asyncio.gather(*(w.actor.flush_traces.remote() for w in workers), return_exceptions=True)
+        try:
+            await asyncio.wait_for(calls, FLUSH_TRACES_S)
+        except asyncio.TimeoutError:
+            log.warning("tracing: not every worker exported its spans within %g s", FLUSH_TRACES_S)
 
 
 def _short(exc: BaseException) -> str:

@@ -9,7 +9,8 @@ blocks on both sides when it did not finish (client gone, error, Abort).
   UNHEALTHY (router/cluster.py) interrupts the requests that depend on it.
 - Recovery: when a worker dies, stalls, or the KV transfer fails, the request moves to other workers:
   the prompt plus the tokens already streamed is prefilled again and decoding continues from there, so
-  the client sees no token twice and none missing (greedy output is that of an undisturbed run). At most
+  the client sees no token twice and none missing, and the stream (token ids and text, stop strings, seeded
+  sampling) is that of an undisturbed run. At most
   `router.max_migrations` moves; past them, UNAVAILABLE.
 
 Errors are raised as they come (a Ray error wraps the worker's own: `cause_of`); the gRPC layer maps them.
@@ -24,9 +25,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
+from pdserve import tracing
 from pdserve.config import Config
 from pdserve.engine.block_manager import block_hashes
-from pdserve.engine.sequence import SamplingParams
+from pdserve.engine.sequence import Continuation, SamplingParams
 from pdserve.errors import InvalidRequest, KVTransferFailed, NoFreeBlocks, NoReadyWorker
 from pdserve.router.cluster import Cluster, actor_dead
 from pdserve.router.log_limit import LogLimiter
@@ -85,6 +87,7 @@ class Request:
     params: SamplingParams
     namespace: Optional[str]
     output: list[int] = field(default_factory=list)  # token ids streamed to the client so far
+    emitted_chars: int = 0  # characters of their text streamed to the client so far
     P: Optional[Worker] = None  # the current attempt's workers
     D: Optional[Worker] = None
     holding_prefill: bool = False  # the prefill worker holds its KV until the decode side has pulled it
@@ -96,6 +99,7 @@ class Request:
     done: bool = False  # its last message is on its way: too late to abort
     migrations: int = 0
     cached_tokens: int = 0  # of the first attempt (what the client's usage reports)
+    trace: Optional[tracing.RequestTrace] = None  # its spans, when it is traced (pdserve/tracing.py)
 
     def arm(self) -> None:
         """Ready to be interrupted (again, for an attempt after a lost worker)."""
@@ -117,6 +121,8 @@ class Dispatcher:
         self.prefill_pool = "prefill" in config.roles()  # colocated: the decode worker prefills itself
         self.call_timeout = config.router.call_timeout_s
         self.max_migrations = config.router.max_migrations
+        self.start_timeout = config.router.start_timeout_s
+        self.roles = config.roles()
         self.active: dict[str, Request] = {}  # request id -> its state, while it runs
         # ids aborted before their request was dispatched (an Abort can overtake its Generate during admission)
         self.aborted_early: dict[str, float] = {}
@@ -148,10 +154,27 @@ class Dispatcher:
             raise NoReadyWorker(f"the {'decode' if D is None else 'prefill'} pool has no ready worker")
         return P, D
 
+    async def _pick_refilled(self, req: Request, num_tokens: int, hashes: list) -> tuple[Optional[Worker], Worker]:
+        """_pick, except that a request moving off a lost worker waits for its pool's replacement to be ready
+        (up to router.start_timeout_s) when no worker is left: the fault costs the replacement's start, not
+        the request. A new request into an empty pool is refused at once (the client may go elsewhere), as is
+        one into a pool scaled to zero."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            try:
+                return self._pick(num_tokens, hashes)
+            except NoReadyWorker:
+                pools = [self.cluster.pools[r] for r in self.roles]
+                if not req.migrations or time.monotonic() > deadline or not all(p.target for p in pools):
+                    raise
+            if req.interrupt.is_set():
+                raise _Interrupted
+            await asyncio.sleep(0.1)
+
     async def run(self, rid: str, ids: list[int], params: SamplingParams,
                   namespace: Optional[str]) -> AsyncIterator[Delta]:
         """The request's deltas; the last has `decode.finished`. `rid` must not be in `active`."""
-        req = Request(rid, ids, params, namespace)
+        req = Request(rid, ids, params, namespace, trace=tracing.current())
         # registered before the first await, so the caller's duplicate-id check cannot race
         self.active[rid] = req
         early = self.aborted_early.pop(rid, None)
@@ -209,6 +232,8 @@ class Dispatcher:
                 req.waiter.cancel()
             if m and outcome not in ("stop", "length"):
                 m.request_failed(outcome)
+            if req.trace is not None:
+                req.trace.end(outcome, completion_tokens=len(req.output), migrations=req.migrations)
 
     def _names(self, req: Request) -> Optional[tuple[str, str]]:
         return None if req.D is None else (req.D.name if req.P is None else req.P.name, req.D.name)
@@ -220,13 +245,20 @@ class Dispatcher:
         req.arm()
         bs, index, m = self.block_size, self.cluster.index, self.metrics
         prompt = req.ids + req.output
-        params = req.params
+        params, cont = req.params, None
         if req.output:
             params = dataclasses.replace(params, max_tokens=params.max_tokens - len(req.output))
+            # Text a decode worker held back (an incomplete UTF-8 character, a tail that may begin a stop
+            # string) is not kept here: the next one rebuilds it from the tokens and the count of characters
+            # streamed (engine Continuation), so the detokenizer and the stop rule live in the engine alone and
+            # the router carries two numbers it has anyway. Seeded sampling needs nothing: a token's draw
+            # depends on its position, not on the worker (engine/sampler.py).
+            cont = Continuation(len(req.output), req.emitted_chars)
         # a fresh id on the workers: the lost attempt's id may still be held there (a stalled worker)
         wid = req.rid if not req.migrations else f"{req.rid}#{req.migrations}"
-        hashes = block_hashes(prompt[:-1], bs, req.namespace)
-        P, D = self._pick(len(prompt), hashes)
+        with tracing.span(req.trace, "route", attempt=req.migrations):
+            hashes = block_hashes(prompt[:-1], bs, req.namespace)
+            P, D = await self._pick_refilled(req, len(prompt), hashes)
         req.P, req.D, req.stage = P, D, "prefill"
         # the worker that prefills (P, or D colocated) has these tokens queued until its first result
         prefiller = P or D
@@ -240,10 +272,13 @@ class Dispatcher:
         colocated_prefill = P is None
         req.holding_prefill = in_prefill = P is not None
         decode_sent = finished = False
+        stream_span = None
         try:
             prefill: Optional[PrefillResult] = None
             if P is not None:
-                prefill = await self._wait(req, P, P.actor.prefill.remote(wid, prompt, req.namespace))
+                with tracing.span(req.trace, "prefill", "client", worker=P.name, attempt=req.migrations) as span:
+                    prefill = await self._wait(req, P, P.actor.prefill.remote(
+                        wid, prompt, req.namespace, trace_context=tracing.carrier(span)))
                 if prefill is None:  # the worker dropped it (its own abort): prefill it again
                     raise WorkerFailed(f"the prefill worker {P.name} dropped request {req.rid}", "internal")
                 P.queued_tokens -= uncached
@@ -253,8 +288,10 @@ class Dispatcher:
                 if not req.migrations:
                     req.cached_tokens = prefill.num_cached_tokens
             req.stage = "transfer"
-            stream = D.actor.generate.options(num_returns="streaming").remote(wid, prompt, params, prefill,
-                                                                              req.namespace)
+            stream_span = tracing.start(req.trace, "stream", "client", worker=D.name, attempt=req.migrations)
+            stream = D.actor.generate.options(num_returns="streaming").remote(
+                wid, prompt, params, prefill, req.namespace, trace_context=tracing.carrier(stream_span),
+                continuation=cont)
             decode_sent = True
             last = None
             while True:
@@ -275,6 +312,7 @@ class Dispatcher:
                 last = now
                 names = self._names(req) if first else None
                 req.output.extend(d.token_ids)
+                req.emitted_chars += len(d.text)
                 if d.finished:
                     finished = req.done = True
                     if req.migrations:  # the client's usage is of the whole request
@@ -284,6 +322,7 @@ class Dispatcher:
                 if finished:
                     return
         finally:
+            tracing.end(stream_span, None if finished else "ended before its last token")
             if in_prefill:
                 P.queued_tokens -= uncached
             if colocated_prefill:
@@ -328,6 +367,9 @@ class Dispatcher:
 
     def refused(self, exc: BaseException) -> None:
         """Count a request refused before it was dispatched (admission: invalid, full)."""
+        trace = tracing.current()
+        if trace is not None:
+            trace.end(failure_cause(exc), exc)
         if self.metrics is not None:
             self.metrics.request_refused(failure_cause(exc))
 

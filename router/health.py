@@ -1,7 +1,7 @@
 """grpc.health.v1 statuses that follow the pools (Kubernetes probes, load balancers).
 
 - "" and "pdserve.v1.PDServe": SERVING only while every pool the cluster serves with has a READY worker;
-  NOT_SERVING otherwise (also while the pools load, and on shutdown).
+  NOT_SERVING otherwise (also while the pools load, while the router drains, and on shutdown).
 - "prefill" and "decode": each pool on its own, so a probe (or an operator with grpc_health_probe
   -service=decode) sees which pool is empty.
 - "liveness": SERVING while the router runs, whatever its pools: for a Kubernetes livenessProbe, which must not
@@ -25,10 +25,11 @@ class PoolHealth:
         self.roles = roles  # the pools requests need (mode colocated: only decode)
         self.published: dict[str, int] = {}
         self.served: set[str] = set()  # pools that have had a ready worker: only their changes are news
+        self.draining = False  # shutting down (router/drain.py): the overall status is NOT_SERVING
 
     def statuses(self, pools: dict) -> dict[str, int]:
         per_pool = {role: SERVING if pools[role].ready() else NOT_SERVING for role in pools}
-        overall = SERVING if all(per_pool[r] == SERVING for r in self.roles) else NOT_SERVING
+        overall = SERVING if all(per_pool[r] == SERVING for r in self.roles) and not self.draining else NOT_SERVING
         return {"": overall, self.service: overall, **per_pool, "liveness": SERVING}
 
     async def publish(self, pools: dict) -> None:

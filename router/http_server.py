@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pdserve import tracing
 from pdserve.errors import InvalidRequest
 from pdserve.router.openai_map import (
     SSE_DONE,
@@ -132,6 +133,8 @@ class OpenAIApp:
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         request_arrived()
+        if tracing.enabled():  # a traceparent header is its parent
+            tracing.begin_request("http", request.headers.items())
         try:
             raw = await request.body()
             body = parse_body(raw) if len(raw) <= _INLINE_JSON else await self.admission.off_loop(parse_body, raw)
@@ -204,14 +207,20 @@ class OpenAIApp:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        pools = self.router.cluster.pools
-        empty = [role for role in self.router.config.roles() if not pools[role].ready()]
-        if empty:
-            return _error(503, f"no ready worker in the {' and '.join(empty)} pool{'s' if len(empty) > 1 else ''}")
-        return JSONResponse({"status": "ready"})
+        return ready_response(self.router)
 
     async def scrape(self, request: Request) -> Response:
         return metrics_response(self.metrics)
+
+
+def ready_response(router) -> Response:
+    if router.admission.closed is not None:  # draining (router/drain.py)
+        return _error(503, router.admission.closed)
+    pools = router.cluster.pools
+    empty = [role for role in router.config.roles() if not pools[role].ready()]
+    if empty:
+        return _error(503, f"no ready worker in the {' and '.join(empty)} pool{'s' if len(empty) > 1 else ''}")
+    return JSONResponse({"status": "ready"})
 
 
 def metrics_response(metrics) -> Response:
@@ -234,11 +243,20 @@ def openai_app(router, metrics) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
-def metrics_app(metrics) -> Starlette:
+def metrics_app(metrics, router=None) -> Starlette:
+    """The operators' port: /metrics, and with `router` the probes' /health and /ready, which work here when the
+    public doors need TLS client certificates or a token (router/tls.py)."""
     async def scrape(request: Request) -> Response:
         return metrics_response(metrics)
 
-    return Starlette(routes=[Route("/metrics", scrape), Route("/", scrape)],
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        return ready_response(router)
+
+    probes = [] if router is None else [Route("/health", health), Route("/ready", ready)]
+    return Starlette(routes=[Route("/metrics", scrape), Route("/", scrape), *probes],
                      exception_handlers={HTTPException: _http_error})
 
 
@@ -250,20 +268,15 @@ class _Server(uvicorn.Server):
 
 
 class HTTPServer:
-    """One uvicorn server on the running loop, on a socket bound here so that a taken port is an error."""
+    """One uvicorn server on the running loop, on a socket bound before anything slow started
+    (router/listeners.py), so that a taken port is a one-line error. `tls`: uvicorn's ssl_* options."""
 
-    def __init__(self, app, host: str, port: int):
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError as e:
-            self.sock.close()
-            raise RuntimeError(f"cannot listen on {host}:{port} (HTTP): {e.strerror}") from None
+    def __init__(self, app, sock: socket.socket, tls: dict | None = None):
+        self.sock = sock
         self.port = self.sock.getsockname()[1]
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its "Started server process" is no news
         self.server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                             timeout_graceful_shutdown=2))
+                                             timeout_graceful_shutdown=2, **(tls or {})))
         self.task = None
 
     async def start(self) -> None:

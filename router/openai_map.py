@@ -29,8 +29,8 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 # OpenAI's error "type" for each status
-ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-              413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+ERROR_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+              405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
               504: "timeout_error"}
 # sampling fields pdserve has no implementation of: a request that needs them is refused, not served wrong
 _UNSUPPORTED_IF_SET = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": None,

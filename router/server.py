@@ -14,15 +14,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve import tracing
 from pdserve.config import Config
 from pdserve.engine.loader import load_arch, resolve_model_path
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.errors import InvalidRequest, NoFreeBlocks
+from pdserve.errors import InvalidRequest, NoFreeBlocks, NoReadyWorker
 from pdserve.proto import pb, rpc
 from pdserve.router.admission import Admission, Admitted
+from pdserve.router.auth import TokenInterceptor, http_guard, load_token
 from pdserve.router.cluster import Cluster
+from pdserve.router.decoding import DecodingInterceptor
 from pdserve.router.dispatch import Dispatcher
+from pdserve.router.drain import drain
 from pdserve.router.health import PoolHealth
+from pdserve.router.listeners import grpc_port, tcp_socket
 from pdserve.router.metrics import request_arrived
 from pdserve.router.proto_map import (
     cluster_info,
@@ -31,6 +36,7 @@ from pdserve.router.proto_map import (
     sampling_from_proto,
     status_of,
 )
+from pdserve.router.tls import grpc_credentials, load_tls, uvicorn_options
 
 log = logging.getLogger("pdserve.router")
 SERVICE = "pdserve.v1.PDServe"
@@ -59,9 +65,11 @@ class Router(rpc.PDServeServicer):
 
     async def Generate(self, request, context):
         request_arrived()
+        if tracing.enabled():  # a traceparent in the call's metadata is its parent
+            tracing.begin_request("grpc", context.invocation_metadata() or ())
         try:
             req = await self._admit(request)
-        except (InvalidRequest, NoFreeBlocks) as e:
+        except (InvalidRequest, NoFreeBlocks, NoReadyWorker) as e:  # NoReadyWorker: draining
             self.dispatch.refused(e)
             await context.abort(*status_of(e))
         try:
@@ -96,6 +104,8 @@ class Router(rpc.PDServeServicer):
         return cluster_info(self.cluster.pools)
 
     async def Scale(self, request, context):
+        if self.admission.closed is not None:  # draining: the pools stay as they are until they stop
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.admission.closed)
         if request.role not in ("prefill", "decode"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be prefill or decode")
         if request.replicas < 0 or request.replicas > 256:
@@ -113,14 +123,17 @@ class Router(rpc.PDServeServicer):
 
 async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None = None) -> None:
     """Start the pools and the gRPC server; run until `stop_event` is set (or forever)."""
+    tracing.setup(config.tracing, "router")  # off (and nothing imported) unless tracing.otlp_endpoint is set
     cluster = Cluster(config)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    tls, token = load_tls(config), load_token(config)  # a bad file fails here, before any port or Ray
+    # the token is checked before a request's bytes are parsed; undecodable bytes are INVALID_ARGUMENT
+    guards = ([] if token is None else [TokenInterceptor(token)]) + [DecodingInterceptor()]
+    server = grpc.aio.server(interceptors=guards, options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    addr = f"{config.router.host}:{config.router.port}"
-    port = server.add_insecure_port(addr)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {addr}")
+    # every port is claimed now: a taken one fails in a line, before the model, Ray or a worker loads
+    port = grpc_port(server, config.router.host, config.router.port, tls and grpc_credentials(tls))
+    sockets = _http_sockets(config)
     metrics = None
     if config.router.metrics_port is not None or config.router.http_port is not None:
         from pdserve.router.metrics import Metrics
@@ -134,28 +147,27 @@ async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None 
     pool_health = PoolHealth(health_servicer, SERVICE, config.roles())
     await pool_health.publish(cluster.pools)  # NOT_SERVING while the pools load; "liveness" SERVING
     await server.start()  # probes see NOT_SERVING while the pools load
-    http_servers = await _start_http(config, router, metrics)  # /ready says 503 while they load
+    http_servers = await _start_http(config, router, metrics, sockets, tls, token)  # /ready: 503 while they load
+    tasks: list[asyncio.Task] = []
     try:
-        await cluster.start()
-    except BaseException:
-        for h in http_servers:
-            await h.stop()
-        raise
-    stats_task = asyncio.get_running_loop().create_task(_refresh(cluster, pool_health))
-    tasks = [stats_task]
-    if config.autoscaling.enabled:
-        from pdserve.router.autoscaler import Autoscaler
+        if not await _started(cluster, stop_event):
+            return  # stopped while the pools loaded: nothing to drain, and what started stops below
+        tasks.append(asyncio.get_running_loop().create_task(_refresh(cluster, pool_health)))
+        if config.autoscaling.enabled:
+            from pdserve.router.autoscaler import Autoscaler
 
-        tasks.append(asyncio.get_running_loop().create_task(
-            Autoscaler(config.autoscaling, cluster, metrics).run()))
-    await pool_health.publish(cluster.pools)
-    if ready_cb is not None:
-        ready_cb(port, router)
-    try:
+            tasks.append(asyncio.get_running_loop().create_task(
+                Autoscaler(config.autoscaling, cluster, metrics).run()))
+        await pool_health.publish(cluster.pools)
+        if ready_cb is not None:
+            ready_cb(port, router)
         if stop_event is None:
             await server.wait_for_termination()
         else:
             await stop_event.wait()
+            for t in tasks[1:]:  # the autoscaler: the pools keep their size while they drain
+                t.cancel()
+            await drain(router, pool_health, config.router.drain_timeout_s)
     finally:
         for t in tasks:
             t.cancel()
@@ -164,23 +176,61 @@ async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None 
         for h in http_servers:
             await h.stop()
         router.admission.close()
-        await cluster.shutdown()
+        await cluster.shutdown()  # the workers export their spans first
+        await asyncio.to_thread(tracing.shutdown)
 
 
-async def _start_http(config: Config, router: Router, metrics) -> list:
-    """The OpenAI HTTP server (router.http_port) and the metrics-only one (router.metrics_port), as configured;
-    their bound ports go on the router for whoever reports them."""
+async def _started(cluster: Cluster, stop_event: asyncio.Event | None) -> bool:
+    """Start the pools; False when `stop_event` is set first (a SIGTERM while the workers load), the start then
+    cancelled."""
+    start = asyncio.ensure_future(cluster.start())
+    if stop_event is None:
+        await start
+        return True
+    stop = asyncio.ensure_future(stop_event.wait())
+    try:
+        await asyncio.wait((start, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not start.done():
+            start.cancel()
+    if not start.cancelled() and start.done():
+        start.result()  # raises what stopped the start
+        return True
+    await asyncio.gather(start, return_exceptions=True)  # the workers it created stop with the cluster
+    return False
+
+
+def _http_sockets(config: Config) -> dict:
+    """The sockets of the HTTP ports the config turns on, bound: {config key: socket}."""
+    sockets = {}
+    try:
+        for key in ("http_port", "metrics_port"):
+            if getattr(config.router, key) is not None:
+                sockets[key] = tcp_socket(config.router.host, getattr(config.router, key), key)
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
+
+
+async def _start_http(config: Config, router: Router, metrics, sockets: dict, tls, token) -> list:
+    """The OpenAI HTTP server (router.http_port; TLS and the token as the gRPC door) and the metrics-only one
+    (router.metrics_port; plain and open, router/tls.py says why), on their claimed sockets; their bound ports
+    go on the router for whoever reports them."""
     from pdserve.router.http_server import HTTPServer, metrics_app, openai_app
 
     servers = []
-    r = config.router
     router.http_port = router.metrics_port = None
     try:
-        if r.http_port is not None:
-            servers.append(HTTPServer(openai_app(router, metrics), r.host, r.http_port))
+        if "http_port" in sockets:
+            app = openai_app(router, metrics)
+            servers.append(HTTPServer(app if token is None else http_guard(app, token), sockets["http_port"],
+                                      uvicorn_options(tls)))
             router.http_port = servers[-1].port
-        if r.metrics_port is not None:
-            servers.append(HTTPServer(metrics_app(metrics), r.host, r.metrics_port))
+        if "metrics_port" in sockets:
+            servers.append(HTTPServer(metrics_app(metrics, router), sockets["metrics_port"]))
             router.metrics_port = servers[-1].port
         for h in servers:
             await h.start()

@@ -35,8 +35,12 @@ PLAIN_WHEELS=(
   "referencing==0.37.0"
   "rpds-py==2026.9.1"
 )
-# the router's HTTP front door and metrics (pure Python), at the versions CI runs with
-for name in prometheus_client starlette uvicorn h11 click anyio sniffio; do
+# the router's HTTP front door and metrics, and OpenTelemetry tracing with its OTLP/gRPC exporter (all pure
+# Python; the exporter runs on the grpcio/protobuf settled above), at the versions CI runs with
+for name in prometheus_client starlette uvicorn h11 click anyio sniffio \
+            opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto \
+            opentelemetry-exporter-otlp-proto-grpc opentelemetry-exporter-otlp-proto-common \
+            opentelemetry-exporter-otlp-common googleapis-common-protos; do
   pin=$(grep -i "^${name}==" constraints.txt) || { echo "gpu_bundle: $name is not pinned in constraints.txt" >&2; exit 1; }
   PLAIN_WHEELS+=("$pin")
 done

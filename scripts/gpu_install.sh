@@ -87,6 +87,7 @@ import sys
 from importlib import metadata
 import ray, grpc, google.protobuf, grpc_tools, grpc_health.v1.health, grpc_reflection.v1alpha.reflection
 import gguf, jsonschema, prometheus_client, starlette, uvicorn
+import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # tracing.otlp_endpoint
 import pdserve.proto   # the committed stubs check grpcio/protobuf against the versions that made them
 v = lambda d: metadata.version(d)
 print(f"gpu_install: ray {ray.__version__}, grpcio {grpc.__version__}, protobuf {google.protobuf.__version__}, "

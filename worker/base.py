@@ -2,6 +2,8 @@
 async loop, and the stats and prefix-cache events the router balances on. Ray actor classes wrap this."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import itertools
 import os
@@ -10,10 +12,12 @@ from collections import deque
 import msgpack
 import torch
 
+from pdserve import tracing
 from pdserve.config import Config, from_dict
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import LLMEngine
 from pdserve.worker.faults import Faults
+from pdserve.worker.traced_connector import TracedConnector
 
 
 class KVEvent(str, enum.Enum):
@@ -31,7 +35,10 @@ class WorkerBase:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         self.engine = LLMEngine.from_config(self.config, self.role)
         self.connector = self._make_connector()
-        self.engine.connector = self.connector
+        # tracing on: the engine's transfers are spanned on their way through; off, it calls the connector itself
+        self.traced_connector = (TracedConnector(self.connector, self.config.kv_transfer.dtype)
+                                 if tracing.setup(self.config.tracing, self.role, name) else None)
+        self.engine.connector = self.traced_connector or self.connector
         self.engine.remote_kv_timeout = self.config.kv_transfer.lease_seconds / 2
         self.aengine: AsyncEngine | None = None
         self.faults = Faults()  # chaos tests only (PDSERVE_FAULTS); empty otherwise
@@ -90,3 +97,14 @@ class WorkerBase:
 
     async def drain(self) -> None:
         self.draining = True
+
+    def _traced(self, name: str, request_id: str, trace_context, **attributes):
+        """Context manager: this worker's span of a request, a child of the router's span that `trace_context`
+        (W3C headers) names, and the parent of the request's KV transfer; yields None without a trace_context."""
+        if trace_context is None or self.traced_connector is None:
+            return contextlib.nullcontext()
+        return self.traced_connector.request(name, request_id, trace_context, attributes)
+
+    async def flush_traces(self) -> bool:
+        """Export the spans held here now; the router calls it before it kills the actor, which runs no exit hook."""
+        return await asyncio.to_thread(tracing.flush)

@@ -24,7 +24,8 @@ def assert_same_or_near_tie(ref_results, other_results, label):
         a, b = r["token_ids"], o["token_ids"]
         if a == b:
             continue
-        j = next(k for k in range(min(len(a), len(b))) if a[k] != b[k])
+        j = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), None)
+        assert j is not None, f"{label}: prompt {i} has {len(b)} tokens where the reference has {len(a)}"
         _, top = r["logprobs"][j]
         gap = top[0][1] - top[1][1]
         assert gap < 1e-4, f"{label}: prompt {i} diverges at step {j} with top-2 gap {gap:.3g}"

@@ -23,6 +23,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pdserve.client import Credentials, credentials_from_args
+
 # Common English words: a text prompt of N words is about N tokens for a BPE vocabulary.
 WORDS = ("the of and to in is was that for on with as by at from his her they this which be are "
          "one all were when there can an been has more if will some would other into time only new "
@@ -341,19 +343,18 @@ class _LoopLagProbe:
             pass
 
 
-def _channels(address: str, n: int):
-    import grpc
-
+def _channels(address: str, n: int, credentials: Credentials):
     # separate subchannel pools: separate TCP connections, so HTTP/2 stream limits of one
     # connection never queue requests in the client
     opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
-    return [grpc.aio.insecure_channel(address, options=opts) for _ in range(n)]
+    return [credentials.channel(address, opts, aio=True) for _ in range(n)]
 
 
 async def run_load(address: str, requests: list[BenchRequest], arrivals: list[float], concurrency: int | None,
                    *, ignore_eos: bool = True, seed: int | None = None, temperature: float = 0.0,
                    timeout: float = 600.0, progress: bool = True, desc: str = "bench",
-                   http_model: str | None = None) -> tuple[list[RequestResult], float, dict]:
+                   http_model: str | None = None, credentials: Credentials = Credentials(),
+                   ) -> tuple[list[RequestResult], float, dict]:
     """Send `requests` at `arrivals` (seconds from start), at most `concurrency` in flight.
     Returns the results in request order, the wall time from the start to the last completion,
     and the client's own overhead measurements. With `http_model`, `address` is an HTTP base URL."""
@@ -363,7 +364,7 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
 
     inflight = len(requests) if concurrency is None else min(concurrency, len(requests))
     if http_model is None:
-        chans = _channels(address, max(1, math.ceil(inflight / 48)))
+        chans = _channels(address, max(1, math.ceil(inflight / 48)), credentials)
         stubs = [rpc.PDServeStub(c) for c in chans]
         msgs = [_request_proto(q, ignore_eos, seed, temperature) for q in requests]
 
@@ -372,7 +373,7 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
     else:
         from pdserve.tools import bench_http
 
-        chans = [bench_http.client(inflight)]
+        chans = [bench_http.client(inflight, credentials)]
         bodies = [bench_http.completion_body(http_model, q, ignore_eos, seed, temperature) for q in requests]
 
         def send(i):
@@ -409,14 +410,14 @@ async def run_load(address: str, requests: list[BenchRequest], arrivals: list[fl
     return results, end - t0, overhead
 
 
-async def _server_info(address: str, timeout: float) -> tuple[dict, dict]:
+async def _server_info(address: str, timeout: float, credentials: Credentials) -> tuple[dict, dict]:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
     from pdserve.errors import EXIT_SERVER, CLIError
     from pdserve.proto import pb, rpc
 
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with credentials.channel(address, aio=True) as ch:
         try:
             await asyncio.wait_for(ch.channel_ready(), timeout)
             stub = rpc.PDServeStub(ch)
@@ -435,14 +436,15 @@ async def _server_info(address: str, timeout: float) -> tuple[dict, dict]:
                 MessageToDict(cluster, including_default_value_fields=True, **kw))
 
 
-async def watch_cluster(address: str, period: float, t0: float, samples: list[dict]) -> None:
+async def watch_cluster(address: str, period: float, t0: float, samples: list[dict],
+                        credentials: Credentials = Credentials()) -> None:
     """Append the pool sizes and worker states to `samples` whenever they change (seconds since
     `t0`), so a run during scaling shows when each pool grew and shrank. Runs until cancelled."""
     import grpc
 
     from pdserve.proto import pb, rpc
 
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with credentials.channel(address, aio=True) as ch:
         stub = rpc.PDServeStub(ch)
         while True:
             try:
@@ -561,12 +563,13 @@ async def bench(args) -> dict:
     from pdserve.errors import CLIError
 
     http = getattr(args, "http", None)
+    creds = credentials_from_args(args)
     if http:
         from pdserve.tools.bench_http import server_info
 
-        model, cluster_before = await server_info(http, args.connect_timeout), None
+        model, cluster_before = await server_info(http, args.connect_timeout, creds), None
     else:
-        model, cluster_before = await _server_info(args.server, args.connect_timeout)
+        model, cluster_before = await _server_info(args.server, args.connect_timeout, creds)
     target = http or args.server
     vocab = _vocab(args, int(model.get("vocab_size") or 32000))  # a server that does not say: a 32k vocabulary
     try:
@@ -584,7 +587,7 @@ async def bench(args) -> dict:
     reference = load_reference(args.compare_outputs, len(requests)) if args.compare_outputs else None
     kw = {"ignore_eos": args.ignore_eos, "seed": args.sampling_seed, "temperature": args.temperature,
           "timeout": args.request_timeout,
-          "progress": not args.no_progress, "http_model": model["model"] if http else None}
+          "progress": not args.no_progress, "http_model": model["model"] if http else None, "credentials": creds}
     if warm:
         w, _, _ = await run_load(target, warm, [0.0] * len(warm), args.concurrency or 16, desc="warmup", **kw)
         bad = [r for r in w if not r.ok]
@@ -593,7 +596,7 @@ async def bench(args) -> dict:
                   file=sys.stderr)
     arrivals = arrival_times(len(requests), args.request_rate, args.seed)
     samples: list[dict] = []
-    watcher = asyncio.create_task(watch_cluster(args.server, args.cluster_poll, time.perf_counter(), samples)
+    watcher = asyncio.create_task(watch_cluster(args.server, args.cluster_poll, time.perf_counter(), samples, creds)
                                   if not http else asyncio.sleep(0))
     try:
         results, duration, overhead = await run_load(target, requests, arrivals, args.concurrency, **kw)
@@ -603,7 +606,7 @@ async def bench(args) -> dict:
     if args.save_outputs:
         save_outputs(args.save_outputs, requests, results)
     compared = compare_outputs(args.compare_outputs, reference, results) if args.compare_outputs else None
-    cluster_after = None if http else (await _server_info(args.server, args.connect_timeout))[1]
+    cluster_after = None if http else (await _server_info(args.server, args.connect_timeout, creds))[1]
     rep = build_report(results, duration, goodput_ttft=args.goodput_ttft, goodput_tpot=args.goodput_tpot,
                        oracle=oracle)
     rep["client"] = overhead

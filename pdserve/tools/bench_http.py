@@ -73,22 +73,25 @@ def _message(text: str) -> str:
         return text[:200]
 
 
-def client(concurrency: int):
+def client(concurrency: int, credentials=None):
     import httpx2
 
+    from pdserve.client import Credentials
+
+    creds = credentials or Credentials()
     limits = httpx2.Limits(max_connections=max(1, concurrency), max_keepalive_connections=max(1, concurrency))
-    return httpx2.AsyncClient(limits=limits, timeout=None)
+    return httpx2.AsyncClient(limits=limits, timeout=None, headers=creds.http_headers(), verify=creds.http_verify())
 
 
-async def server_info(url: str, timeout: float) -> dict:
+async def server_info(url: str, timeout: float, credentials=None) -> dict:
     """What the gRPC runner gets from GetModelInfo, from /v1/models: the model's id and context."""
     import httpx2
 
     from pdserve.errors import EXIT_SERVER, CLIError
 
     try:
-        async with httpx2.AsyncClient(timeout=timeout) as c:
-            resp = await c.get(url + "/v1/models")
+        async with client(1, credentials) as c:
+            resp = await c.get(url + "/v1/models", timeout=timeout)
     except httpx2.HTTPError as e:
         raise CLIError(f"cannot reach an OpenAI-compatible server at {url}: {e}", EXIT_SERVER) from None
     if resp.status_code != 200:

@@ -58,6 +58,11 @@ VARIANTS = {
     "dense-nodes": lambda: helm.values_from_yaml(
         "prefill: {workersPerPod: 8, replicas: 12, minReplicas: 8, maxReplicas: 24}\n"
         "decode: {workersPerPod: 2, gpus: 0.5, replicas: 3, maxReplicas: 6}\n"),
+    # the router's TLS (with mTLS) and token from Secrets, Ray's token from the user's Secret
+    "secured": lambda: helm.values_from_yaml(
+        "router: {tls: {secretName: pdserve-tls, clientAuth: true}, auth: {tokenSecretName: pdserve-token},"
+        " drainTimeoutS: 45}\n"
+        "ray: {auth: {secretName: ray-token}}\n"),
 }
 
 
@@ -355,6 +360,52 @@ def test_grafana_dashboard_configmap_charts_the_vllm_series(tmp_path):
     assert not [o for o in off if o["kind"] == "ConfigMap" and "pdserve.json" in o["data"]]
 
 
+def test_tracing_endpoint_reaches_the_config_and_is_off_by_default(tmp_path):
+    assert config_of(objects(rendered("defaults")), tmp_path).tracing.otlp_endpoint is None
+    objs = objects(render(helm.values_from_yaml(
+        "tracing: {otlpEndpoint: 'http://otel-collector.observability:4317', sampleRatio: 0.1}\n")))
+    tracing = config_of(objs, tmp_path).tracing
+    assert (tracing.otlp_endpoint, tracing.service_name, tracing.sample_ratio) == (
+        "http://otel-collector.observability:4317", "pdserve", 0.1)
+
+
+@variants
+def test_ray_token_auth_stays_on(variant):
+    cluster = one(objects(rendered(variant)), "RayCluster")
+    want = {"mode": "token", "secretName": "ray-token"} if variant == "secured" else {"mode": "token"}
+    assert cluster["spec"]["authOptions"] == want
+
+
+def test_router_tls_token_and_drain_come_from_secrets_and_values(tmp_path):
+    objs = objects(rendered("secured"))
+    config = config_of(objs, tmp_path).router
+    pod = one(objs, "RayCluster")["spec"]["headGroupSpec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
+    assert secrets == {"router-tls": "pdserve-tls", "router-token": "pdserve-token"}
+    tls_dir, auth_dir = mounts["router-tls"], mounts["router-token"]
+    assert (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file, config.auth_token_file) == (
+        f"{tls_dir}/tls.crt", f"{tls_dir}/tls.key", f"{tls_dir}/ca.crt", f"{auth_dir}/token")
+    # not inside the read-only ConfigMap mount, where kubelet cannot make mount points
+    assert not any(p.startswith(mounts["config"] + "/") for p in (tls_dir, auth_dir))
+    assert config.drain_timeout_s == 45 and pod["spec"]["terminationGracePeriodSeconds"] == 75
+    # kubelet's gRPC probe speaks no TLS: the plain metrics port answers instead
+    for probe, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        assert c[probe]["httpGet"] == {"port": "http-metrics", "path": path} and "grpc" not in c[probe]
+    job = one(objs, "Job")["spec"]["template"]["spec"]
+    assert {v["name"]: v["secret"]["secretName"] for v in job["volumes"]} == secrets
+    from pdserve.cli import build_parser
+
+    for container in job["containers"]:
+        args = build_parser().parse_args(container["command"][1:])
+        assert (args.ca_file, args.cert_file, args.key_file, args.token_file) == (
+            f"{tls_dir}/ca.crt", f"{tls_dir}/tls.crt", f"{tls_dir}/tls.key", f"{auth_dir}/token")
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {tls_dir, auth_dir}
+    plain = config_of(objects(rendered("defaults")), tmp_path).router
+    assert (plain.tls_cert_file, plain.auth_token_file, plain.drain_timeout_s) == (None, None, 30)
+
+
 # ---- scaling one pool touches only that pool ----------------------------------------------
 
 def _flatten(node, path: str, out: dict) -> dict:
@@ -444,6 +495,7 @@ def test_the_commands_the_chart_runs_parse_with_the_cli(subcommand):
     ("kvTransfer:\n  refreshSinkTokens: -1\n", "/kvTransfer/refreshSinkTokens", "minimum: got -1, want 0"),
     ("router:\n  port: 70000\n", "/router/port", "want 65,535"),
     ("metrics:\n  serviceMonitor:\n    enabled: yes please\n", "/metrics/serviceMonitor/enabled", "want boolean"),
+    ("tracing:\n  otlpEndpoint: otel-collector:4317\n", "/tracing/otlpEndpoint", "does not match pattern"),
     ("modle:\n  path: /models/llama\n", "", "additional properties 'modle' not allowed"),
 ])
 def test_schema_rejects_typos_and_wrong_types(values_yaml, where, what):
@@ -461,6 +513,7 @@ def test_schema_rejects_typos_and_wrong_types(values_yaml, where, what):
     ("decode.minReplicas=3", "decode.replicas=1 must lie within decode.minReplicas..decode.maxReplicas (3..4)"),
     ("autoscaling.enabled=true,rayAutoscaler.enabled=false", "autoscaling.enabled needs rayAutoscaler.enabled"),
     ("metrics.enabled=false,metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.enabled needs metrics.enabled"),
+    ("router.tls.secretName=x,metrics.enabled=false", "router.tls.secretName needs metrics.enabled"),
 ])
 def test_inconsistent_values_fail_with_a_message(set_string, message):
     with pytest.raises(helm.HelmRenderError) as err:

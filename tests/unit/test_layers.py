@@ -23,14 +23,15 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "errors":         (),
     "config":         ("errors",),
     "proto":          (),
+    "tracing":        ("config", "errors"),
     "kernels":        ("config", "errors"),
     "kv_transfer":    ("kernels", "config", "errors"),
     "engine":         ("kernels", "config", "errors"),
-    "worker":         ("engine", "kv_transfer", "kernels", "config", "errors"),
-    "prefill_worker": ("worker", "engine", "kv_transfer", "kernels", "config", "errors"),
-    "decode_worker":  ("worker", "engine", "kv_transfer", "kernels", "config", "errors"),
+    "worker":         ("engine", "kv_transfer", "kernels", "tracing", "config", "errors"),
+    "prefill_worker": ("worker", "engine", "kv_transfer", "kernels", "tracing", "config", "errors"),
+    "decode_worker":  ("worker", "engine", "kv_transfer", "kernels", "tracing", "config", "errors"),
     "router":         ("proto", "worker", "prefill_worker", "decode_worker", "engine", "kv_transfer", "kernels",
-                       "config", "errors"),
+                       "tracing", "config", "errors"),
 }
 TOP = ("__init__", "cli", "commands", "client", "__main__", "tools", "testing", "planner")
 # ---------------------------------------------------------------------------------------------------------------

@@ -94,6 +94,17 @@ router:
   policy: {{ $v.router.policy | toJson }}
   max_queued_requests: {{ $v.router.maxQueuedRequests | toJson }}
   load_balance_slack: {{ $v.router.loadBalanceSlack | toJson }}
+  drain_timeout_s: {{ $v.router.drainTimeoutS | toJson }}
+  {{- if $v.router.tls.secretName }}
+  tls_cert_file: {{ include "pdserve.tlsDir" . }}/tls.crt
+  tls_key_file: {{ include "pdserve.tlsDir" . }}/tls.key
+  {{- if $v.router.tls.clientAuth }}
+  tls_client_ca_file: {{ include "pdserve.tlsDir" . }}/ca.crt
+  {{- end }}
+  {{- end }}
+  {{- if $v.router.auth.tokenSecretName }}
+  auth_token_file: {{ include "pdserve.tokenFile" . }}
+  {{- end }}
 autoscaling:
   enabled: {{ $v.autoscaling.enabled | toJson }}
   interval_s: {{ $v.autoscaling.intervalS | toJson }}
@@ -108,6 +119,12 @@ autoscaling:
   {{- end }}
 ray:
   address: auto
+{{- if $v.tracing.otlpEndpoint }}
+tracing:
+  otlp_endpoint: {{ $v.tracing.otlpEndpoint | toJson }}
+  service_name: {{ $v.tracing.serviceName | toJson }}
+  sample_ratio: {{ $v.tracing.sampleRatio | toJson }}
+{{- end }}
 {{- end -}}
 
 {{/* The config's checksum without the pool sizes and their bounds: scaling happens live and
@@ -120,6 +137,39 @@ must not restart the cluster. */}}
 {{- $_ := set (index $values $role) "maxReplicas" 0 -}}
 {{- end -}}
 {{- include "pdserve.config" (dict "Values" $values) | sha256sum -}}
+{{- end -}}
+
+{{/* Where the router's TLS Secret and token Secret are mounted (head pod, scale Job): beside /etc/pdserve, not in it, as
+kubelet cannot make a mount point inside the read-only ConfigMap volume. */}}
+{{- define "pdserve.tlsDir" -}}
+/etc/pdserve-tls
+{{- end -}}
+
+{{- define "pdserve.tokenFile" -}}
+/etc/pdserve-auth/{{ .Values.router.auth.tokenSecretKey }}
+{{- end -}}
+
+{{/* The volumes of the router's Secrets, and their mounts. */}}
+{{- define "pdserve.secretVolumes" -}}
+{{- with .Values.router.tls.secretName }}
+- name: router-tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- with .Values.router.auth.tokenSecretName }}
+- name: router-token
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.secretMounts" -}}
+{{- if .Values.router.tls.secretName }}
+- {name: router-tls, mountPath: {{ include "pdserve.tlsDir" . }}, readOnly: true}
+{{- end }}
+{{- if .Values.router.auth.tokenSecretName }}
+- {name: router-token, mountPath: /etc/pdserve-auth, readOnly: true}
+{{- end }}
 {{- end -}}
 
 {{/* Volumes every Ray pod has: /dev/shm for Ray's object store and NIXL/UCX shared memory. */}}

@@ -1,0 +1,114 @@
+"""The router's TLS and token settings, in process: the config's rules, the files read and checked before anything
+starts, and mutual TLS on real gRPC and HTTP servers (the router's own interceptors, health service and HTTP
+server class) with certificates made here."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx2 as httpx
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pdserve.client import Credentials
+from pdserve.config import ConfigError, load_config
+from pdserve.router.auth import TokenInterceptor, http_guard, load_token
+from pdserve.router.cluster import Cluster
+from pdserve.router.decoding import DecodingInterceptor
+from pdserve.router.http_server import HTTPServer, metrics_app
+from pdserve.router.listeners import tcp_socket
+from pdserve.router.metrics import Metrics
+from pdserve.router.tls import grpc_credentials, load_tls, uvicorn_options
+from pdserve.testing.certs import CA
+
+
+def _router(**keys):
+    return load_config(None, {f"router.{k}": v for k, v in keys.items()})
+
+
+def test_config_rules_for_tls_and_the_token():
+    with pytest.raises(ConfigError, match="set both"):
+        _router(tls_cert_file="/c.pem")
+    with pytest.raises(ConfigError, match="tls_client_ca_file needs"):
+        _router(tls_client_ca_file="/ca.pem")
+    with pytest.raises(ConfigError, match="drain_timeout_s"):
+        _router(drain_timeout_s=0)
+    with pytest.raises(ConfigError, match="unknown key.*auth_token"):
+        _router(auth_token="inline")  # a token never sits in the config itself
+    assert _router().router.drain_timeout_s == 30.0 and load_tls(_router()) is None
+
+
+def test_tls_files_are_checked_before_anything_starts(tmp_path):
+    ca = CA(tmp_path)
+    good, other = ca.server("good"), ca.server("other")
+    assert load_tls(_router(tls_cert_file=good.cert_file, tls_key_file=good.key_file)).client_ca is None
+    with pytest.raises(ConfigError, match="router.tls_key_file: cannot read /missing.key"):
+        load_tls(_router(tls_cert_file=good.cert_file, tls_key_file="/missing.key"))
+    with pytest.raises(ConfigError, match="matching private key"):  # a key of another certificate
+        load_tls(_router(tls_cert_file=good.cert_file, tls_key_file=other.key_file))
+    with pytest.raises(ConfigError, match="router.tls_client_ca_file: not PEM"):
+        load_tls(_router(tls_cert_file=good.cert_file, tls_key_file=good.key_file, tls_client_ca_file=good.key_file))
+
+
+def test_the_token_comes_from_its_file_else_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("PDSERVE_AUTH_TOKEN", raising=False)
+    assert load_token(_router()) is None
+    monkeypatch.setenv("PDSERVE_AUTH_TOKEN", " from-env\n")
+    assert load_token(_router()) == "from-env"
+    f = tmp_path / "token"
+    f.write_text("from-file\n")
+    assert load_token(_router(auth_token_file=str(f))) == "from-file"
+    f.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_token(_router(auth_token_file=str(f)))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_token(_router(auth_token_file=str(tmp_path / "none")))
+
+
+def test_mutual_tls_on_both_doors(tmp_path):
+    """With tls_client_ca_file, a client needs a certificate from that CA, on gRPC and on HTTP."""
+    ca, stranger = CA(tmp_path), CA(tmp_path, "stranger CA")
+    server = ca.server()
+    client, foreign = ca.client("client"), stranger.client("foreign")
+    tls = load_tls(_router(tls_cert_file=server.cert_file, tls_key_file=server.key_file,
+                           tls_client_ca_file=ca.cert_file))
+
+    async def run():
+        grpc_server = grpc.aio.server(interceptors=[TokenInterceptor("t0k"), DecodingInterceptor()])
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
+        port = grpc_server.add_secure_port("127.0.0.1:0", grpc_credentials(tls))
+        await grpc_server.start()
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        metrics = Metrics(Cluster(_router()), "m")  # no Ray: a cluster not started has empty pools
+        web = HTTPServer(http_guard(metrics_app(metrics), "t0k"), tcp_socket("127.0.0.1", 0, "http_port"),
+                         uvicorn_options(tls))
+        await web.start()
+        try:
+            got = {}
+            for name, creds in (("cert", Credentials("t0k", ca.cert_file, client.cert_file, client.key_file)),
+                                ("no cert", Credentials("t0k", ca.cert_file)),
+                                ("foreign cert", Credentials("t0k", ca.cert_file, foreign.cert_file,
+                                                             foreign.key_file))):
+                async with creds.channel(f"127.0.0.1:{port}", aio=True) as ch:
+                    try:
+                        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                        got[name, "grpc"] = r.status
+                    except grpc.aio.AioRpcError as e:
+                        got[name, "grpc"] = e.code()
+                async with httpx.AsyncClient(verify=creds.http_verify(), headers=creds.http_headers()) as h:
+                    try:
+                        got[name, "http"] = (await h.get(f"https://127.0.0.1:{web.port}/metrics", timeout=10)).text
+                    except httpx.HTTPError as e:
+                        got[name, "http"] = type(e).__name__
+            return got
+        finally:
+            await web.stop()
+            await grpc_server.stop(0)
+
+    got = asyncio.run(run())
+    assert got["cert", "grpc"] == health_pb2.HealthCheckResponse.SERVING
+    assert "pdserve_requests" in got["cert", "http"]
+    for name in ("no cert", "foreign cert"):
+        assert got[name, "grpc"] == grpc.StatusCode.UNAVAILABLE, got
+        assert got[name, "http"] in ("ConnectError", "ReadError", "RemoteProtocolError"), got
