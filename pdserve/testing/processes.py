@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 
 import psutil
 
@@ -33,3 +34,14 @@ def is_loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip.split("%")[0])
     mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket bound to loopback
     return (mapped or addr).is_loopback
+
+
+def left_running(procs: list[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:
+    """Those of `procs` still running (zombies aside) after up to `timeout` s: children are reaped by their
+    parents a moment after the router exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve.client import request_proto, stream_one
 from pdserve.engine.sequence import SamplingParams
 from pdserve.proto import pb, rpc
+from pdserve.testing.chaos import all_blocks_free as _all_blocks_free, wait_for as _wait_for
 from pdserve.testing.cluster import Server
 from pdserve.testing.exactness import PROMPTS, assert_same_or_near_tie
 
@@ -48,24 +49,6 @@ def stub(server):
 
 def _info(stub):
     return stub.GetClusterInfo(pb.ClusterInfoRequest())
-
-
-def _wait_for(pred, timeout, what):
-    deadline = time.time() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def _all_blocks_free(stub, timeout=30.0):
-    def free():
-        info = _info(stub)
-        busy = [(w.name, w.kv_cache_usage, w.inflight) for w in info.workers if w.kv_cache_usage > 0 or w.inflight]
-        return info if not busy else None
-    return _wait_for(free, timeout, "every KV block free")
 
 
 def _health(server, service=""):

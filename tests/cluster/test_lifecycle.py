@@ -13,7 +13,6 @@ import time
 
 import grpc
 import httpx2 as httpx
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -21,7 +20,7 @@ from pdserve.client import request_proto, stream_one
 from pdserve.engine.sequence import SamplingParams
 from pdserve.proto import rpc
 from pdserve.testing.cluster import NEUTRAL_CWD, Server
-from pdserve.testing.processes import is_loopback, listening, tree
+from pdserve.testing.processes import is_loopback, left_running, listening, tree
 
 DRAIN_S = 6.0
 CONFIG = {
@@ -137,12 +136,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_clean(server, stub):
     took = time.monotonic() - t0
     assert took < DRAIN_S + 30, took
 
-    deadline = time.monotonic() + 10  # children reaped by their parents a moment after the router's exit
-    while True:
-        left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    left = left_running(procs)  # children are reaped by their parents a moment after the router
     assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
     server.log.flush()
     log = server.log_path.read_text()

@@ -10,13 +10,11 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import grpc
 import httpx2 as httpx
 import openai
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -26,7 +24,7 @@ from pdserve.engine.sequence import SamplingParams
 from pdserve.proto import pb, rpc
 from pdserve.testing.certs import CA
 from pdserve.testing.cluster import NEUTRAL_CWD, Server
-from pdserve.testing.processes import tree
+from pdserve.testing.processes import left_running, tree
 
 CONFIG = {
     "model": {"dtype": "float32"},
@@ -285,7 +283,7 @@ BAD_INPUT = [
     ("unknown model", 404, lambda c: _chat(c, model="gpt-4")),
     ("n=2", 400, lambda c: _chat(c, n=2)),
     ("max_tokens negative", 400, lambda c: _http(c, body={"max_tokens": -5})),
-    ("max_tokens beyond the context", 400, lambda c: _http(c, body={"max_tokens": 10**6})),
+    ("HTTP max_tokens beyond the context", 400, lambda c: _http(c, body={"max_tokens": 10**6})),
     ("unknown route", 404, lambda c: _http(c, "/v1/embeddings", body={})),
     ("GET a POST route", 405, lambda c: _http(c, method="GET")),
 ]
@@ -320,12 +318,7 @@ def test_sigint_drains_and_exits_clean(sec, stub):
     procs = tree(sec.server.proc.pid)
     os.kill(sec.server.proc.pid, signal.SIGINT)
     assert sec.server.proc.wait(90) == 0
-    deadline = time.monotonic() + 10
-    while True:
-        left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    left = left_running(procs)  # children are reaped by their parents a moment after the router
     assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
     sec.server.log.flush()
     dumps = [line for line in sec.server.log_path.read_text().splitlines() if any(d in line for d in DUMPS)]
