@@ -120,7 +120,7 @@ def main() -> None:
         print(f"# {name}: ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
         try:
             for c in (int(x) for x in args.concurrency.split(",")):
-                before = _metrics(server.metrics_port) if name != "colocated" else None
+                before = None if name.startswith("colocated") else _metrics(server.metrics_port)
                 rep = _bench(server.address, args, c, max(8, args.requests_per_stream * c))
                 transfer = None
                 if before is not None:
@@ -135,10 +135,10 @@ def main() -> None:
                 row = _row(name, c, rep, transfer)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.out:  # after every row: a run cut short keeps what it measured
+                    Path(args.out).write_text(json.dumps(rows, indent=1))
         finally:
             server.stop()
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

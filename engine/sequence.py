@@ -114,7 +114,6 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list = field(default_factory=list)  # chained hashes of full prompt blocks
     finish_reason: Optional[str] = None
-    generator: Optional[torch.Generator] = None  # seeded sampling's, re-seeded per token (engine/sampler.py)
     arrival_time: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
     detok: object = None  # IncrementalDetokenizer, set by the engine

@@ -4,15 +4,38 @@
 #   bash scripts/gpu_checks.sh transfer   # NIXL VRAM->VRAM between two processes vs the CUDA IPC copy; fp8 wire kernels
 #   bash scripts/gpu_checks.sh cluster    # the cluster on one GPU: tests/gpu/test_cluster_gpu.py
 #   bash scripts/gpu_checks.sh bench      # pdserve bench: disaggregated vs colocated at concurrency 1, 8, 32
+#   bash scripts/gpu_checks.sh profile    # pdserve profile: the planner's measured H200 profile
 # On nvidia-h200-x2 (issue #19):
 #   bash scripts/gpu_checks.sh x2transfer          # NIXL GPU0 -> GPU1 vs the peer-to-peer copy; both GPUs visible, and isolated as under Ray
 #   bash scripts/gpu_checks.sh x2bench2k x2bench8k # prefill on GPU 0 + decode on GPU 1 vs two colocated engines, concurrency 1-64
-# Several parts in one call: bash scripts/gpu_checks.sh transfer cluster. Results go to $OUT (or .out/gpu).
+# Several parts in one call: bash scripts/gpu_checks.sh transfer cluster. PART_TIMEOUT=name=seconds,...
+# bounds parts (a hung part then costs its bound, not the call). The device returns at most 8 files from
+# $OUT, so results are written to a scratch folder and packed into $OUT/gpu_results.tgz (plus the log), also
+# when a part fails or times out. Without $OUT (by hand) they stay in .out/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-.out/gpu}
-mkdir -p "$OUT"
-source scripts/gpu_install.sh || exit 1
+if [ "${1:-}" != --part ]; then   # the driver: install once, run each part in a child bounded by its timeout
+  DEST=${OUT:-}
+  export OUT=${DEST:+/tmp/gpu_results}
+  export OUT=${OUT:-.out/gpu}
+  mkdir -p "$OUT"
+  source scripts/gpu_install.sh || exit 1
+  export PDSERVE_GPU_INSTALLED=1 PYTHONUNBUFFERED=1
+  status=0
+  for part in "$@"; do
+    limit=$(tr ',' '\n' <<<"${PART_TIMEOUT:-}" | sed -n "s/^$part=//p")
+    echo "== $part ($(date -u +%T)${limit:+, at most $limit s})"
+    timeout -k 10 "${limit:-100000}" bash "$0" --part "$part"
+    rc=$?
+    [ "$rc" -eq 0 ] || { echo "== $part: exit $rc$([ "$rc" -ne 124 ] || echo ' (timed out)')"; status=1; }
+    # a part cut short can leave a Ray cluster behind (its daemons start sessions of their own)
+    [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || pkill -9 -f 'raylet|gcs_server|ray::|pdserve' 2>/dev/null
+  done
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+  [ -z "$DEST" ] || tar -czf "$DEST/gpu_results.tgz" -C "$OUT" .
+  exit $status
+fi
+[ -n "${PDSERVE_GPU_INSTALLED:-}" ] || { source scripts/gpu_install.sh || exit 1; }
 MODEL=.gpu/models/llama-3-8b
 status=0
 
@@ -24,7 +47,7 @@ part_transfer() {
     --nixl-params num_threads=4,split_batch_size=16 > "$OUT/transfer_threads.jsonl" || status=1
   UCX_CUDA_IPC_ENABLE_GET_ZCOPY=auto python3 -P benchmarks/bench_kv_transfer_ipc.py --tokens 2048 --wire bf16 \
     --placement adjacent --repeat 3 > "$OUT/transfer_ucx_default.jsonl" || status=1
-  PDSERVE_TEST_SEED=random python3 -P -m pytest -q -m gpu tests/gpu/test_kv_wire_kernels.py \
+  PDSERVE_TEST_SEED=random python3 -P -m pytest -q -m gpu tests/gpu/test_kv_wire_kernels.py tests/gpu/test_sampler_gpu.py \
     tests/unit/test_kv_transfer.py 2>&1 | tail -5 | tee "$OUT/kv_wire_tests.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   [ ! -f benchmarks/bench_kv_wire.py ] || python3 -P benchmarks/bench_kv_wire.py --json "$OUT/kv_wire.json" > "$OUT/kv_wire.txt" || status=1
@@ -39,6 +62,13 @@ part_cluster() {
 part_bench() {
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
     --concurrency 1,8,32 --input-len 2048 --max-tokens 64 --out "$OUT/cluster_bench.json" || status=1
+}
+
+part_profile() {  # the planner's H200 profile (issue #18), Llama-3-8B shapes
+  python3 -P -m pdserve profile --model "$MODEL" --load-format dummy --precisions bf16,fp8 --distinct-prompts \
+    --prefill-tokens 128,512,2048,8192 --batches 1,8,32,128 --contexts 1024,8192 \
+    --transfer-tokens 16,256,2048,8192 --kv-cache-memory-gb 60 --repeats "${REPEATS:-3}" \
+    --out "$OUT/h200-llama3-8b.json" || status=1
 }
 
 part_x2transfer() {
@@ -57,9 +87,5 @@ x2bench() {  # $1: prompt tokens
 part_x2bench2k() { x2bench 2048; }
 part_x2bench8k() { x2bench 8192; }
 
-for part in "$@"; do
-  echo "== $part ($(date -u +%T))"
-  "part_$part"
-done
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+"part_$2"
 exit $status

@@ -75,7 +75,7 @@ def test_greedy_stream_moved_after_any_token_is_the_undisturbed_one(engine_f32, 
 
 def test_seeded_stream_moved_after_any_token_draws_what_it_would_have(engine_f32):
     ids = engine_f32.tokenize(POEM, chat=True)
-    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=1234, stop=["companion,"])
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=1234, stop=["asunder"])
     ref, deltas = _reference(engine_f32, ids, params)
     assert ref["finish_reason"] == "stop" and len(deltas) > 10
     stitched = _moved_at_every_token(engine_f32, ids, params, deltas)
