@@ -12,6 +12,8 @@ with random weights (`model.load_format: dummy`; benchmarks/dummy_model.py write
 On two GPUs (issue #19) the same three with a whole GPU per actor: disagg-fp8-2gpu and disagg-bf16-2gpu put
 prefill on one GPU and decode on the other (KV over NIXL between the devices); colocated-2gpu runs two colocated
 engines, one per GPU. The decode ITL p99 under prefill load is the number disaggregation exists for.
+Each deployment first gets one unmeasured pass at the highest concurrency (its TTFT/ITL p99 are printed as the
+cold start's), so that one-time costs (UCX endpoints, Triton JIT, CUDA graph capture) stay out of the rows.
 Per deployment and concurrency: TTFT, ITL and TPOT p50/p99, throughput, and for the disaggregated ones the KV
 transfer's mean time per request (decode workers' pull time, post of the READ to blocks landed, from the
 router's metrics) and its share of the mean TTFT.
@@ -119,8 +121,18 @@ def main() -> None:
         server = Server(config, tmp, timeout=900)
         print(f"# {name}: ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
         try:
+            # a cold start's one-time costs (UCX endpoints, Triton JIT, CUDA graph captures per batch size) are
+            # reported apart: one unmeasured pass at the highest concurrency first
+            top = max(int(x) for x in args.concurrency.split(","))
+            cold = _bench(server.address, args, top, top)
+            print(json.dumps({"deployment": name, "warmup_concurrency": top,
+                              "cold_ttft_p99_ms": round(cold["ttft_s"]["p99"] * 1e3, 1),
+                              "cold_itl_p99_ms": round(cold["itl_s"]["p99"] * 1e3, 1)}), flush=True)
             for c in (int(x) for x in args.concurrency.split(",")):
-                before = None if name.startswith("colocated") else _metrics(server.metrics_port)
+                before = None
+                if not name.startswith("colocated"):
+                    time.sleep(1.0)  # the router refreshes worker stats every 0.5 s: the last row's pulls all in
+                    before = _metrics(server.metrics_port)
                 rep = _bench(server.address, args, c, max(8, args.requests_per_stream * c))
                 transfer = None
                 if before is not None:

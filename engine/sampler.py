@@ -7,9 +7,11 @@ non-greedy row draws by inverse CDF: one uniform u per row, and the token is the
 
 A seeded request's u at position i (its index in prompt + output) comes from a hash of (seed, i), computed
 on the host; it does not come from a generator that advances with every draw. Its output then depends only
-on its seed, its tokens and its own logits, never on the batch, a preemption, the device, or which engine
-draws it. A request the router moved to another decode worker mid-stream (router/dispatch.py) draws there
-what it would have drawn where it started.
+on its seed, its tokens and its own logits, never on the batch, a preemption, or which engine of a pool
+draws it (the filters and the cumulative sums run in float64, see _filtered_weights). A request the router
+moved to another decode worker mid-stream (router/dispatch.py) draws there what it would have drawn where it
+started. Given the same logits, the CPU and a GPU draw the same tokens too (tests/gpu/test_sampler_gpu.py);
+a model's logits themselves differ between the two.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], positions: list[in
     index = _to(torch.tensor(rows), logits.device)
     probs = _filtered_weights(logits.index_select(0, index), params)
     u = _uniforms([p.seed for p in params], [positions[i] for i in rows], logits.device)
-    cum = probs.double().cumsum(dim=-1)  # float64: a 128K-token vocabulary's tail still moves the sum
+    cum = probs.cumsum(dim=-1)
     total = cum[:, -1:]
     # strictly below the total, so the first index past the target has a positive weight (cum rises there)
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
@@ -103,8 +105,11 @@ def _filtered_weights(logits: torch.Tensor, params: list) -> torch.Tensor:
     with params[r]. Each filter keeps ties with its last kept value's logit only where the per-row reference
     (_filtered_probs) does."""
     device = logits.device
-    temp = _to(torch.tensor([p.temperature for p in params], dtype=torch.float32), device)
-    x = logits.float() / temp[:, None]
+    # float64 throughout: float32 exp() and sums differ in their last bits between vectorized and scalar paths
+    # (CPU) and between kernels picked for different batch shapes, and a draw within that of a token boundary
+    # would then depend on the batch; in float64 the chance is about 1e-11 a row
+    temp = _to(torch.tensor([p.temperature for p in params], dtype=torch.float64), device)
+    x = logits.double() / temp[:, None]
     vocab = x.shape[-1]
     ks = [p.top_k if p.top_k and 0 < p.top_k < vocab else 0 for p in params]
     top_ps = [p.top_p for p in params]

@@ -33,6 +33,7 @@ from pdserve.config import KV_WIRE_DTYPES
 
 from .errors import KVTransferBusy, KVTransferError
 from .fp8_wire import fp8_block_bytes, pack_fp8_cache_blocks, unpack_fp8_into_cache
+from .fp8_wire import warm_up as fp8_warm_up
 from .lease import Lease, LeaseTable
 from .staging import StagingPool
 from .stats import TransferStats
@@ -128,6 +129,9 @@ class KVTransferAgent:
         except Exception as exc:
             raise KVTransferError(f"NIXL could not register the KV cache of {name!r}: {exc}") from exc
         self._nixl_md = self._nixl.metadata()
+        if kv_cache.is_cuda:  # any agent may export or receive fp8 blocks, whatever its own wire
+            with torch.inference_mode():
+                fp8_warm_up(kv_cache)
 
     @classmethod
     def from_config(cls, name: str, kv_cache: torch.Tensor, config, on_release=None, **kwargs) -> "KVTransferAgent":

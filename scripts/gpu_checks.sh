@@ -5,6 +5,7 @@
 #   bash scripts/gpu_checks.sh cluster    # the cluster on one GPU: tests/gpu/test_cluster_gpu.py
 #   bash scripts/gpu_checks.sh bench      # pdserve bench: disaggregated vs colocated at concurrency 1, 8, 32
 #   bash scripts/gpu_checks.sh profile    # pdserve profile: the planner's measured H200 profile
+#   bash scripts/gpu_checks.sh unit       # GPU tests that need no model fixture (fp8 wire kernels, sampler)
 # On nvidia-h200-x2 (issue #19):
 #   bash scripts/gpu_checks.sh x2transfer          # NIXL GPU0 -> GPU1 vs the peer-to-peer copy; both GPUs visible, and isolated as under Ray
 #   bash scripts/gpu_checks.sh x2bench2k x2bench8k # prefill on GPU 0 + decode on GPU 1 vs two colocated engines, concurrency 1-64
@@ -36,7 +37,7 @@ if [ "${1:-}" != --part ]; then   # the driver: install once, run each part in a
   exit $status
 fi
 [ -n "${PDSERVE_GPU_INSTALLED:-}" ] || { source scripts/gpu_install.sh || exit 1; }
-MODEL=.gpu/models/llama-3-8b
+MODEL=$PWD/.gpu/models/llama-3-8b
 status=0
 
 part_transfer() {
@@ -53,6 +54,12 @@ part_transfer() {
   [ ! -f benchmarks/bench_kv_wire.py ] || python3 -P benchmarks/bench_kv_wire.py --json "$OUT/kv_wire.json" > "$OUT/kv_wire.txt" || status=1
 }
 
+part_unit() {  # the GPU tests that need no model fixture, with their failures in full
+  PDSERVE_TEST_SEED=random python3 -P -m pytest -q -rf -m gpu tests/gpu/test_kv_wire_kernels.py \
+    tests/gpu/test_sampler_gpu.py > "$OUT/unit_tests.txt" 2>&1 || status=1
+  tail -5 "$OUT/unit_tests.txt"
+}
+
 part_cluster() {
   PDSERVE_GPU_MODEL=$MODEL python3 -P -m pytest -q -s -m gpu tests/gpu/test_cluster_gpu.py 2>&1 |
     tail -30 | tee "$OUT/cluster_tests.txt"
@@ -66,8 +73,8 @@ part_bench() {
 
 part_profile() {  # the planner's H200 profile (issue #18), Llama-3-8B shapes
   python3 -P -m pdserve profile --model "$MODEL" --load-format dummy --precisions bf16,fp8 --distinct-prompts \
-    --prefill-tokens 128,512,2048,8192 --batches 1,8,32,128 --contexts 1024,8192 \
-    --transfer-tokens 16,256,2048,8192 --kv-cache-memory-gb 60 --repeats "${REPEATS:-3}" \
+    --prefill-tokens 128,512,2048,4096,8000 --batches 1,8,32,64 --contexts 1024,4096 \
+    --transfer-tokens 16,256,2048,8192 --kv-cache-memory-gb 48 --repeats "${REPEATS:-3}" \
     --out "$OUT/h200-llama3-8b.json" || status=1
 }
 

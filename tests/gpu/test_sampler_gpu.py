@@ -1,5 +1,6 @@
-"""engine/sampler.py on CUDA logits: the batch is sampled without a host synchronization, and a seeded row
-draws the same token on the GPU as on the CPU (its uniform comes from (seed, position), not a device RNG)."""
+"""engine/sampler.py on CUDA logits: the batch is sampled without a host synchronization; a seeded row draws
+the same token alone or in any batch (its uniform comes from (seed, position), not a device RNG), and the
+CPU's token for the same logits."""
 from __future__ import annotations
 
 import pytest
@@ -37,15 +38,25 @@ def test_a_batch_is_sampled_without_waiting_for_the_device():
     assert tokens.device.type == "cuda" and tokens.shape == (32,)
 
 
-@pytest.mark.parametrize("batch", [1, 8, 64])
-def test_seeded_rows_draw_the_cpu_tokens(batch):
-    gen = torch.Generator().manual_seed(batch)
-    logits = torch.randn(batch, VOCAB, generator=gen) * 3
-    seqs = _seqs(_mixed(batch))
+def test_a_seeded_row_draws_the_same_token_alone_or_in_any_batch():
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(64, VOCAB, generator=gen) * 3).cuda()
+    seqs = _seqs(_mixed(64))
+    batched = sample_tokens(logits, seqs).tolist()
+    alone = [sample_tokens(logits[i:i + 1], seqs[i:i + 1]).item() for i in range(64)]
+    reversed_ = sample_tokens(logits.flip(0), seqs[::-1]).tolist()[::-1]
+    seeded = [i for i, s in enumerate(seqs) if s.params.seed is not None or s.params.greedy]
+    assert [batched[i] for i in seeded] == [alone[i] for i in seeded] == [reversed_[i] for i in seeded]
+
+
+def test_seeded_rows_draw_the_cpu_tokens():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(256, VOCAB, generator=gen) * 3
+    seqs = _seqs(_mixed(256))
     cpu, _ = sample(logits, seqs)
     gpu, _ = sample(logits.cuda(), seqs)
-    seeded = [i for i, s in enumerate(seqs) if s.params.seed is not None or s.params.greedy]
-    assert [gpu[i] for i in seeded] == [cpu[i] for i in seeded]
+    rows = [i for i, s in enumerate(seqs) if s.params.seed is not None or s.params.greedy]
+    assert [gpu[i] for i in rows] == [cpu[i] for i in rows]
 
 
 def test_filters_hold_on_the_gpu():
