@@ -1,8 +1,10 @@
 """Engine-level decode throughput on one GPU: LLMEngine (scheduler + ModelRunner + sampler + detokenizer)
-over a random-weight Llama-3-8B-shaped model, CUDA graphs on vs off, batch 1 and 32 at 1K context.
-Compare with the standalone kernels benchmark (benchmarks/bench_gpu.py, docs/bench/gpu.md).
+over a random-weight Llama-3-8B-shaped model, CUDA graphs on vs off, batch 1 and 32 at 1K context, each with
+overlap scheduling off and on (engine.overlap_schedule; --overlap picks). Compare with the standalone kernels
+benchmark (benchmarks/bench_gpu.py, docs/bench/gpu.md).
 
     python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT
+    python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT --overlap off,on --plans ''
 
 The 16 GB of weights are made on the GPU rather than written and read back as safetensors: the run
 replaces the runner's loader with engine/random_weights.py (the same tensor names, unit-variance
@@ -47,7 +49,13 @@ def build_engine(model_dir: Path, cfg: dict, args):
 
 def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int) -> dict:
     """All `batch` prompts of `context` tokens prefilled, then `new_tokens` decode steps; the decode steps'
-    wall time (engine.step: schedule, inputs, forward/replay, sampling, detokenization) is measured."""
+    wall time (engine.step: schedule, inputs, forward/replay, sampling, detokenization) is measured.
+
+    Overlap scheduling off, a step() ends in the host read of its sampled tokens, and each is timed alone (the
+    device idle at its start). On, a step() returns with the next model step still running (it reads the one
+    before), so the device is not synchronized between steps: the time of a step() in the steady state is
+    the period of the pipeline, and tokens/s is over the whole decode phase. The step() that launches a decode
+    step is the one counted as a decode step (it also finishes the step before)."""
     from pdserve.engine.sequence import SamplingParams
 
     gen = torch.Generator().manual_seed(seed)
@@ -62,17 +70,23 @@ def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int) -> 
         return execute(b, *a, **k)
 
     engine.runner.execute = recording
+    overlap = engine.overlap_schedule
     try:
+        torch.cuda.synchronize()
         while engine.has_unfinished():
-            torch.cuda.synchronize()
+            if not overlap:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             engine.step()
-            times.append(time.perf_counter() - t0)  # step() ends in a host read of the sampled tokens
+            times.append(time.perf_counter() - t0)  # off: step() ends in a host read of the sampled tokens
+        torch.cuda.synchronize()
     finally:
         engine.runner.execute = execute
-    decode = [t for t, d in zip(times, kinds) if d]
+    # on, the last step() launches nothing (it only finishes the last step): zip leaves it out; and the first
+    # decode step() waits for the last prefill step: left out, both ways, so that the two compare
+    decode = [t for t, d in zip(times, kinds) if d][1:]
     ms = statistics.median(decode) * 1e3
-    return dict(batch=batch, context=context, new_tokens=new_tokens, decode_steps=len(decode),
+    return dict(batch=batch, context=context, new_tokens=new_tokens, overlap=overlap, decode_steps=len(decode),
                 median_step_ms=ms, mean_step_ms=statistics.mean(decode) * 1e3,
                 tokens_per_s=batch * len(decode) / sum(decode), prefill_steps=len(kinds) - len(decode))
 
@@ -114,6 +128,9 @@ def main() -> None:
     ap.add_argument("--kv-gb", type=float, default=8.0)
     ap.add_argument("--plans", default="docs/bench/gpu-run3.json",
                     help="also run with the linear plans tuned by a bench_gpu.py run ('' to skip)")
+    ap.add_argument("--overlap", default="off,on",
+                    help="overlap scheduling settings to run each case with (engine.overlap_schedule): off, on, "
+                         "or off,on to measure its gain in one call")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +148,7 @@ def main() -> None:
                   command="python benchmarks/bench_engine_gpu.py " + flags, load_s=time.time() - t0, runs=[])
     graphs = engine.runner.graphs
     batches = [int(b) for b in args.batches.split(",")]
+    overlaps = [{"off": False, "on": True}[o] for o in args.overlap.split(",")]
     variants = [("graphs", True), ("eager", False)]
     for plans in ([False, True] if args.plans else [False]):
         if plans:
@@ -141,15 +159,17 @@ def main() -> None:
                 continue
             engine.runner.graphs = graphs if on else None
             for batch in batches:
-                t1 = time.time()
-                decode_run(engine, batch, 64, 4, seed=99)  # compile, capture the bucket
-                warm = time.time() - t1
-                row = decode_run(engine, batch, args.context, args.new_tokens, seed=batch)
-                row |= dict(mode=name, tuned_plans=plans, warmup_s=warm)
-                if on:
-                    row["replay_ms"] = replay_ms(engine, graphs.bucket_for(batch))
-                result["runs"].append(row)
-                print(json.dumps(row), flush=True)
+                for overlap in overlaps:
+                    engine.overlap_schedule = overlap
+                    t1 = time.time()
+                    decode_run(engine, batch, 64, 4, seed=99)  # compile, capture the bucket
+                    warm = time.time() - t1
+                    row = decode_run(engine, batch, args.context, args.new_tokens, seed=batch)
+                    row |= dict(mode=name, tuned_plans=plans, warmup_s=warm)
+                    if on:
+                        row["replay_ms"] = replay_ms(engine, graphs.bucket_for(batch))
+                    result["runs"].append(row)
+                    print(json.dumps(row), flush=True)
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     (out / "engine_bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

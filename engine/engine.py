@@ -5,22 +5,41 @@
 Both worker kinds drive this same loop, each with a KV connector (engine/kv_connector.py): a prefill
 worker adds `prefill_only` requests, whose blocks the connector then sends; a decode worker adds requests
 with `remote_kv`, which wait until the connector has loaded their prompt KV.
+
+Overlap scheduling (EngineConfig.overlap_schedule; on by default on CUDA), as SGLang's overlap scheduler and
+vLLM's async scheduling do it: a step() schedules and launches model step N+1 before the host reads step N's
+sampled tokens, then does step N's host half (detokenize, stop checks, outputs) while the device runs N+1, so
+the device does not wait for it. A step's outputs thus come from the step() call after the one that launched
+it; has_unfinished() stays true while one is in flight, so callers loop as before. Meanwhile:
+- a sequence that sampled in N ends its token_ids with a PLACEHOLDER, so N+1 schedules its next token, whose
+  input the runner takes from N's sampled tokens on the device (ScheduledBatch.token_rows);
+- a sequence that N finishes (a stop, EOS, an abort) has run in N+1 too: that token is dropped, never emitted.
+  One whose max_tokens or context N reaches is known on the host and is not scheduled again;
+- blocks of a sequence that a step in flight writes are freed only once that step is seen complete
+  (Scheduler.release_blocks): a KV load could otherwise land in them before the device's late write.
+A step is finished in the call that launched it (the plain synchronous path) when it asks for logprobs (read
+from its logits, which syncs), completes a prefill-only prompt (its KV is sent as soon as step() returns), or
+has no sequence that goes on after it (nothing would follow it to overlap with; its final outputs come at once).
+The outputs are the same either way.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
+
+import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.block_manager import BlockManager, block_hashes
 from pdserve.engine.kv_connector import KVConnector, RemoteKV
 from pdserve.engine.loader import resolve_model_path
 from pdserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
-from pdserve.engine.sampler import sample
-from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.sequence import Continuation, SamplingParams, Sequence, Status
+from pdserve.engine.sampler import logprob_infos, sample_tokens
+from pdserve.engine.scheduler import ScheduledBatch, Scheduler
+from pdserve.engine.sequence import PLACEHOLDER, Continuation, SamplingParams, Sequence, Status
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.tokenizer import Tokenizer, prompt_ids
 from pdserve.errors import InvalidRequest, KVTransferFailed, NoFreeBlocks
@@ -40,6 +59,30 @@ class RequestOutput:
     kv_handle: Optional[bytes] = None  # prefill: where the connector offers the prompt's KV
     kv_num_tokens: int = 0  # prefill: how many prompt tokens that KV covers
     error: Optional[Exception] = None  # the request failed (finished is True)
+
+
+@dataclass
+class _Step:
+    """A launched model step: the sequences that sample (row i of `tokens`), their logits and tokens on the
+    device; on CUDA under overlap scheduling, `host` (the tokens' copy in pinned memory) and `done` (an event
+    recorded after that copy: the step is complete once it has passed)."""
+    batch: ScheduledBatch
+    seqs: list[Sequence]
+    logits: torch.Tensor | None
+    tokens: torch.Tensor | None
+    host: torch.Tensor | None = None
+    done: object = None
+    deferred: bool = False  # finished by the next step() call (its sequences hold placeholders meanwhile)
+
+
+def resolve_overlap(setting: bool | None, device: torch.device) -> bool:
+    """EngineConfig.overlap_schedule: None (auto) is on for CUDA. On CPU the host runs the model itself, so
+    nothing would run while it does a step's host half; the path still works there when forced on (tests)."""
+    if setting is None:
+        return device.type == "cuda"
+    if not isinstance(setting, bool):
+        raise TypeError(f"overlap_schedule must be true, false or null (auto), got {setting!r}")
+    return setting
 
 
 class LLMEngine:
@@ -65,6 +108,9 @@ class LLMEngine:
         self.eos_token_ids = set(arch.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        # may be switched between steps (tests run one engine both ways); a step in flight is finished either way
+        self.overlap_schedule = resolve_overlap(config.overlap_schedule, self.device)
+        self._in_flight: _Step | None = None  # launched, outputs not yet read (overlap scheduling)
         self.requests: dict[str, Sequence] = {}  # unfinished, plus prefill-only ones holding blocks
         self.num_computed_tokens_total = 0  # tokens whose KV this engine computed (prefix-cache tests)
         # remote KV: requests waiting for room to land it (with a deadline), loads in flight, sends in flight
@@ -155,7 +201,8 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks, whatever state it is in. Blocks the connector is loading or
-        sending are freed once it reports the cancelled transfer over (poll)."""
+        sending are freed once it reports the cancelled transfer over (poll); blocks a model step in flight
+        writes, once the next step() sees that step complete. A token it sampled there is never emitted."""
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
@@ -244,7 +291,9 @@ class LLMEngine:
             time.sleep(0.0005)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.awaiting_room)
+        """step() must keep being called: requests queued or running, or a model step in flight (overlap
+        scheduling: its outputs, and frees it holds back, come with the next call)."""
+        return self.scheduler.has_work() or bool(self.awaiting_room) or self._in_flight is not None
 
     def has_transfers(self) -> bool:
         """KV loads or sends in flight: step() or poll_transfers() must keep being called."""
@@ -328,28 +377,115 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one model step; return the outputs of the steps finished in this call: this
+        one, or under overlap scheduling the one launched by the previous call (module docstring)."""
         outputs = self.poll_transfers()
         batch = self.scheduler.schedule()
-        if not batch:
-            return outputs
+        prev, self._in_flight = self._in_flight, None
+        try:
+            cur = self._launch(batch, prev) if batch else None
+            if prev is not None:  # read only now: the device already has the next step queued behind it
+                outputs += self._finish(prev)
+            if cur is not None:
+                if self._may_defer(cur):
+                    self._defer(cur)
+                    self._in_flight = cur
+                else:
+                    outputs += self._finish(cur)
+        except BaseException:
+            self._abandon(prev, batch)
+            raise
+        finally:
+            self.scheduler.release_deferred()
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, prev: _Step | None) -> _Step:
+        """Queue the model step and its sampling on the device; nothing here waits for the device."""
         sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new))
                        if not s.prefill_only and s.num_computed_tokens + n == s.num_tokens]
+        if prev is not None:
+            batch.token_rows = [(i, s.in_flight_row) for i, s in enumerate(batch.seqs) if s.in_flight_row is not None]
+            batch.token_source = prev.tokens
         logits = self.runner.execute(batch, sample_rows)
         for seq, n, r in zip(batch.seqs, batch.num_new, batch.num_refresh):
             seq.num_computed_tokens += n
             seq.num_refresh_tokens -= r  # done: a refresh runs once
             self.num_computed_tokens_total += n + r
             self._cache_full_blocks(seq)
-        if logits is not None:
-            seqs = [batch.seqs[i] for i in sample_rows]
-            tokens, infos = sample(logits, seqs)
-            for seq, tok, info in zip(seqs, tokens, infos):
+            seq.num_steps_in_flight += 1
+        seqs = [batch.seqs[i] for i in sample_rows]
+        # positions: each row's num_tokens, placeholders included, is the index its new token takes
+        tokens = sample_tokens(logits, seqs) if logits is not None else None
+        step = _Step(batch, seqs, logits, tokens)
+        if self.overlap_schedule and self.device.type == "cuda":
+            if tokens is not None:
+                step.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                step.host.copy_(tokens, non_blocking=True)
+            step.done = torch.cuda.Event()
+            step.done.record()
+        return step
+
+    def _may_defer(self, step: _Step) -> bool:
+        if not self.overlap_schedule:
+            return False
+        if any(s.prefill_only and s.num_pending_tokens == 0 for s in step.batch.seqs):
+            return False  # a prompt done: its KV goes to the connector as soon as the step is over
+        if any(s.params.logprobs is not None for s in step.seqs):
+            return False  # read from the logits, which syncs (and a graph's are overwritten by the next replay)
+        if len(step.seqs) < len(step.batch.seqs):
+            return True  # a prompt chunk: that sequence goes on
+        return any(not s.finished and s.num_output_tokens + 1 < s.params.max_tokens
+                   and s.num_tokens + 1 < self.max_model_len for s in step.seqs)
+
+    def _defer(self, step: _Step) -> None:
+        """The step's tokens are read in the next step() call; its sequences hold placeholders meanwhile."""
+        step.deferred = True
+        step.logits = None  # no logprobs here; [rows, vocab] float32 need not live a step longer
+        for row, seq in enumerate(step.seqs):
+            if seq.finished:
+                continue  # ended at the previous step's token: this one is dropped
+            seq.token_ids.append(PLACEHOLDER)
+            seq.in_flight_row = row
+            seq.last_token_in_flight = (seq.num_output_tokens >= seq.params.max_tokens
+                                        or seq.num_tokens >= self.max_model_len)
+
+    def _finish(self, step: _Step) -> list[RequestOutput]:
+        """The host half of a launched step: wait for its tokens, then stop checks, text and outputs."""
+        if step.done is not None:
+            step.done.synchronize()
+        for seq in step.batch.seqs:
+            seq.num_steps_in_flight -= 1
+        outputs = []
+        if step.tokens is not None:
+            tokens = (step.tokens if step.host is None else step.host).tolist()
+            infos = [None] * len(tokens) if step.deferred else logprob_infos(step.logits, step.seqs, step.tokens)
+            for seq, tok, info in zip(step.seqs, tokens, infos):
+                if seq.in_flight_row is not None:
+                    seq.token_ids.pop()  # the placeholder; _append_token puts the token there
+                    seq.in_flight_row = None
+                    seq.last_token_in_flight = False
+                if seq.finished:
+                    continue  # it ended at an earlier token or was aborted: this token never existed
                 outputs.append(self._append_token(seq, tok, info))
-        for seq in batch.seqs:
+        for seq in step.batch.seqs:
             if seq.prefill_only and seq.num_pending_tokens == 0 and not seq.finished:
                 self.scheduler.finish(seq, "prefilled", keep_blocks=True)
                 outputs.append(self._send(seq))
         return outputs
+
+    def _abandon(self, prev: _Step | None, batch: ScheduledBatch) -> None:
+        """A step() failed: forget the steps it held (the one in flight and this one), so no sequence keeps a
+        placeholder or holds back its frees (the caller fails or aborts the requests; engine/async_engine.py)."""
+        if self.device.type == "cuda":
+            # let what was queued finish before its blocks can be freed; a failed device writes nothing more
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+        for seq in (prev.batch.seqs if prev is not None else []) + batch.seqs:
+            seq.num_steps_in_flight = 0
+            if seq.in_flight_row is not None:
+                seq.token_ids.pop()
+                seq.in_flight_row = None
+                seq.last_token_in_flight = False
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         if not seq.block_hashes:

@@ -8,7 +8,9 @@ reads nothing), and their logits are dropped, so requests may join and leave bet
 
 Invariants: the graphs read only these buffers and the KV cache tensor, which must never be
 reallocated; they share one memory pool, which is safe because one replays at a time and its logits are
-copied out (indexed) before the next replay.
+copied out (indexed) before the next replay. A replay may be queued while the one before still runs
+(overlap scheduling, engine/engine.py): every write of the buffers and every read of the logits is queued
+on the same stream, so each replay sees its own inputs.
 """
 from __future__ import annotations
 
@@ -30,6 +32,13 @@ def batch_buckets(max_batch: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return buckets + [max_batch]
+
+
+def _copy(dst: torch.Tensor, host: torch.Tensor) -> None:
+    if dst.is_cuda:  # pinned: truly asynchronous, and the host allocator keeps the buffer until it is done
+        dst.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(host)
 
 
 class DecodeGraphs:
@@ -59,8 +68,9 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= batch)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
+            tables: list[list[int]], fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [len(ids), vocab] float32 of one decode step (one token per sequence); writes its KV.
+        `fill` (rows, tokens on the device): input ids the host does not know yet (overlap scheduling).
         The result is a view of the graph's output: index or copy it before the next run."""
         n = len(ids)
         bucket = self.bucket_for(n)
@@ -68,12 +78,16 @@ class DecodeGraphs:
             self._capture(bucket)
         pad = bucket - n
         host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad], dtype=torch.long)
-        self.tokens[:, :bucket].copy_(host)
-        self.seq_lens[:bucket].copy_(torch.tensor(seq_lens + [0] * pad, dtype=torch.int32))
+        # The buffers may still be read by the replay in flight: the copies are queued behind it on the
+        # stream, and asynchronous, so the host goes on meanwhile (a blocking copy would wait for that replay)
+        _copy(self.tokens[:, :bucket], host)
+        if fill is not None:
+            self.tokens[0].index_copy_(0, *fill)
+        _copy(self.seq_lens[:bucket], torch.tensor(seq_lens + [0] * pad, dtype=torch.int32))
         width = max(len(t) for t in tables)
         # rows past a table's end keep stale entries; seq_lens stops the kernel before them
-        self.block_tables[:n, :width].copy_(torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                                         dtype=torch.int32))
+        _copy(self.block_tables[:n, :width], torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                                          dtype=torch.int32))
         self.graphs[bucket].replay()
         return self.logits[bucket][:n]
 

@@ -4,8 +4,14 @@ into model inputs and returns the logits of the sequences that sample this step.
 On CUDA the model runs the Triton kernels (engine/gpu_ops.py, engine/gpu_attention.py) and decode-only
 steps replay CUDA graphs (engine/gpu_graphs.py; PDSERVE_CUDA_GRAPHS=0 turns them off); prefill and mixed
 steps run eagerly. On CPU everything is the torch reference path.
+
+execute() never waits for the device: its inputs go up as asynchronous copies from pinned memory (a
+blocking copy first waits for everything queued, which would stall the host on the step in flight under
+overlap scheduling), and a token the host does not know yet is taken from the device (ScheduledBatch.token_rows).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -89,7 +95,8 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, sample_rows: list[int], all_logits: bool = False) -> torch.Tensor | None:
         """Compute KV for the batch; return [len(sample_rows), vocab] float32 logits of the last
         token of each sequence index in `sample_rows` (None if none samples), or with `all_logits`
-        the logits of every new token (teacher-forced scoring)."""
+        the logits of every new token (teacher-forced scoring). The logits are not ready until the device
+        gets there; read them (or what is computed from them) through the device's stream order."""
         ids, pos, q_lens, seq_lens, tables = [], [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             start = seq.num_computed_tokens
@@ -99,6 +106,7 @@ class ModelRunner:
             seq_lens.append(start + n)
             tables.append(seq.block_table)
         num_main = len(ids)
+        fill = self._device_tokens(batch, q_lens) if batch.token_rows else None
         # A refresh is one more varlen entry over the same blocks: positions 0..r-1 attending only to
         # themselves. Every layer writes all new KV before any attention reads it, so the sequence's
         # own entry already reads the refreshed sinks in this step. Appended last, so entry i is still
@@ -113,19 +121,42 @@ class ModelRunner:
         if (self.graphs is not None and not all_logits and len(q_lens) == len(batch.seqs)
                 and all(n == 1 for n in q_lens) and self.graphs.fits(len(ids), max(len(t) for t in tables))):
             logits = self.graphs.run(ids, pos, [slot(t, p, self.block_size) for t, p in zip(tables, pos)],
-                                     seq_lens, tables)
-            return logits[torch.tensor(sample_rows, device=self.device)] if sample_rows else None
-        meta = build_metadata(q_lens, seq_lens, tables, self.block_size, self.device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+                                     seq_lens, tables, fill)
+            # indexing copies the rows out of the graph's output, which the next replay overwrites
+            return logits[self._to_device(torch.tensor(sample_rows))] if sample_rows else None
+        meta = build_metadata(q_lens, seq_lens, tables, self.block_size, torch.device("cpu"))
+        if self.device.type != "cpu":
+            meta = dataclasses.replace(meta, **{name: self._to_device(getattr(meta, name)) for name in
+                                                ("query_start_loc", "seq_lens", "block_tables", "slot_mapping")})
+        input_ids = self._to_device(torch.tensor(ids, dtype=torch.long))
+        positions = self._to_device(torch.tensor(pos, dtype=torch.long))
+        if fill is not None:
+            input_ids.index_copy_(0, *fill)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         if all_logits:
             return self.model.logits(hidden[:num_main])
         if not sample_rows:
             return None
-        last = torch.tensor(sample_rows, device=self.device)
+        last = self._to_device(torch.tensor(sample_rows))
         last_tok = meta.query_start_loc[1:].long()[last] - 1
         return self.model.logits(hidden[last_tok])
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t
+        # pinned: the copy is truly asynchronous, and the host allocator keeps the buffer until it is done
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _device_tokens(self, batch: ScheduledBatch, q_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices into the flat input ids, the tokens that go there) for the batch's tokens still on the
+        device: each is the last new token of its sequence."""
+        ends, total = [], 0
+        for n in q_lens[:len(batch.seqs)]:
+            total += n
+            ends.append(total - 1)
+        index = self._to_device(torch.tensor([ends[i] for i, _ in batch.token_rows]))
+        rows = self._to_device(torch.tensor([r for _, r in batch.token_rows]))
+        return index, batch.token_source.index_select(0, rows)
 
 
 def get_backend(device: torch.device, fp8_min_tokens: int | None = None):

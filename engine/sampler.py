@@ -137,4 +137,4 @@ def _filtered_weights(logits: torch.Tensor, params: list) -> torch.Tensor:
 def _filtered_probs(logits: torch.Tensor, p) -> torch.Tensor:
     """One row's normalized probabilities after the filters (the reference the tests hold the batch to)."""
     w = _filtered_weights(logits[None], [p])[0]
-    return w / w.sum()
+    return (w / w.sum()).to(logits.dtype)

@@ -23,6 +23,11 @@ class ScheduledBatch:
     num_new: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     num_refresh: list[int] = field(default_factory=list)
+    # overlap scheduling (engine/engine.py): (i, row) says that sequence i's last new token is still on the
+    # device, row `row` of `token_source` (the sampled tokens of the step before, a tensor); the runner takes
+    # the input there instead of the PLACEHOLDER in token_ids
+    token_rows: list[tuple[int, int]] = field(default_factory=list)
+    token_source: object = None
 
     @property
     def num_tokens(self) -> int:
@@ -39,6 +44,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # blocks of finished sequences that a model step not yet seen complete still writes (release_blocks)
+        self.deferred: list[tuple[Sequence, list[int]]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -111,6 +118,9 @@ class Scheduler:
             seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def _preempt(self, seq: Sequence) -> None:
+        # Freed at once even when a step in flight still writes them (overlap scheduling): until that step is
+        # seen complete, within this same engine step, only this schedule can take them, and its writes are
+        # ordered after the step's on the device. Nothing outside the stream order (a KV load) can.
         self.bm.release(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
@@ -133,6 +143,23 @@ class Scheduler:
             self.release_blocks(seq)
 
     def release_blocks(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks; while a model step issued but not yet seen complete writes them (overlap
+        scheduling), only once it is (release_deferred): a free block may be reserved for a KV load that lands
+        outside the device's stream order, and the late write would corrupt it."""
         if seq.block_table:
-            self.bm.release(seq.block_table)
+            if seq.num_steps_in_flight:
+                self.deferred.append((seq, seq.block_table))
+            else:
+                self.bm.release(seq.block_table)
             seq.block_table = []
+
+    def release_deferred(self) -> None:
+        """Free the deferred blocks whose sequences no step in flight writes any more."""
+        if self.deferred:
+            keep = []
+            for seq, blocks in self.deferred:
+                if seq.num_steps_in_flight:
+                    keep.append((seq, blocks))
+                else:
+                    self.bm.release(blocks)
+            self.deferred = keep

@@ -14,6 +14,11 @@ import torch
 
 from pdserve.errors import InvalidRequest
 
+# A token the device has sampled and the host has not read yet (overlap scheduling, engine/engine.py): it holds
+# the token's place in Sequence.token_ids; the model's input there is taken from the device. Never a valid id,
+# so an input that was not replaced fails loudly instead of running on a wrong token.
+PLACEHOLDER = -1
+
 
 @dataclass
 class SamplingParams:
@@ -121,6 +126,13 @@ class Sequence:
     logprobs: list = field(default_factory=list)
     num_hashed_blocks: int = 0  # full prompt blocks already offered to the prefix cache
     num_emitted_chars: int = 0  # output text already streamed
+    # overlap scheduling (engine/engine.py). Model steps issued that write this sequence's KV and have not been
+    # seen complete: its blocks are freed only once that count is 0 (Scheduler.release_blocks)
+    num_steps_in_flight: int = 0
+    # its last token is a PLACEHOLDER for row `in_flight_row` of the sampled tokens of the step in flight
+    in_flight_row: int | None = None
+    # that token is its last (max_tokens or the context reached): nothing more to schedule meanwhile
+    last_token_in_flight: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -142,6 +154,8 @@ class Sequence:
 
     @property
     def num_pending_tokens(self) -> int:
+        if self.last_token_in_flight:
+            return 0
         return self.compute_target - self.num_computed_tokens
 
     @property

@@ -4,7 +4,7 @@ chart renders from its values; unknown keys are errors, so a typo never silently
     mode:        disaggregated | colocated
     model:       {path, dtype, max_model_len, load_format}
     engine:      {block_size, num_blocks, kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens, device,
-                  fp8_attention_min_tokens}
+                  fp8_attention_min_tokens, overlap_schedule}
     prefill:     {replicas, precision, num_gpus, num_cpus, resources}
     decode:      {replicas, precision, num_gpus, num_cpus, resources}
     kv_transfer: {dtype, backend, lease_seconds, refresh_sink_tokens}
@@ -71,9 +71,16 @@ class EngineConfig:
     # attention: on an H100 the fp8 kernel is 1.4x faster at 8192 tokens, 1.1x at 2048, and at 512 its
     # three launches cost more host time than it saves (docs/bench/prefill.md)
     fp8_attention_min_tokens: int = 2048
+    # the engine launches model step N+1 before it reads step N's sampled tokens, and detokenizes and checks
+    # stops for N while the device runs N+1 (engine/engine.py); the outputs are the same either way. None
+    # (auto): on for CUDA; off on CPU, where the host runs the model itself and nothing would overlap
+    overlap_schedule: Optional[bool] = None
 
     def validate(self, at: str) -> None:
         _positive(at + ".block_size", self.block_size)
+        if self.overlap_schedule is not None and not isinstance(self.overlap_schedule, bool):
+            raise ConfigError(f"{at}.overlap_schedule: expected true, false or null (auto), "
+                              f"got {self.overlap_schedule!r}")
         _count(at + ".fp8_attention_min_tokens", self.fp8_attention_min_tokens, "0: every prompt step")
         _positive(at + ".num_blocks", self.num_blocks, allow_none=True)
         _positive(at + ".kv_cache_memory_gb", self.kv_cache_memory_gb)

@@ -138,6 +138,34 @@ def test_cuda_engine_matches_cpu_engine(cpu_tokens, graphs, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("graphs", ["1", "0"])
+def test_overlap_schedule_gives_the_synchronous_tokens(graphs, monkeypatch):
+    """Overlap scheduling (on by default on CUDA: the next step launched before the host reads the sampled
+    tokens, its inputs filled on the device) against the synchronous engine: the same greedy tokens."""
+    monkeypatch.setenv("PDSERVE_CUDA_GRAPHS", graphs)
+    engine = _engine("cuda")
+    assert engine.overlap_schedule
+    from_device = []
+    execute = engine.runner.execute
+
+    def recording(batch, *args, **kwargs):
+        from_device.append(len(batch.token_rows))
+        return execute(batch, *args, **kwargs)
+
+    engine.runner.execute = recording
+    runs = {}
+    for on in (False, True):
+        engine.overlap_schedule = on
+        from_device.clear()
+        runs[on], _ = run_schedule(engine)
+        assert engine.block_manager.check_no_leaks() is None and not engine.has_unfinished()
+        assert any(from_device) == on, from_device
+    assert [len(t) for t in runs[True]] == [m for _, _, m in SCHEDULE]
+    mismatched = [i for i, (a, b) in enumerate(zip(runs[True], runs[False])) if a != b]
+    assert not mismatched, {i: (runs[True][i], runs[False][i]) for i in mismatched}
+
+
+@gpu
 def test_graph_replay_equals_eager_step(monkeypatch):
     """Every decode step's logits from the graph replay equal the eager Triton forward of the same step,
     while the batch shrinks and grows across buckets (stale rows of the static buffers must not leak)."""
