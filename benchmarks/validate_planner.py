@@ -16,6 +16,15 @@ run, and the profile records the same for its own measurements; the simulation s
 by the ratio (pdserve/planner/hostload.py). That share is an input, like the profile: what the box gave the
 engines, not what the simulator predicts (queueing, batching, the latencies).
 The load average before each step is recorded too.
+
+`--gpu-cluster FILE` runs nothing: it simulates the rows of a benchmarks/bench_cluster_gpu.py result (one H200:
+a colocated bf16 engine, or one fp8 prefill + one bf16 decode actor sharing the GPU; closed loop at each
+concurrency, 2048-token prompts, 64 output tokens) with a shipped GPU profile and the simulator's closed-loop
+mode, and compares TTFT, ITL and TPOT p50/p99:
+
+    .venv/bin/python -P benchmarks/validate_planner.py \
+        --gpu-cluster docs/bench/planner/h200-sources/h200-cluster-bench-run1.json \
+        --profile h200-llama3-8b --out docs/bench/planner/h200-validation.json
 """
 from __future__ import annotations
 
@@ -85,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resimulate", default=None,
                     help="a result JSON of this script: simulate its runs again (its profile, its measured CPU "
                          "shares) with the code here, write --out, run nothing")
+    ap.add_argument("--gpu-cluster", default=None,
+                    help="a benchmarks/bench_cluster_gpu.py result JSON: simulate its rows (closed loop) with "
+                         "--profile (default h200-llama3-8b), write --out, run nothing")
     ap.add_argument("--contention", choices=("measured", "cores"), default="measured",
                     help="measured: the engines' CPU share read from the kernel over each run is an input; cores: "
                          "none is, the simulator shares the profile's host cores among the busy engines itself "
@@ -94,6 +106,8 @@ def main(argv=None) -> int:
     CONTENTION = args.contention
     if args.resimulate:
         return resimulate(Path(args.resimulate), Path(args.out))
+    if args.gpu_cluster:
+        return gpu_cluster(Path(args.gpu_cluster), args.profile or "h200-llama3-8b", Path(args.out))
     out = Path(args.out)
     prof_path = Path(args.profile) if args.profile else out.with_name(out.stem + "-profile.json")
     tmp = Path(tempfile.mkdtemp(prefix="pdserve-validate-"))
@@ -191,6 +205,66 @@ def resimulate(src: Path, out: Path) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     return 0
+
+
+# benchmarks/bench_cluster_gpu.py: its ENGINE settings and deployments (fractional GPUs: all actors on one GPU)
+GPU_ENGINE = {"max_num_seqs": 64, "max_num_batched_tokens": 4096, "kv_cache_memory_gb": 24}
+GPU_DEPLOYMENTS = {
+    "colocated": {"prefill": 0, "decode": 1, "colocated": True, "decode_precision": "bf16"},
+    "disagg-fp8": {"prefill": 1, "decode": 1, "prefill_precision": "fp8", "decode_precision": "bf16", "wire": "fp8"},
+    "disagg-bf16": {"prefill": 1, "decode": 1, "prefill_precision": "bf16", "decode_precision": "bf16",
+                    "wire": "raw"},
+}
+GPU_METRICS = (("ttft_s", "p50"), ("ttft_s", "p99"), ("itl_s", "p50"), ("itl_s", "p99"), ("tpot_s", "p50"),
+               ("tpot_s", "p99"))
+
+
+def gpu_spec(prof, deployment: str) -> ClusterSpec:
+    """The bench's deployment as the simulator sees it: engine limits as configured there, KV capacity from its
+    kv_cache_memory_gb (bf16 cache), prompts random (no prefix hits)."""
+    kv_tokens = int(GPU_ENGINE["kv_cache_memory_gb"] * 2 ** 30) // int(prof.kv_bytes_per_token["raw"])
+    return ClusterSpec.from_profile(
+        prof, max_num_seqs=GPU_ENGINE["max_num_seqs"], prefill_max_num_seqs=GPU_ENGINE["max_num_seqs"],
+        max_num_batched_tokens=GPU_ENGINE["max_num_batched_tokens"],
+        prefill_max_num_batched_tokens=GPU_ENGINE["max_num_batched_tokens"], kv_cache_tokens=kv_tokens,
+        colocated_prefix_cache=False, policy="least_loaded", **GPU_DEPLOYMENTS[deployment])
+
+
+def gpu_cluster(src: Path, profile_name: str, out: Path, input_len: int = 2048, output_len: int = 64) -> int:
+    measured = json.loads(src.read_text())
+    prof = profile_mod.resolve(profile_name)
+    rows = []
+    for m in measured:
+        c, n = m["concurrency"], m["requests"]
+        spec = gpu_spec(prof, m["deployment"])
+        # bench --concurrency c: all n requests ready at t=0, at most c in flight (the warm-up ran before, apart)
+        outs, engines = simulate(prof, spec, [SimRequest(0.0, input_len, output_len) for _ in range(n)], clients=c)
+        rep = stats.report(outs, engines, None, None)
+        row = {"deployment": m["deployment"], "concurrency": c, "requests": n, "spec": spec.label(),
+               "req_s": [m["req_s"], rep["request_throughput"]]}
+        for metric, q in GPU_METRICS:
+            meas, sim = m[f"{metric[:-2]}_{q}_ms"], rep[metric][q] * 1e3
+            row[f"{metric}_{q}"] = {"measured_ms": meas, "simulated_ms": round(sim, 3),
+                                    "error": round((sim - meas) / meas, 4)}
+        rows.append(row)
+    result = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "measured": str(src),
+              "profile": profile_name, "profile_source": prof.source, "engine": GPU_ENGINE,
+              "workload": {"input_len": input_len, "output_len": output_len, "closed_loop": True}, "rows": rows}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(gpu_table(result))
+    return 0
+
+
+def gpu_table(result: dict) -> str:
+    keys = [f"{m}_{q}" for m, q in GPU_METRICS]
+    names = ["TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT p50", "TPOT p99"]
+    lines = ["| deployment | concurrency | " + " | ".join(f"{n} meas / sim ms (err)" for n in names)
+             + " | req/s meas / sim |", "|---|---:|" + "---|" * len(names) + "---|"]
+    for r in result["rows"]:
+        cells = [f"{r[k]['measured_ms']:.4g} / {r[k]['simulated_ms']:.4g} ({r[k]['error']:+.0%})" for k in keys]
+        lines.append(f"| {r['deployment']} | {r['concurrency']} | " + " | ".join(cells)
+                     + f" | {r['req_s'][0]:.3g} / {r['req_s'][1]:.3g} |")
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:

@@ -60,6 +60,11 @@ part_unit() {  # the GPU tests that need no model fixture, with their failures i
   tail -5 "$OUT/unit_tests.txt"
 }
 
+part_firstpull() {  # a fresh agent's first pulls (fp8 first: its kernels' JIT) and the 2K-token pull, adjacent blocks
+  python3 -P benchmarks/bench_kv_transfer_ipc.py --tokens 16,2048 --wire fp8,bf16 --placement adjacent --repeat 5 \
+    > "$OUT/transfer_firstpull.jsonl" || status=1
+}
+
 part_cluster() {
   PDSERVE_GPU_MODEL=$MODEL python3 -P -m pytest -q -s -m gpu tests/gpu/test_cluster_gpu.py 2>&1 |
     tail -30 | tee "$OUT/cluster_tests.txt"
@@ -68,7 +73,8 @@ part_cluster() {
 
 part_bench() {
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
-    --concurrency 1,8,32 --input-len 2048 --max-tokens 64 --out "$OUT/cluster_bench.json" || status=1
+    --concurrency 1,8,32 --input-len 2048 --max-tokens 64 --requests-per-stream "${REQS:-4}" \
+    --out "$OUT/cluster_bench.json" || status=1
 }
 
 part_profile() {  # the planner's H200 profile (issue #18), Llama-3-8B shapes

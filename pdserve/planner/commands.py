@@ -27,6 +27,9 @@ def register(sub) -> None:
                    help="decode: every sequence its own prompt (default: one shared through the prefix cache, "
                         "cheap to set up on a CPU; on a GPU shared blocks may be read from L2)")
     p.add_argument("--transfer-tokens", default="16,128,512,2048", help="empty: no transfer curves")
+    p.add_argument("--transfer-placement", choices=["adjacent", "scattered"], default="adjacent",
+                   help="block ids of the measured transfers: adjacent on both sides (one NIXL descriptor, what "
+                        "the block manager mostly gives) or every other block (one descriptor per block)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="CPU: intra-op threads of the engine (a Ray actor's 1)")
     p.add_argument("--host-cores", type=int, default=None,
@@ -44,7 +47,7 @@ def register(sub) -> None:
                                    "at that GPU count, the highest rate meeting the SLOs for each, the best split. "
                                    "With --prefill/--decode (or --colocated) and --rate: one run's percentiles.")
     q.add_argument("--profile", required=True,
-                   help="profile JSON, or a shipped one: cpu-smollm2, h200-llama3-8b-derived")
+                   help="profile JSON, or a shipped one: cpu-smollm2, h200-llama3-8b, h200-llama3-8b-derived")
     q.add_argument("--workload", required=True, help="YAML file or a preset: chat, short, rag, code, conversation")
     q.add_argument("--slo", required=True, help="ttft=SECONDS,tpot=SECONDS[,attainment=0.9] (200ms also works)")
     q.add_argument("--gpus", type=int, default=None, help="plan this many GPUs: every split and colocated")

@@ -1,13 +1,17 @@
 """`pdserve profile`: measure a profile (profile.py) on the machine at hand, CUDA or CPU.
 
 - prefill: `LLMEngine.step()` of one fresh prompt of T tokens (the whole prompt in one step), per precision; the
-  context term from the second chunk of a prompt cut into two equal chunks (same tokens, plus attention
-  over the first chunk's KV);
+  context term from a prompt cut into two equal chunks: the second chunk's step minus the first's (same number
+  of tokens, plus attention over the first chunk's KV);
 - decode: `LLMEngine.step()` of B sequences decoding at once at two contexts (the sequences share their prompt
   through the prefix cache, so setting up batch 32 at 512 tokens prefills 512 tokens, not 16K; each still
   reads its own block table);
-- transfer: one request's KV between two NIXL agents in this process (export, then READ posted -> landed),
-  raw and fp8 wire, in the engine's KV geometry and dtype (benchmarks/bench_kv_transfer.py does the same);
+- transfer: one request's KV from a NIXL agent in a second (spawned) process into one in this process (export
+  there, then READ posted -> landed here), raw and fp8 wire, in the engine's KV geometry and dtype on the same
+  device, adjacent block ids on both sides by default (--transfer-placement): what a decode worker's pull from a
+  prefill worker costs (benchmarks/bench_kv_transfer_ipc.py does the same). Two processes because two agents in
+  one process do not get UCX's cuda_ipc transport on a GPU: a host-staged pipeline instead, 0.38 GB/s on an H200
+  against 0.9-1.4 TB/s between two processes at 2048-8192 tokens (2026-12-05);
 - overheads (with --server): isolated requests through a running cluster with `pdserve bench`'s client; what
   their TTFT and inter-token gaps take beyond the engine curves just measured is the serving stack's fixed cost.
 
@@ -20,6 +24,8 @@ uses to move its times to another share.
 """
 from __future__ import annotations
 
+import gc
+import os
 import platform
 import random
 import statistics
@@ -75,23 +81,29 @@ def measure_prefill(engine, tokens: list[int], repeats: int, rng: random.Random)
 
     _median_step(engine, 2, one(tokens[0]))  # warm-up
     ms = _interleaved(tokens, lambda n: _median_step(engine, 1, one(n)), repeats)
-    # context term: a 2C-token prompt in chunks of C; the second chunk computes C tokens over C cached ones
-    c = max(t for t in tokens if t <= 512)
+    # context term: a 2C-token prompt in chunks of C; the second chunk computes C tokens over C cached ones, the
+    # first the same C tokens over none: their difference, per pass, is the attention over the cached prefix (both
+    # steps of one request, so a fresh request's first-step costs are in neither difference). C as long as the
+    # curve allows up to 2048 on a GPU (512 on a CPU): at 512 tokens on an H200 the term is ~3% of the step, below
+    # the noise of two steps (the second chunk also samples the request's one token: a fraction of a ms)
+    limit = 512 if str(getattr(engine.config, "device", "cpu")) == "cpu" else 2048
+    c = max((t for t in tokens if t <= limit), default=tokens[0])
     sched.max_num_batched_tokens = c
-    second = []
+    first, second = [], []
     for _ in range(repeats):
         engine.add_request(f"p{next(ids)}", prompt(2 * c), SamplingParams(max_tokens=1, ignore_eos=True))
-        engine.step()
-        t = time.perf_counter()
-        engine.step()
-        second.append((time.perf_counter() - t) * 1e3)
+        for out in (first, second):
+            t = time.perf_counter()
+            engine.step()
+            out.append((time.perf_counter() - t) * 1e3)
         while engine.has_unfinished():
             engine.step()
-    first = ms[tokens.index(c)]
-    per_pair = max(0.0, (statistics.median(second) - first) / (c * c))
+    diff = statistics.median(b - a for a, b in zip(first, second))
+    per_pair = max(0.0, diff / (c * c))
     return {"tokens": tokens, "ms": ms, "ms_per_token_context": per_pair,
-            "context_check": {"chunk": c, "first_chunk_ms": first,
-                              "second_chunk_ms": round(statistics.median(second), 4)}}
+            "context_check": {"chunk": c, "first_chunk_ms": round(statistics.median(first), 4),
+                              "second_chunk_ms": round(statistics.median(second), 4),
+                              "fresh_prompt_ms": ms[tokens.index(c)]}}
 
 
 def measure_decode(engine, batches: list[int], contexts: list[int], steps: int, passes: int,
@@ -103,20 +115,30 @@ def measure_decode(engine, batches: list[int], contexts: list[int], steps: int, 
 
     def point(ctx: int, b: int) -> float:
         prompt = [rng.randrange(100, vocab - 1) for _ in range(ctx)]
-        params = SamplingParams(max_tokens=steps + 3, ignore_eos=True)
+        # enough tokens that no sequence ends before the timed steps do: distinct prompts are prefilled one step
+        # each while the earlier ones already decode (with max_tokens = steps + 3, the first of 64 4K-token
+        # prompts had finished before the last was prefilled, and "batch 64" timed far fewer sequences)
+        params = SamplingParams(max_tokens=steps + b + 8, ignore_eos=True)
+        ids = []
         # one sequence computes the prompt; the others, added once its blocks are cached, reuse them (or, distinct,
         # each computes its own: on a GPU, blocks read by every sequence may come from L2 instead of HBM)
         for group in ((range(b),) if distinct else (range(1), range(1, b))):
             for i in group:
                 own = [rng.randrange(100, vocab - 1) for _ in range(ctx)] if distinct else prompt
-                engine.add_request(f"d{ctx}-{b}-{i}-{uuid.uuid4().hex[:6]}", own, params)
+                ids.append(f"d{ctx}-{b}-{i}-{uuid.uuid4().hex[:6]}")
+                engine.add_request(ids[-1], own, params)
             while any(s.num_output_tokens == 0 for s in engine.requests.values()):
                 engine.step()
         times = []
         for _ in range(steps):
+            running = len(engine.scheduler.running)
+            if running != b:
+                raise RuntimeError(f"decode batch {b} at context {ctx}: {running} sequences running")
             t = time.perf_counter()
             engine.step()
             times.append((time.perf_counter() - t) * 1e3)
+        for request_id in ids:
+            engine.abort(request_id)
         while engine.has_unfinished():
             engine.step()
         _log(f"decode batch {b} context {ctx}: {statistics.median(times):.2f} ms")
@@ -132,46 +154,175 @@ def measure_decode(engine, batches: list[int], contexts: list[int], steps: int, 
             "ms_at_context": {str(c + steps // 2): table[c] for c in contexts}}
 
 
-def measure_transfer(engine, tokens: list[int], repeats: int) -> tuple[dict, dict]:
+PLACEMENTS = ("adjacent", "scattered")
+
+
+def placement_ids(placement: str, n: int) -> tuple[list[int], list[int]]:
+    """The exporter's and the reader's block ids of an n-block request, in caches of 2n blocks or more.
+    adjacent: consecutive on both sides (the block manager hands out freed blocks in order, so a request's table
+    is mostly one run: one NIXL descriptor); scattered: every other block, the reader's in reverse (one descriptor
+    per block, the worst case). This is the raw wire's: the fp8 wire reads the exporter's staged copy into the
+    reader's staging, both contiguous (one descriptor), and only the quantize and dequantize gather or scatter."""
+    if placement == "adjacent":
+        return list(range(n)), list(range(n, 2 * n))
+    if placement == "scattered":
+        return list(range(0, 2 * n, 2)), list(range(2 * n - 1, 0, -2))
+    raise ValueError(f"block placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+
+
+def _block_sums(cache, ids: list[int]) -> list[list[int]]:
+    """Per block, in order: the sum of its bytes and a position-weighted sum (equal lists: the same bytes landed)."""
     import torch
+
+    if not ids:
+        return []
+    nbytes = cache[0].numel() * cache.element_size()
+    weights = torch.arange(1, nbytes + 1, device=cache.device, dtype=torch.int64) % 251
+    sums = []
+    for b in ids:
+        x = cache[b].reshape(-1).view(torch.uint8).to(torch.int64)
+        sums.append(torch.stack([x.sum(), (x * weights).sum()]))
+    return torch.stack(sums).tolist()
+
+
+def _exporter(conn, shape: tuple, dtype: str, device: str, blocks: int, wires: list[str], threads: int) -> None:
+    """The prefill worker's side of measure_transfer, in a process of its own (as a prefill worker is): a KV cache
+    of the reader's geometry on the same device, one NIXL agent per wire; exports what the reader asks for, times
+    the export, and waits for the reader's done notification before the next."""
+    import traceback
+
+    agents = {}
+    try:
+        import torch
+
+        from pdserve.kv_transfer import KVTransferAgent
+
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        torch.manual_seed(1)
+        dt = getattr(torch, dtype)
+        gen = dt if dt in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        cache = torch.randn(2 * blocks, *shape, device=device, dtype=gen).to(dt)
+        for w in wires:  # fp8: staging for the quantized copy of the largest request
+            agents[w] = KVTransferAgent(f"prof-exp-{w}-{os.getpid()}", cache, wire_dtype=w, lease_seconds=60,
+                                        staging_blocks=blocks if w == "fp8" else 0)
+        conn.send(("ready", os.getpid()))
+        while (msg := conn.recv()) is not None:
+            if msg[0] == "checksum":
+                conn.send(("checksum", _block_sums(cache, msg[1])))
+                continue
+            _, wire, rid, ids, tokens = msg
+            t0 = time.perf_counter()
+            ticket = agents[wire].export(rid, ids, tokens)
+            conn.send(("ticket", ticket, (time.perf_counter() - t0) * 1e3))
+            deadline = time.monotonic() + 60
+            while not agents[wire].poll():  # the reader's done notification ends the lease
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no done notification for {rid} within 60 s")
+                time.sleep(0.0002)
+            conn.send(("released",))
+    except BaseException as e:
+        traceback.print_exc()  # the whole of it on the profile's stderr (inherited); the reader raises the last line
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except Exception:
+            pass
+    finally:
+        for a in agents.values():
+            a.close()
+
+
+def _reply(conn, proc, kind: str, timeout: float):
+    """The exporter's next message, which must be `kind`; its traceback, its death or a timeout as RuntimeError."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(0.05):
+        if not proc.is_alive() and not conn.poll(0):
+            raise RuntimeError(f"the KV exporter process died (exit code {proc.exitcode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the KV exporter process did not answer within {timeout:.0f} s ({kind})")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"the KV exporter process failed: {msg[1]}")
+    if msg[0] != kind:
+        raise RuntimeError(f"the KV exporter process said {msg[0]!r}, expected {kind!r}")
+    return msg[1:]
+
+
+def measure_transfer(engine, tokens: list[int], repeats: int, placement: str = "adjacent",
+                     threads: int = 1) -> tuple[dict, dict]:
+    """One request's KV pull from an exporter in another process (a spawned one, with its own cache of the
+    engine's geometry and dtype on the same device) into a cache here, raw and fp8 wire: what a decode worker's
+    pull from a prefill worker costs. Two processes, not two agents in this one: on CUDA, UCX's cuda_ipc transport
+    (what two workers use, zero-copy) does not apply within one process, which falls back to a host-staged
+    pipeline (0.38 GB/s on an H200, thousands of times slower than two processes at 2048 tokens). Per size, the
+    median of `repeats` after one discarded pull; raw-wire bytes are checked equal on both sides."""
+    import torch
+    import torch.multiprocessing as mp
 
     from pdserve.kv_transfer import KVTransferAgent
 
     cache = engine.runner.kv_cache
     shape = tuple(cache.shape[1:])
+    bs = engine.config.block_size
+    blocks = -(-max(tokens) // bs)
+    placement_ids(placement, 1)  # a bad placement fails before a process starts
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_exporter, daemon=True,
+                       args=(there, shape, str(cache.dtype).removeprefix("torch."), str(cache.device), blocks,
+                             ["bf16", "fp8"], threads))
+    proc.start()
+    there.close()
     out, per_token = {}, {}
-    for wire, wire_name in (("bf16", "raw"), ("fp8", "fp8")):
-        rows = {"bytes": [], "ms": [], "export_ms": [], "tokens": []}
-        for n in tokens:
-            blocks = -(-n // engine.config.block_size)
-            src = torch.randn(blocks * 2, *shape, device=cache.device).to(cache.dtype)
-            dst = torch.zeros(blocks * 2, *shape, dtype=cache.dtype, device=cache.device)
-            tag = uuid.uuid4().hex[:6]
-            samples = []
-            with KVTransferAgent(f"prof-p-{tag}", src, wire_dtype=wire, staging_blocks=blocks) as p, \
-                    KVTransferAgent(f"prof-d-{tag}", dst, staging_blocks=blocks) as d:
-                src_ids, dst_ids = list(range(0, 2 * blocks, 2)), list(range(2 * blocks - 1, 0, -2))
-                for i in range(repeats + 1):
-                    t0 = time.perf_counter()
-                    ticket = p.export(f"r{i}", src_ids, n)
-                    t1 = time.perf_counter()
-                    h = d.pull(ticket, dst_ids)
-                    while d.check(h) == "PENDING":
-                        pass
-                    t2 = time.perf_counter()
-                    if h.state != "DONE":
-                        raise RuntimeError(f"KV transfer failed: {h.error}")
-                    while not p.poll():
-                        pass
-                    samples.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3, h.bytes))
-            exp, pull, nbytes = (statistics.median(col) for col in zip(*samples[1:]))
-            rows["bytes"].append(int(nbytes))
-            rows["ms"].append(round(pull, 4))
-            rows["export_ms"].append(round(exp, 4))
-            rows["tokens"].append(n)
-            _log(f"transfer {wire_name} {n} tokens ({int(nbytes)} B): pull {pull:.3f} ms, export {exp:.3f} ms")
-        out[wire_name] = rows
-        per_token[wire_name] = rows["bytes"][-1] / rows["tokens"][-1]
+    try:
+        (exporter_pid,) = _reply(here, proc, "ready", 600)
+        dst = torch.zeros(2 * blocks, *shape, dtype=cache.dtype, device=cache.device)
+        with KVTransferAgent(f"prof-read-{uuid.uuid4().hex[:6]}", dst, staging_blocks=blocks) as reader:
+            for wire, wire_name in (("bf16", "raw"), ("fp8", "fp8")):
+                rows = {"bytes": [], "ms": [], "export_ms": [], "tokens": [], "descriptors": []}
+                for n in tokens:
+                    src_ids, dst_ids = placement_ids(placement, -(-n // bs))
+                    samples = []
+                    for i in range(repeats + 1):
+                        here.send(("export", wire, f"r{n}-{wire}-{i}", src_ids, n))
+                        ticket, export_ms = _reply(here, proc, "ticket", 120)
+                        t0 = time.perf_counter()
+                        h = reader.pull(ticket, dst_ids)
+                        while reader.check(h) == "PENDING":
+                            pass
+                        pull_ms = (time.perf_counter() - t0) * 1e3
+                        if h.state != "DONE":
+                            raise RuntimeError(f"KV transfer failed: {h.error}")
+                        _reply(here, proc, "released", 120)
+                        samples.append((export_ms, pull_ms))
+                    exp, pull = (statistics.median(col) for col in zip(*samples[1:]))
+                    if wire == "bf16":  # the same bytes, in the same order, on both sides
+                        here.send(("checksum", src_ids))
+                        (theirs,) = _reply(here, proc, "checksum", 120)
+                        if theirs != _block_sums(dst, dst_ids):
+                            raise RuntimeError(f"KV transfer of {n} tokens: the landed blocks differ from the source")
+                    rows["bytes"].append(int(h.bytes))
+                    rows["ms"].append(round(pull, 4))
+                    rows["export_ms"].append(round(exp, 4))
+                    rows["tokens"].append(n)
+                    rows["descriptors"].append(h.descriptors)
+                    _log(f"transfer {wire_name} {n} tokens ({h.bytes} B, {h.descriptors} descriptor(s)): "
+                         f"pull {pull:.3f} ms, export {exp:.3f} ms")
+                rows.update(placement=placement, processes=2)
+                out[wire_name] = rows
+                # whole blocks on the wire: bytes per token of a full block
+                per_token[wire_name] = rows["bytes"][-1] / (-(-rows["tokens"][-1] // bs) * bs)
+        _log(f"transfer: exporter pid {exporter_pid}, reader pid {os.getpid()}, {placement} blocks")
+    finally:
+        try:
+            here.send(None)
+        except OSError:
+            pass
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=10)
+        here.close()
     return out, per_token
 
 
@@ -233,6 +384,11 @@ def measure(args) -> dict:
     # the CPU share the measurements got on a shared box: the simulator scales by it (hostload.py)
     share = CPUShare(this_process()).start() if device == "cpu" else None
     for prec in args.precisions.split(","):
+        if engine is not None:  # one engine at a time: two 8B models with their KV pools may not fit one GPU
+            engine = None
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         _log(f"loading the model at precision {prec} on {device}")
         engine = LLMEngine(args.model, args.dtype, econf, precision=prec, enable_prefix_caching=True, progress=False,
                            load_format=args.load_format)
@@ -254,7 +410,8 @@ def measure(args) -> dict:
     prof["engine"] = {"block_size": engine.config.block_size, "max_num_seqs": 64, "max_num_batched_tokens": 1024,
                       "kv_cache_tokens": engine.runner.num_blocks * engine.config.block_size}
     prof["host"] = {"cores": args.host_cores, "cpu_share": None if cpu_share is None else round(cpu_share, 4)}
-    prof["transfer"], prof["kv_bytes_per_token"] = measure_transfer(engine, ttoks, args.repeats) if ttoks else ({}, {})
+    prof["transfer"], prof["kv_bytes_per_token"] = (
+        measure_transfer(engine, ttoks, args.repeats, args.transfer_placement, args.threads) if ttoks else ({}, {}))
     del engine
     if args.server:
         prof["overheads"] = measure_overheads(prof, args.server, args.overhead_prompt_tokens, args.overhead_requests)

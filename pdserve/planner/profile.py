@@ -10,9 +10,12 @@ JSON (`pdserve profile` writes it; `SCHEMA` names the version):
     decode   {precision: {batch: [...], ms: [...], context, ms_per_context_token}}
              a pure decode step of `batch` sequences each at `context` tokens; ms_per_context_token is the slope
              in the batch's total context (reading KV), so any mix of contexts costs base(batch) + slope * total
-    transfer {wire: {bytes: [...], ms: [...], export_ms: [...]}}
+    transfer {wire: {bytes: [...], ms: [...], export_ms: [...], tokens, descriptors, placement, processes}}
              one request's KV pull (READ posted -> landed, dequantize included), and the prefill side's export
-             (fp8: quantize into staging; it runs on the prefill engine's thread)
+             (fp8: quantize into staging; it runs on the prefill engine's thread); `pdserve profile` also records
+             the prompt tokens of each point, the NIXL descriptors of its READ, the block placement ("adjacent":
+             consecutive ids on both sides, one descriptor; "scattered": one per block) and that exporter and
+             reader were 2 processes (informational: the simulator reads bytes, ms and export_ms)
     overheads {request_ms, decode_step_ms}       what the engine steps do not include: a request's fixed cost
              through router and actors (added to TTFT), and a decode worker's per-step cost of streaming deltas
     engine   {block_size, kv_cache_tokens, max_num_seqs, max_num_batched_tokens, prefill_max_num_batched_tokens}
@@ -184,11 +187,22 @@ def load(path: str | Path) -> Profile:
 
 
 BUILTIN = Path(__file__).parent / "profiles"
+# the shipped profiles (`--profile NAME`), each a JSON in BUILTIN; docs/planner.md's table says what each is
+SHIPPED = {
+    "cpu-smollm2": "measured by pdserve profile --server on the 2-core CPU box",
+    "h200-llama3-8b": "measured on an NVIDIA H200 (2026-12-05): engine curves by pdserve profile, KV transfer and "
+                      "overheads from that session's two-process and cluster benchmarks",
+    "h200-llama3-8b-derived": "derived from H100 runs and a 2026-12-04 H200 transfer run; superseded by "
+                              "h200-llama3-8b",
+}
 
 
 def resolve(name_or_path: str) -> Profile:
-    """A profile file, or the name of one shipped in pdserve/planner/profiles/ (without .json)."""
+    """A profile file, or the name of one shipped in pdserve/planner/profiles/ (SHIPPED, without .json)."""
     p = Path(name_or_path)
     if not p.exists() and (BUILTIN / f"{name_or_path}.json").exists():
         p = BUILTIN / f"{name_or_path}.json"
+    elif not p.exists() and p.suffix != ".json" and len(p.parts) == 1:
+        raise ProfileError(f"no profile file {name_or_path!r}, and no shipped profile of that name "
+                           f"(shipped: {', '.join(sorted(SHIPPED))})")
     return load(p)

@@ -18,12 +18,18 @@ admission reserves KV for the whole request (prompt + output), so there is no pr
 decode worker go one at a time at the profile's rate; a prefix cache holds whole shared prefixes (LRU by
 prefix, sized in tokens), and the router's index is exact apart from prompts still in flight.
 
+Arrivals are open-loop (each request at its `arrival`), or closed-loop with `clients` (`pdserve bench
+--concurrency C` with all requests ready at the start): C clients, the first C requests sent at their own
+arrival times (0 for all at once), and each later one, in list order, sent when a request finishes (its last
+token), so its arrival is that moment.
+
 Per-token times are not stored per request: each engine keeps the end time of its every step, and a request
 keeps where its tokens fall in that list, which is all TTFT, TPOT and ITL need.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import math
 from collections import OrderedDict, deque
@@ -160,8 +166,12 @@ class Engine:
 
 
 class Simulator:
-    def __init__(self, profile: Profile, spec: ClusterSpec, requests: list[SimRequest]):
-        self.p, self.spec, self.reqs = profile, spec, requests
+    def __init__(self, profile: Profile, spec: ClusterSpec, requests: list[SimRequest], clients: int | None = None):
+        if clients is not None and clients < 1:
+            raise ValueError(f"clients must be >= 1, got {clients}")
+        self.p, self.spec, self.reqs = profile, spec, list(requests)  # closed loop rewrites arrivals: a copy
+        self.clients = clients
+        self.next_rid = len(self.reqs) if clients is None else min(clients, len(self.reqs))
         if spec.colocated:
             profile.need(spec.decode_precision, "prefill")
         else:
@@ -204,7 +214,7 @@ class Simulator:
         heapq.heappush(self.events, (t, self.seq, kind, a, b))
 
     def run(self) -> list[Outcome]:
-        for i, r in enumerate(self.reqs):
+        for i, r in enumerate(self.reqs[:self.next_rid]):  # open loop: all; closed loop: the first `clients`
             self.push(r.arrival + self.request_s, DISPATCH, i)
         ev = self.events
         pop = heapq.heappop
@@ -299,6 +309,17 @@ class Simulator:
             p, kv = self.holding.pop(rid)
             p.kv_free += kv
             p.inflight -= 1
+        self.client_next()
+
+    def client_next(self) -> None:
+        """Closed loop: a client whose request just ended sends the next one now."""
+        if self.clients is None or self.next_rid >= len(self.reqs):
+            return
+        rid = self.next_rid
+        self.next_rid += 1
+        self.reqs[rid] = dataclasses.replace(self.reqs[rid], arrival=self.now)
+        self.out[rid].arrival = self.now
+        self.push(self.now + self.request_s, DISPATCH, rid)
 
     def kick(self, e: Engine) -> None:
         if not e.busy and e.has_work():
@@ -451,6 +472,7 @@ class Simulator:
             e.ctx_total -= r.prompt_len + r.output_len
         e.kv_free += r.prompt_len + r.output_len
         e.inflight -= 1
+        self.client_next()
 
     # -- transfer ----------------------------------------------------------------------------------
     def start_transfer(self, d: Engine, rid: int, need: int) -> None:
@@ -471,7 +493,9 @@ class Simulator:
         self.kick(d)
 
 
-def simulate(profile: Profile, spec: ClusterSpec, requests: list[SimRequest]) -> tuple[list[Outcome], list[Engine]]:
-    sim = Simulator(profile, spec, requests)
+def simulate(profile: Profile, spec: ClusterSpec, requests: list[SimRequest],
+             clients: int | None = None) -> tuple[list[Outcome], list[Engine]]:
+    """Open loop (each request at its arrival), or closed loop with `clients` concurrent clients (module doc)."""
+    sim = Simulator(profile, spec, requests, clients)
     return sim.run(), sim.decoders
 

@@ -191,13 +191,85 @@ def test_profile_errors_name_the_key(tmp_path):
         profile.load(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("name", ["cpu-smollm2", "h200-llama3-8b-derived"])
+@pytest.mark.parametrize("name", ["cpu-smollm2", "h200-llama3-8b", "h200-llama3-8b-derived"])
 def test_shipped_profiles_load_and_say_where_they_come_from(name):
     p = profile.resolve(name)
-    assert p.source.startswith("measured by pdserve profile" if name.startswith("cpu")
-                               else "derived from BENCHMARKS.md")
+    assert name in profile.SHIPPED
+    assert p.source.startswith("derived from BENCHMARKS.md" if name.endswith("-derived")
+                               else "measured by pdserve profile")
     assert {"raw", "fp8"} <= set(p.transfer)
     assert p.decode_ms("bf16", 32, 32 * 1024) > p.decode_ms("bf16", 1, 1024)
+
+
+def test_unknown_profile_name_lists_the_shipped_ones():
+    with pytest.raises(profile.ProfileError, match="cpu-smollm2, h200-llama3-8b, h200-llama3-8b-derived"):
+        profile.resolve("h100-llama3-8b")
+    assert set(profile.SHIPPED) == {f.stem for f in profile.BUILTIN.glob("*.json")}
+
+
+def test_measured_h200_profile_is_its_sources_numbers():
+    p = profile.resolve("h200-llama3-8b")
+    # engine curves as `pdserve profile` measured them (2026-12-05)
+    assert p.prefill_ms("bf16", 2048) == pytest.approx(47.168)
+    assert p.prefill_ms("fp8", 2048) == pytest.approx(31.6487)
+    assert p.decode_ms("bf16", 64, 64 * 1030) == pytest.approx(6.7182)
+    # the two-process pull (bench_kv_transfer_ipc.py, adjacent): 2048 tokens = 128 blocks of 16 x 67584 B on the
+    # fp8 wire, 0.738 ms; 8192 raw tokens = 1 GiB, 0.757 ms
+    assert p.transfer_ms("fp8", 128 * 16 * 67584) == pytest.approx(0.738)
+    assert p.transfer_ms("raw", 2 ** 30) == pytest.approx(0.757)
+    assert {c["placement"] for c in p.raw["transfer"].values()} == {"adjacent"}
+    # overheads from the colocated c=1 row: 52.58 - 47.168 ms; 4.52 - 4.6185 ms floored at 0
+    assert p.overhead_ms("request_ms") == pytest.approx(5.412)
+    assert p.overhead_ms("decode_step_ms") == 0.0
+    text = json.dumps(p.raw["derivation"])
+    for source in ("2026-12-05", "bench_kv_transfer_ipc.py", "bench_cluster_gpu.py", "one process"):
+        assert source in text
+
+
+def test_measured_h200_profile_reproduces_its_colocated_single_stream():
+    # one client, one colocated bf16 engine, 2048-token prompts, 64 output tokens (bench_cluster_gpu.py at c=1):
+    # TTFT = request_ms + the 2048-token prefill step = 5.412 + 47.168 = 52.58 ms, the measured p50 the overheads
+    # came from; each later token one decode step at batch 1, 4.6185 ms at context 1030 plus 2.3193e-5 ms per
+    # context token beyond it (2049..2111 tokens: +0.0236..0.0251 ms)
+    p = profile.resolve("h200-llama3-8b")
+    spec = ClusterSpec.from_profile(p, prefill=0, decode=1, colocated=True, max_num_batched_tokens=4096)
+    outs, engines = simulate(p, spec, [SimRequest(0.0, 2048, 64) for _ in range(3)], clients=1)
+    assert [o.ttft for o in outs] == pytest.approx([0.05258] * 3)
+    gaps = stats.itl_gaps(outs, engines)
+    assert len(gaps) == 3 * 63
+    slope = p.raw["decode"]["bf16"]["ms_per_context_token"]
+    assert gaps[0] == pytest.approx((4.6185 + slope * (2049 - 1030)) / 1e3)
+    assert gaps[62] == pytest.approx((4.6185 + slope * (2111 - 1030)) / 1e3)
+
+
+def test_closed_loop_sends_the_next_request_when_one_finishes():
+    # one colocated engine, 1 ms a prompt token, 10 ms a decode step of one sequence (20 of two); 50 ms a request
+    # through the router. One client, 100-token prompts of one output token: each request is one 100 ms step, the
+    # next is sent when it ends, so arrivals are 0, 0.15, 0.30 and every TTFT is 0.15 s
+    p = prof(overheads={"request_ms": 50})
+    reqs = [SimRequest(0.0, 100, 1) for _ in range(3)]
+    outs, _ = run(p, reqs, colocated=True, prefill=0, decode=1, max_num_batched_tokens=10 ** 6)
+    # open loop, all at t=0: the first starts a step alone (100 ms), the other two share the next (200 ms)
+    assert [o.ttft for o in outs] == pytest.approx([0.15, 0.35, 0.35])
+    assert [o.arrival for o in outs] == [0.0] * 3
+    spec = ClusterSpec.from_profile(p, colocated=True, prefill=0, decode=1, max_num_batched_tokens=10 ** 6)
+    outs, _ = simulate(p, spec, reqs, clients=1)
+    assert [o.arrival for o in outs] == pytest.approx([0.0, 0.15, 0.30])
+    assert [o.ttft for o in outs] == pytest.approx([0.15] * 3)
+    assert [r.arrival for r in reqs] == [0.0] * 3  # the caller's list is not rewritten
+    # two clients, 3 output tokens, no overhead. r0 and r1 are sent at 0; r0's dispatch starts a step of its prompt
+    # alone (100 ms: TTFT 0.100); then r0's decode + r1's prompt, a mixed step of 101 tokens (0.201: r1's TTFT);
+    # a decode step of two (20 ms, 0.221) ends r0, so r2 is sent at 0.221; the engine has already started r1's last
+    # step alone (10 ms, 0.231), which ends r1: r3 is sent at 0.231. r2's prompt then runs alone (0.331, TTFT
+    # 0.110), r2's decode + r3's prompt (0.432, TTFT 0.201), a decode of two (0.452, r2 done), r3 alone (0.462)
+    p = prof()
+    spec = ClusterSpec.from_profile(p, colocated=True, prefill=0, decode=1, max_num_batched_tokens=10 ** 6)
+    outs, _ = simulate(p, spec, [SimRequest(0.0, 100, 3) for _ in range(4)], clients=2)
+    assert [o.arrival for o in outs] == pytest.approx([0.0, 0.0, 0.221, 0.231])
+    assert [o.ttft for o in outs] == pytest.approx([0.100, 0.201, 0.110, 0.201])
+    assert [o.e2e for o in outs] == pytest.approx([0.221, 0.231, 0.231, 0.231])
+    with pytest.raises(ValueError, match="clients"):
+        simulate(p, spec, [SimRequest(0.0, 100, 3)], clients=0)
 
 
 def test_autoscaler_follows_the_planned_ratio():
