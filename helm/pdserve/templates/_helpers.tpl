@@ -77,6 +77,7 @@ engine:
   max_num_batched_tokens: {{ $v.engine.maxNumBatchedTokens | toJson }}
   device: {{ $v.engine.device | toJson }}
   fp8_attention_min_tokens: {{ $v.engine.fp8AttentionMinTokens | toJson }}
+  overlap_schedule: {{ $v.engine.overlapSchedule | toJson }}
 prefill:
   {{- include "pdserve.poolConfig" (dict "Values" $v "role" "prefill") | nindent 2 }}
 decode:
