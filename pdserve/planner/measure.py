@@ -86,7 +86,7 @@ def measure_prefill(engine, tokens: list[int], repeats: int, rng: random.Random)
     # steps of one request, so a fresh request's first-step costs are in neither difference). C as long as the
     # curve allows up to 2048 on a GPU (512 on a CPU): at 512 tokens on an H200 the term is ~3% of the step, below
     # the noise of two steps (the second chunk also samples the request's one token: a fraction of a ms)
-    limit = 512 if str(getattr(engine.config, "device", "cpu")) == "cpu" else 2048
+    limit = 512 if engine.device.type == "cpu" else 2048
     c = max((t for t in tokens if t <= limit), default=tokens[0])
     sched.max_num_batched_tokens = c
     first, second = [], []
