@@ -107,7 +107,8 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
         self.eos_token_ids = set(arch.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.prompt_chunk_tokens)
         # may be switched between steps (tests run one engine both ways); a step in flight is finished either way
         self.overlap_schedule = resolve_overlap(config.overlap_schedule, self.device)
         self._in_flight: _Step | None = None  # launched, outputs not yet read (overlap scheduling)

@@ -1,8 +1,14 @@
 """Continuous batching with a token budget per step, chunked prefill and preemption by recompute.
 
-One step mixes decode tokens and prefill chunks (running sequences first, in arrival order, then
-waiting ones). A sequence whose KV will not fit takes blocks from the most recently admitted
-running sequence, which is preempted: its blocks are freed and it recomputes later.
+One step mixes decode tokens and prompt chunks, in this order:
+  1. every running sequence that decodes (one token each), so a prompt being chunked never stalls them;
+  2. prompts: running ones partly computed, then waiting ones, oldest first, split by prompt_chunks.allot.
+     While more than one competes, those that can finish within `prompt_chunk_tokens` (a quarter of the budget
+     by default) go first and the oldest gets at least that many tokens; the budget left goes to them oldest
+     first. A short prompt behind a long one is done in one step instead of after every chunk of the long one;
+     long prompts alone are served first come, first served, as before.
+A sequence whose KV will not fit takes blocks from the most recently admitted running sequence, which is
+preempted: its blocks are freed and it recomputes later.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.prompt_chunks import LOOKAHEAD, allot
 from pdserve.engine.sequence import Sequence, Status
 
 
@@ -38,10 +45,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 prompt_chunk_tokens: int | None = None):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # while several prompts compete for a step, those that can finish within this many tokens go first (module doc)
+        self.prompt_chunk_tokens = prompt_chunk_tokens or max(1, max_num_batched_tokens // 4)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # blocks of finished sequences that a model step not yet seen complete still writes (release_blocks)
@@ -56,15 +66,66 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_pending_tokens, budget)
-            if n <= 0:
-                i += 1
+        decodes = [s for s in self.running if s.num_pending_tokens == 1]
+        budget = self._running(batch, decodes, [1] * len(decodes), budget)
+        prompts = [s for s in self.running if s.num_pending_tokens > 1]  # partly computed, admission order
+        peek = []  # waiting ones that may be admitted this step, in arrival order
+        matched = set()  # of them, those that took cached prefix blocks just now (ids)
+        if not batch.preempted and budget > 0:
+            # as many as first come, first served would fill the budget with, and LOOKAHEAD more for short ones
+            room, fill, more = self.max_num_seqs - len(self.running), budget, LOOKAHEAD
+            fill -= sum(s.num_pending_tokens for s in prompts)
+            for seq in self.waiting:
+                if len(peek) >= room or (fill <= 0 and more <= 0):
+                    break
+                if self._match_prefix(seq):
+                    matched.add(id(seq))
+                peek.append(seq)
+                if fill > 0:
+                    fill -= seq.num_pending_tokens + seq.num_refresh_tokens
+                else:
+                    more -= 1
+        competing = len(prompts) + len(self.waiting) > 1
+        n = allot([s.num_pending_tokens for s in prompts] + [s.num_pending_tokens + s.num_refresh_tokens for s in peek],
+                  budget, self.prompt_chunk_tokens if competing else None)
+        budget = self._running(batch, prompts, n[:len(prompts)], budget)
+        admitting = not batch.preempted  # a step that preempts is short of KV: it admits nothing new
+        for seq, k in zip(peek, n[len(prompts):]):
+            want, r = seq.num_pending_tokens, seq.num_refresh_tokens  # a refresh rides with the first step, whole
+            over = False
+            if r and k < want + r:  # the next step has room for both; an empty step takes them even over budget
+                over = not batch
+                k = want + r if over else 0
+            if not admitting or (k == 0 and want + r > 0) \
+                    or (want > 0 and not self.bm.ensure(seq.block_table, seq.num_computed_tokens + k - r)):
+                if id(seq) in matched:
+                    self._unmatch_prefix(seq)
+                admitting = admitting and k == 0  # blocks short: nothing after it either
+                continue
+            self._admit(batch, seq, k - r, r)
+            admitting = not over
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, seq: Sequence, n: int, r: int) -> None:
+        self.waiting.remove(seq)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        if n + r > 0:
+            batch.seqs.append(seq)
+            batch.num_new.append(n)
+            batch.num_refresh.append(r)
+
+    def _running(self, batch: ScheduledBatch, seqs: list[Sequence], wants: list[int], budget: int) -> int:
+        """Schedule running sequences `seqs` in order, `wants` tokens each. A sequence whose KV does not fit takes
+        the blocks of the most recently admitted running sequences (preempted; taken out of the batch if it was in
+        it already), or is preempted itself when it is the most recent."""
+        for seq, want in zip(seqs, wants):
+            n = min(want, budget)
+            if n <= 0 or seq.status != Status.RUNNING:  # nothing allotted, or preempted for an earlier sequence
                 continue
             while not self.bm.ensure(seq.block_table, seq.num_computed_tokens + n):
                 victim = self.running.pop()
+                budget += self._unschedule(batch, victim)
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
@@ -74,34 +135,24 @@ class Scheduler:
                 batch.num_new.append(n)
                 batch.num_refresh.append(0)
                 budget -= n
-                i += 1
-        if batch.preempted:
-            return batch  # the pool is short: admit nothing new this step
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            self._match_prefix(seq)
-            n = min(seq.num_pending_tokens, budget)
-            r = seq.num_refresh_tokens  # rides with the sequence's first step
-            if r and batch and n + r > budget:
-                break  # the next step has room for both (an empty step takes them even over budget)
-            if n > 0 and not self.bm.ensure(seq.block_table, seq.num_computed_tokens + n):
-                self._unmatch_prefix(seq)
-                break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            if n > 0:
-                batch.seqs.append(seq)
-                batch.num_new.append(n)
-                batch.num_refresh.append(r)
-                budget -= n + r
-        return batch
+        return budget
 
-    def _match_prefix(self, seq: Sequence) -> None:
+    @staticmethod
+    def _unschedule(batch: ScheduledBatch, seq: Sequence) -> int:
+        for k, s in enumerate(batch.seqs):
+            if s is seq:
+                del batch.seqs[k]
+                batch.num_refresh.pop(k)
+                return batch.num_new.pop(k)
+        return 0
+
+    def _match_prefix(self, seq: Sequence) -> bool:
         """Reuse cached blocks of the prompt's longest cached prefix (never the whole prompt: at
-        least one token must be computed so the step yields logits or the prefill has work)."""
+        least one token must be computed so the step yields logits or the prefill has work). True if it took
+        any: only those may be given back by _unmatch_prefix (a sequence's own blocks, e.g. KV that arrived from
+        another engine, never are)."""
         if seq.block_table or not seq.block_hashes:
-            return
+            return False
         blocks = self.bm.lookup(seq.block_hashes)
         max_blocks = (seq.compute_target - 1) // self.bm.block_size if seq.compute_target > 0 else 0
         blocks = blocks[:max_blocks]
@@ -110,12 +161,12 @@ class Scheduler:
             seq.block_table = list(blocks)
             seq.num_computed_tokens = len(blocks) * self.bm.block_size
             seq.num_cached_tokens = seq.num_computed_tokens
+        return bool(blocks)
 
     def _unmatch_prefix(self, seq: Sequence) -> None:
-        if seq.num_computed_tokens and seq.num_cached_tokens == seq.num_computed_tokens:
-            self.bm.release(seq.block_table)
-            seq.block_table = []
-            seq.num_computed_tokens = seq.num_cached_tokens = 0
+        self.bm.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def _preempt(self, seq: Sequence) -> None:
         # Freed at once even when a step in flight still writes them (overlap scheduling): until that step is

@@ -3,8 +3,8 @@ chart renders from its values; unknown keys are errors, so a typo never silently
 
     mode:        disaggregated | colocated
     model:       {path, dtype, max_model_len, load_format}
-    engine:      {block_size, num_blocks, kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens, device,
-                  fp8_attention_min_tokens, overlap_schedule}
+    engine:      {block_size, num_blocks, kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens,
+                  prompt_chunk_tokens, device, fp8_attention_min_tokens, overlap_schedule}
     prefill:     {replicas, precision, num_gpus, num_cpus, resources}
     decode:      {replicas, precision, num_gpus, num_cpus, resources}
     kv_transfer: {dtype, backend, lease_seconds, refresh_sink_tokens}
@@ -65,6 +65,10 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # token budget of one scheduler step (chunked prefill)
+    # while several prompts compete for a step, those that can finish within this many tokens go first and the oldest
+    # gets at least this many (engine/prompt_chunks.py): a short prompt is not queued behind every chunk of a long
+    # one. None: max_num_batched_tokens // 4
+    prompt_chunk_tokens: Optional[int] = None
     device: str = "auto"  # auto: cuda when available, else cpu
     # an fp8 pool runs attention's matmuls in fp8 on steps whose longest prompt chunk has at least this many
     # tokens (kernels/attention_fp8.py); 0: every step with a prompt chunk. Shorter chunks keep bf16
@@ -86,6 +90,7 @@ class EngineConfig:
         _positive(at + ".kv_cache_memory_gb", self.kv_cache_memory_gb)
         _positive(at + ".max_num_seqs", self.max_num_seqs)
         _positive(at + ".max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive(at + ".prompt_chunk_tokens", self.prompt_chunk_tokens, allow_none=True)
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"{at}.device: expected auto, cpu or cuda[:N], got {self.device!r}")
 

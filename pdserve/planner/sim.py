@@ -4,7 +4,9 @@ decode engines (continuous batching, KV capacity, max_num_seqs), or colocated en
 in the same steps.
 
 Engines mirror engine/scheduler.py: one step serves running sequences first (one token each), then prompt
-chunks in arrival order within `max_num_batched_tokens`; a step's time comes from the profile (profile.py). A
+chunks in arrival order within `max_num_batched_tokens` (while several prompts compete, each first gets at most
+`prompt_chunk_tokens`, then the budget left goes to them again, fewest tokens left first); a step's time comes
+from the profile (profile.py). A
 decode worker's first step of a request recomputes its last prompt token (plus the attention sinks when the
 KV is not its own: fp8 wire, or a prefill pool at another precision), which makes that step a mixed one.
 The router mirrors router/policy.py: cache-aware prefill pick (prefix held by a worker that is not overloaded,
@@ -35,6 +37,7 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from pdserve.engine.prompt_chunks import LOOKAHEAD, allot
 from pdserve.planner.profile import Profile
 from pdserve.planner.workload import SimRequest
 
@@ -56,6 +59,7 @@ class ClusterSpec:
     max_num_batched_tokens: int = 1024
     prefill_max_num_batched_tokens: int = 1024
     prefill_max_num_seqs: int = 64
+    prompt_chunk_tokens: int | None = None  # engine.prompt_chunk_tokens; None: an engine's budget // 4
     kv_cache_tokens: int = 1 << 30       # per decode (or colocated) engine
     prefix_cache_tokens: int = 1 << 30   # per prefill engine (and colocated engine when colocated_prefix_cache)
     colocated_prefix_cache: bool = True
@@ -81,6 +85,7 @@ class ClusterSpec:
                 "prefill_max_num_batched_tokens": e.get("prefill_max_num_batched_tokens",
                                                         e.get("max_num_batched_tokens", 1024)),
                 "prefill_max_num_seqs": e.get("prefill_max_num_seqs", e.get("max_num_seqs", 64)),
+                "prompt_chunk_tokens": e.get("prompt_chunk_tokens"),
                 "kv_cache_tokens": e.get("kv_cache_tokens", 1 << 30),
                 "prefix_cache_tokens": e.get("prefix_cache_tokens", e.get("kv_cache_tokens", 1 << 30)),
                 "host_cores": profile.host_cores}
@@ -119,11 +124,13 @@ class Engine:
         self.idx, self.role, self.precision = idx, role, precision
         self.max_seqs = spec.prefill_max_num_seqs if role == "prefill" else spec.max_num_seqs
         self.budget = spec.prefill_max_num_batched_tokens if role == "prefill" else spec.max_num_batched_tokens
+        self.chunk_cap = spec.prompt_chunk_tokens or max(1, self.budget // 4)
         self.kv_free = self.kv_total = kv_tokens
         self.cache_tokens = cache_tokens
         self.cache: OrderedDict[int, int] = OrderedDict()  # group -> cached prefix tokens (LRU)
         self.cache_used = 0
-        self.jobs: deque[_Job] = deque()     # prompts to compute, in arrival order (partly computed first)
+        self.jobs: deque[_Job] = deque()     # prompts to compute, in arrival order
+        self.admitted = 0                    # of them, those in the running batch
         self.room_wait: deque[tuple] = deque()  # requests waiting for KV room (decode: before their transfer)
         self.finish: list[tuple[int, int]] = []  # (last step, rid) of decoding sequences
         self.decoding = 0
@@ -327,34 +334,55 @@ class Simulator:
 
     def start_step(self, e: Engine) -> None:
         budget = e.budget - e.decoding
-        seqs = e.decoding
-        chunks: list[tuple[_Job, int]] = []
-        new_tokens = 0
-        token_ctx = 0.0
-        all_single = True
-        new_ctx = 0
-        for job in e.jobs:
-            if budget <= 0:
+        # engine/scheduler.py: the running prompts, then new ones while seats last, as many as fill the budget first
+        # come, first served and LOOKAHEAD more; split by allot
+        room = e.max_seqs - e.decoding - e.admitted
+        admitted: list[_Job] = []
+        demands: list[int] = []
+        fresh: list[_Job] = []
+        hits: list[int] = []
+        for job in e.jobs:  # the queue may be long under overload: stop once all admitted ones are found
+            if len(admitted) == e.admitted:
                 break
+            if job.admitted:
+                admitted.append(job)
+                demands.append(job.remaining + job.refresh)
+        fill, more = budget - sum(demands), LOOKAHEAD
+        for job in e.jobs:
+            if len(fresh) >= room or (fill <= 0 and more <= 0):
+                break
+            if job.admitted:
+                continue
+            if e.role == "decode":
+                d, hit = job.remaining + job.refresh, 0
+            else:  # the prefix cache is looked up when the prompt is scheduled
+                r = self.reqs[job.rid]
+                hit = min(self.block_floor(r.prefix_len, r.prompt_len), e.cache_hit(r.group)) if r.group >= 0 else 0
+                # a prefill worker computes all prompt tokens but the last (the decode side recomputes it)
+                d = max(1, r.prompt_len - hit - (e.role == "prefill"))
+            fresh.append(job)
+            hits.append(hit)
+            demands.append(d)
+            if fill > 0:
+                fill -= d
+            else:
+                more -= 1
+        competing = len(e.jobs) + len(e.room_wait) > 1
+        chunks: list[tuple[_Job, int]] = []
+        for k, (job, n) in enumerate(zip(admitted + fresh, allot(demands, budget, e.chunk_cap if competing else None))):
+            if n <= 0:
+                continue
             if not job.admitted:
-                if seqs >= e.max_seqs:
-                    break
                 job.admitted = True
-                if e.role != "decode":  # the prefix cache is looked up when the prompt is scheduled
-                    r = self.reqs[job.rid]
-                    hit = min(self.block_floor(r.prefix_len, r.prompt_len), e.cache_hit(r.group)) if r.group >= 0 else 0
-                    self.out[job.rid].cached_tokens = hit
-                    # a prefill worker computes all prompt tokens but the last (the decode side recomputes it)
-                    job.done, job.remaining = hit, max(1, r.prompt_len - hit - (e.role == "prefill"))
-            n = min(job.remaining + job.refresh, budget)
-            seqs += 1
+                e.admitted += 1
+                if e.role != "decode":
+                    job.done, job.remaining = hits[k - len(admitted)], demands[k]
+                    self.out[job.rid].cached_tokens = job.done
             chunks.append((job, n))
-            budget -= n
-            new_tokens += n
-            token_ctx += n * job.done
-            if n != 1 or job.refresh:
-                all_single = False
-            new_ctx += job.done
+        new_tokens = sum(n for _, n in chunks)
+        token_ctx = float(sum(n * job.done for job, n in chunks))
+        all_single = all(n == 1 and not job.refresh for job, n in chunks)
+        new_ctx = sum(job.done for job, _ in chunks)
         if not chunks and e.decoding == 0:
             e.busy = False
             return
@@ -427,6 +455,7 @@ class Simulator:
             if job.remaining > 0:
                 continue
             e.jobs.remove(job)
+            e.admitted -= 1
             self.prompt_done(e, job, k)
         e.cur = []
         fin = e.finish

@@ -384,3 +384,15 @@ def test_cpu_share_is_read_from_the_kernel():
     assert 0 < s <= 1
     trace = share.trace(since=t)
     assert trace and all(0 < x <= 1 for _, x in trace)
+
+
+def test_a_short_prompt_is_not_queued_behind_a_long_ones_chunks():
+    # one colocated engine, 100-token steps at 1 ms a token. L (1000 tokens) starts alone and takes all 100; S (10)
+    # arrives during that step. Step 2: both compete, each first gets up to 100 // 4 = 25 (S all of its 10), then
+    # the 65 left go to L: S's first token comes with step 2 (0.2 s), and L still ends at 1.0 s (no budget lost).
+    # First come, first served, S would wait for all ten of L's steps (1.1 s).
+    p = prof(decode=((1, 0), (2, 0)))
+    outs, _ = run(p, [SimRequest(0.0, 1000, 1), SimRequest(0.05, 10, 1)], colocated=True, prefill=0, decode=1,
+                  max_num_batched_tokens=100)
+    assert outs[1].ttft == pytest.approx(0.2 - 0.05)
+    assert outs[0].ttft == pytest.approx(1.0 + 0.01)  # the 10 tokens S took are one more step's worth

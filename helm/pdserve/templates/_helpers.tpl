@@ -75,6 +75,7 @@ engine:
   kv_cache_memory_gb: {{ $v.engine.kvCacheMemoryGb | toJson }}
   max_num_seqs: {{ $v.engine.maxNumSeqs | toJson }}
   max_num_batched_tokens: {{ $v.engine.maxNumBatchedTokens | toJson }}
+  prompt_chunk_tokens: {{ $v.engine.promptChunkTokens | toJson }}
   device: {{ $v.engine.device | toJson }}
   fp8_attention_min_tokens: {{ $v.engine.fp8AttentionMinTokens | toJson }}
   overlap_schedule: {{ $v.engine.overlapSchedule | toJson }}
