@@ -145,6 +145,7 @@ def main() -> None:
                                 "transfer_GBps": round(nbytes / seconds / 1e9, 1) if seconds else None,
                                 "wire_MB_per_request": round(nbytes / pulls / 1e6, 1)}
                 row = _row(name, c, rep, transfer)
+                row.update(input_len=args.input_len, max_tokens=args.max_tokens)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:  # after every row: a run cut short keeps what it measured

@@ -97,6 +97,14 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-cluster", default=None,
                     help="a benchmarks/bench_cluster_gpu.py result JSON: simulate its rows (closed loop) with "
                          "--profile (default h200-llama3-8b), write --out, run nothing")
+    ap.add_argument("--gpu-predict", default=None, metavar="DEPLOYMENTS",
+                    help="comma-separated benchmarks/bench_cluster_gpu.py deployments: simulate a run of it not made "
+                         "yet (--concurrency, --input-lens, --max-tokens, --requests-per-stream, --slo), write --out")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--input-lens", default="2048,8192")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--requests-per-stream", type=int, default=2)
+    ap.add_argument("--slo", default="2.0,0.05", help="goodput's TTFT,TPOT bounds in seconds (gpu_checks.sh's)")
     ap.add_argument("--contention", choices=("measured", "cores"), default="measured",
                     help="measured: the engines' CPU share read from the kernel over each run is an input; cores: "
                          "none is, the simulator shares the profile's host cores among the busy engines itself "
@@ -106,6 +114,11 @@ def main(argv=None) -> int:
     CONTENTION = args.contention
     if args.resimulate:
         return resimulate(Path(args.resimulate), Path(args.out))
+    if args.gpu_predict:
+        ttft, tpot = (float(x) for x in args.slo.split(","))
+        return gpu_predict(args.gpu_predict.split(","), [int(x) for x in args.concurrency.split(",")],
+                           [int(x) for x in args.input_lens.split(",")], args.max_tokens, args.requests_per_stream,
+                           (ttft, tpot), args.profile or "h200-llama3-8b", Path(args.out))
     if args.gpu_cluster:
         return gpu_cluster(Path(args.gpu_cluster), args.profile or "h200-llama3-8b", Path(args.out))
     out = Path(args.out)
@@ -215,6 +228,10 @@ GPU_DEPLOYMENTS = {
     "disagg-bf16": {"prefill": 1, "decode": 1, "prefill_precision": "bf16", "decode_precision": "bf16",
                     "wire": "raw"},
 }
+# two GPUs (issue #19): the simulator gives every engine a device of its own, which these deployments really have
+GPU_DEPLOYMENTS["disagg-fp8-2gpu"] = GPU_DEPLOYMENTS["disagg-fp8"]
+GPU_DEPLOYMENTS["disagg-bf16-2gpu"] = GPU_DEPLOYMENTS["disagg-bf16"]
+GPU_DEPLOYMENTS["colocated-2gpu"] = {**GPU_DEPLOYMENTS["colocated"], "decode": 2}
 GPU_METRICS = (("ttft_s", "p50"), ("ttft_s", "p99"), ("itl_s", "p50"), ("itl_s", "p99"), ("tpot_s", "p50"),
                ("tpot_s", "p99"))
 
@@ -230,16 +247,23 @@ def gpu_spec(prof, deployment: str) -> ClusterSpec:
         colocated_prefix_cache=False, policy="least_loaded", **GPU_DEPLOYMENTS[deployment])
 
 
+def gpu_simulated(prof, deployment: str, c: int, n: int, input_len: int, output_len: int, slo=(None, None)) -> dict:
+    """bench --concurrency c: all n requests ready at t=0, at most c in flight (the warm-up ran before, apart)."""
+    spec = gpu_spec(prof, deployment)
+    outs, engines = simulate(prof, spec, [SimRequest(0.0, input_len, output_len) for _ in range(n)], clients=c)
+    return stats.report(outs, engines, *slo)
+
+
 def gpu_cluster(src: Path, profile_name: str, out: Path, input_len: int = 2048, output_len: int = 64) -> int:
     measured = json.loads(src.read_text())
     prof = profile_mod.resolve(profile_name)
     rows = []
     for m in measured:
         c, n = m["concurrency"], m["requests"]
+        # rows of bench_cluster_gpu.py since 2026-12-05 (third session) say their lengths; earlier ones were 2048 / 64
+        i_len, o_len = m.get("input_len", input_len), m.get("max_tokens", output_len)
+        rep = gpu_simulated(prof, m["deployment"], c, n, i_len, o_len)
         spec = gpu_spec(prof, m["deployment"])
-        # bench --concurrency c: all n requests ready at t=0, at most c in flight (the warm-up ran before, apart)
-        outs, engines = simulate(prof, spec, [SimRequest(0.0, input_len, output_len) for _ in range(n)], clients=c)
-        rep = stats.report(outs, engines, None, None)
         row = {"deployment": m["deployment"], "concurrency": c, "requests": n, "spec": spec.label(),
                "req_s": [m["req_s"], rep["request_throughput"]]}
         for metric, q in GPU_METRICS:
@@ -252,6 +276,39 @@ def gpu_cluster(src: Path, profile_name: str, out: Path, input_len: int = 2048, 
               "workload": {"input_len": input_len, "output_len": output_len, "closed_loop": True}, "rows": rows}
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(gpu_table(result))
+    return 0
+
+
+def gpu_predict(deployments: list[str], concurrency: list[int], input_lens: list[int], output_len: int,
+                per_stream: int, slo: tuple[float, float], profile_name: str, out: Path) -> int:
+    """The simulator's numbers for a bench_cluster_gpu.py run not made yet (the two-GPU one of issue #19 runs
+    scripts/gpu_checks.sh x2bench2k x2bench8k): rows in the bench's own format, written before the measurement, so
+    that the measurement tests a prediction. --gpu-cluster on the measured file gives the errors afterwards."""
+    prof = profile_mod.resolve(profile_name)
+    rows = []
+    for i_len in input_lens:
+        for name in deployments:
+            for c in concurrency:
+                n = max(8, per_stream * c)
+                rep = gpu_simulated(prof, name, c, n, i_len, output_len, slo)
+                row = {"deployment": name, "concurrency": c, "requests": n, "input_len": i_len, "max_tokens": output_len,
+                       "spec": gpu_spec(prof, name).label(), "req_s": round(rep["request_throughput"], 3),
+                       "output_tok_s": round(rep["output_token_throughput"], 1)}
+                for metric, q in GPU_METRICS:
+                    row[f"{metric[:-2]}_{q}_ms"] = round(rep[metric][q] * 1e3, 2)
+                if rep.get("goodput"):
+                    row["goodput_fraction"] = round(rep["goodput"]["fraction"], 3)
+                rows.append(row)
+    result = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "predicted": True, "profile": profile_name,
+              "profile_source": prof.source, "engine": GPU_ENGINE, "slo": {"ttft_s": slo[0], "tpot_s": slo[1]},
+              "rows": rows}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("| prompt | deployment | C | TTFT p50 / p99 ms | ITL p50 / p99 | TPOT p50 / p99 | req/s | goodput |")
+    print("|---:|---|---:|---|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['input_len']} | {r['deployment']} | {r['concurrency']} | {r['ttft_p50_ms']:.4g} / "
+              f"{r['ttft_p99_ms']:.4g} | {r['itl_p50_ms']:.3g} / {r['itl_p99_ms']:.3g} | {r['tpot_p50_ms']:.3g} / "
+              f"{r['tpot_p99_ms']:.3g} | {r['req_s']:.3g} | {r.get('goodput_fraction', float('nan')):.2f} |")
     return 0
 
 
