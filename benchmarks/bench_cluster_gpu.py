@@ -63,12 +63,14 @@ def _metrics(port: int) -> dict:
     return out
 
 
-def _bench(address: str, args, concurrency: int, num: int) -> dict:
+def _bench(address: str, args, concurrency: int, num: int, save: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "pdserve", "bench", "--server", address, "--json", "--no-progress",
            "--input-len", str(args.input_len), "--max-tokens", str(args.max_tokens), "--concurrency", str(concurrency),
            "--num-requests", str(num), "--warmup", str(min(concurrency, 4)), "--seed", "1"]
     if args.goodput_ttft:
         cmd += ["--goodput-ttft", str(args.goodput_ttft), "--goodput-tpot", str(args.goodput_tpot)]
+    if save:
+        cmd += ["--save-outputs", save]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"pdserve bench failed: {proc.stderr[-3000:]}")
@@ -109,6 +111,8 @@ def main() -> None:
     p.add_argument("--goodput-ttft", type=float, default=None)
     p.add_argument("--goodput-tpot", type=float, default=None)
     p.add_argument("--out", default=None, help="write every row as JSON here")
+    p.add_argument("--save-requests", default=None, metavar="DIR",
+                   help="per row, every measured request's timeline (pdserve bench --save-outputs) in DIR")
     args = p.parse_args()
     from pdserve.testing.cluster import Server
 
@@ -133,7 +137,11 @@ def main() -> None:
                 if not name.startswith("colocated"):
                     time.sleep(1.0)  # the router refreshes worker stats every 0.5 s: the last row's pulls all in
                     before = _metrics(server.metrics_port)
-                rep = _bench(server.address, args, c, max(8, args.requests_per_stream * c))
+                save = None
+                if args.save_requests:
+                    Path(args.save_requests).mkdir(parents=True, exist_ok=True)
+                    save = str(Path(args.save_requests).resolve() / f"{name}-c{c}-{args.input_len}.jsonl")
+                rep = _bench(server.address, args, c, max(8, args.requests_per_stream * c), save)
                 transfer = None
                 if before is not None:
                     time.sleep(1.0)  # the router refreshes worker stats every 0.5 s

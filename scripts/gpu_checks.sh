@@ -74,7 +74,7 @@ part_cluster() {
 part_bench() {
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
     --concurrency "${CONC:-1,8,32}" --input-len 2048 --max-tokens 64 --requests-per-stream "${REQS:-4}" \
-    --out "$OUT/cluster_bench.json" || status=1
+    --out "$OUT/cluster_bench.json" --save-requests "$OUT/requests" || status=1
 }
 
 part_profile() {  # the planner's H200 profile (issue #18), Llama-3-8B shapes
@@ -95,7 +95,7 @@ x2bench() {  # $1: prompt tokens
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" \
     --deployments "${DEPLOYMENTS:-disagg-fp8-2gpu,colocated-2gpu}" --concurrency 1,8,32,64 --input-len "$1" \
     --max-tokens 128 --requests-per-stream 2 --goodput-ttft "${GOODPUT_TTFT:-2.0}" --goodput-tpot "${GOODPUT_TPOT:-0.05}" \
-    --out "$OUT/x2_bench_$1.json" || status=1
+    --out "$OUT/x2_bench_$1.json" --save-requests "$OUT/requests" || status=1
 }
 part_x2bench2k() { x2bench 2048; }
 part_x2bench8k() { x2bench 8192; }

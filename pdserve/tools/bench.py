@@ -460,13 +460,16 @@ async def watch_cluster(address: str, period: float, t0: float, samples: list[di
 
 def save_outputs(path: str, requests: list[BenchRequest], results: list[RequestResult]) -> None:
     """One JSON line per measured request, in workload order: what it produced and how fast, so two
-    runs of the same seed (say, one while scaling) can be compared token for token."""
+    runs of the same seed (say, one while scaling) can be compared token for token, and a run's timeline
+    rebuilt (`sent`: seconds after the first measured request left; `itl`: the gaps between token messages)."""
+    t0 = min((r.sent for r in results if r.sent), default=0.0)
     with open(path, "w") as f:
         for i, (q, r) in enumerate(zip(requests, results)):
             f.write(json.dumps({"index": i, "group": q.group, "status": r.status, "error": r.error,
                                 "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
-                                "token_ids": r.token_ids, "finish_reason": r.finish_reason, "ttft": r.ttft,
-                                "e2e": r.e2e, "prefill_worker": r.prefill_worker,
+                                "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                                "sent": round(r.sent - t0, 6) if r.sent else None, "ttft": r.ttft,
+                                "e2e": r.e2e, "itl": [round(x, 6) for x in r.itl], "prefill_worker": r.prefill_worker,
                                 "decode_worker": r.decode_worker}) + "\n")
 
 

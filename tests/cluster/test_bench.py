@@ -225,6 +225,12 @@ def test_bench_against_a_real_cluster(server, capsys, tmp_path):
     assert rep["duration_s"] >= rep["e2e_s"]["mean"] * 8 * 0.99  # one at a time
     assert rep["request_throughput"] == pytest.approx(8 / rep["duration_s"])
     assert rep["goodput"]["requests"] == 8
+    # the saved timeline: one at a time, each sent after the one before ended, its gaps the ITL's
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["index"] for x in lines] == list(range(8)) and lines[0]["sent"] == 0
+    for a, b in zip(lines, lines[1:]):
+        assert b["sent"] >= a["sent"] + a["e2e"] - 1e-3
+    assert all(len(x["itl"]) == 3 and x["ttft"] + sum(x["itl"]) <= x["e2e"] + 1e-3 for x in lines)
     [p], [d] = rep["per_worker"]["prefill"].items(), rep["per_worker"]["decode"].items()
     assert p[1] == d[1] == 8 and p[0].startswith("prefill") and d[0].startswith("decode")
     assert rep["cluster"]["after"]["prefill_replicas"] == rep["cluster"]["after"]["decode_replicas"] == 1
