@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from pdserve.planner import profile as profile_mod
-from pdserve.planner.hostload import CPUShare, pids_whose_cmdline_has
+from pdserve.planner.hostload import CPUShare, box_busy_ns, pids_whose_cmdline_has
 from pdserve.planner import stats
 from pdserve.planner.sim import ClusterSpec, simulate
 from pdserve.planner.workload import SimRequest
@@ -105,10 +105,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--slo", default="2.0,0.05", help="goodput's TTFT,TPOT bounds in seconds (gpu_checks.sh's)")
-    ap.add_argument("--contention", choices=("measured", "cores"), default="measured",
+    ap.add_argument("--contention", choices=("measured", "cores", "cores-background"), default="measured",
                     help="measured: the engines' CPU share read from the kernel over each run is an input; cores: "
                          "none is, the simulator shares the profile's host cores among the busy engines itself "
-                         "(processor sharing), which predicts the contention too: for a box running nothing else")
+                         "(processor sharing), which predicts the contention too: for a box running nothing else; "
+                         "cores-background: the same, less the cores the rest of the box (router, Ray, the bench "
+                         "client, other jobs) ran during each run, measured from /proc/stat (an input, like the "
+                         "measured share)")
     args = ap.parse_args(argv)
     global CONTENTION
     CONTENTION = args.contention
@@ -149,18 +152,24 @@ def main(argv=None) -> int:
             workers = {role: pids_whose_cmdline_has(f"ray::{cls}", session=server.proc.pid)
                        for role, cls in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker"))}
             shares = {role: CPUShare(pids).start() for role, pids in workers.items()}
+            busy0, t0 = box_busy_ns(), time.monotonic()
             r = subprocess.run([*PDSERVE, "bench", "--server", server.address, "--json", "--no-progress",
                                 "--warmup", "4", "--concurrency", "64", *bench_args(a)],
                                capture_output=True, text=True, cwd=NEUTRAL_CWD, check=True)
             t_end = time.monotonic()
+            busy1 = box_busy_ns()
             mean_share = {role: sh.stop() for role, sh in shares.items()}
+            # what the rest of the box ran meanwhile, in cores: router, Ray, this client, other jobs
+            background = None if busy0 is None or busy1 is None else max(
+                0.0, (busy1 - busy0 - sum(sh.run_ns() for sh in shares.values())) / 1e9 / (t_end - t0))
             real = json.loads(r.stdout)
             # the measured requests ran in the bench's last duration_s seconds (then it only asks the server's info)
             traces = {role: sh.trace(since=t_end - real["duration_s"] - 0.5) or mean_share[role]
                       for role, sh in shares.items()}
             t = time.perf_counter()
-            simrep = simulated(prof, p, d, a, traces)
+            simrep = simulated(prof, p, d, a, traces, background)
             row = {"scenario": name, "load_during": load(), "sim_seconds": time.perf_counter() - t,
+                   "background_cores": background,
                    "engines_cpu_share": mean_share, "profile_cpu_share": prof.host_cpu_share,
                    "engine_processes": {role: len(pids) for role, pids in workers.items()},
                    "cpu_share_traces": traces,
@@ -186,9 +195,11 @@ def main(argv=None) -> int:
 CONTENTION = "measured"
 
 
-def simulated(prof, p: int, d: int, a: dict, cpu_share) -> dict:
-    if CONTENTION == "cores":  # the profile's host cores (2 here), shared by the engines busy at each moment
+def simulated(prof, p: int, d: int, a: dict, cpu_share, background: float | None = None) -> dict:
+    if CONTENTION.startswith("cores"):  # the profile's host cores (2 here), shared by the engines busy at each moment
         spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, kv_cache_tokens=None)
+        if CONTENTION == "cores-background":  # less what the rest of the box ran (measured over the run)
+            spec.host_cores = max(spec.host_cores - (background or 0.0), 0.25)
     else:
         spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, kv_cache_tokens=None, cpu_share=cpu_share)
         spec.host_cores = None  # the measured shares stand for all contention, the engines' own included
@@ -205,7 +216,9 @@ def resimulate(src: Path, out: Path) -> int:
         p, d, a = scen[row["scenario"]]
         shares = {role: [tuple(x) for x in v] if isinstance(v, list) else v
                   for role, v in row["cpu_share_traces"].items()}
-        rep = simulated(prof, p, d, a, shares)
+        if CONTENTION == "cores-background" and row.get("background_cores") is None:
+            raise SystemExit(f"{src} has no background_cores (recorded since 2026-12-05, third session)")
+        rep = simulated(prof, p, d, a, shares, row.get("background_cores"))
         for metric in ("ttft_s", "itl_s"):
             for q in ("p50", "p90"):
                 cell = row[f"{metric}_{q}"]

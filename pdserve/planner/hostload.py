@@ -34,6 +34,17 @@ def sched_ns(pids: list[int]) -> dict[tuple[int, int], tuple[int, int]]:
     return out
 
 
+def box_busy_ns() -> int | None:
+    """Nanoseconds the box's cores have spent busy since boot, all processes of every user together (/proc/stat's
+    first line: everything but idle and iowait). Over an interval, minus what our engines ran, it is the background
+    the engines shared the cores with: the router, Ray, the bench client, other jobs."""
+    try:
+        j = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(j) - j[3] - j[4]) * 10 ** 9 // os.sysconf("SC_CLK_TCK")
+
+
 def pids_whose_cmdline_has(text: str, session: int | None = None) -> list[int]:
     """Processes whose command line holds `text` (Ray names an actor's process ray::ClassName), in `session` only
     when given (another user's cluster on the same box has processes of the same names)."""
@@ -88,6 +99,10 @@ class CPUShare:
         first, last = self.points[0][1], self.points[-1][1]
         self.tids = sorted(set(first) & set(last))
         return _share(*self._sums(first, last)) if self.tids else None
+
+    def run_ns(self) -> int:
+        """Nanoseconds on a core of the threads alive from start() to stop(), between the two (after stop())."""
+        return self._sums(self.points[0][1], self.points[-1][1])[0] if self.tids else 0
 
     def trace(self, since: float) -> list[tuple[float, float]]:
         """[(seconds after `since` (monotonic) at which an interval starts, the share in it)], from `since` on

@@ -372,25 +372,30 @@ def test_cpu_share_is_read_from_the_kernel():
     import os
     import time
 
-    from pdserve.planner.hostload import CPUShare
+    from pdserve.planner.hostload import CPUShare, box_busy_ns
 
     share = CPUShare([os.getpid()], period=0.05).start()
+    busy0 = box_busy_ns()
     t = time.monotonic()
     while time.monotonic() - t < 0.3:  # keep this thread on a core
         hashlib.sha256(b"x" * 4096).digest()
     s = share.stop()
+    busy = box_busy_ns() - busy0
     if s is None:
         pytest.skip("no /proc schedstat here")
     assert 0 < s <= 1
     trace = share.trace(since=t)
     assert trace and all(0 < x <= 1 for _, x in trace)
+    # this thread's time on a core, and the box's busy time that includes it (jiffies: 10 ms grains)
+    assert 0.1e9 < share.run_ns() < 0.6e9
+    assert busy >= share.run_ns() - 0.05e9
 
 
 def test_a_short_prompt_is_not_queued_behind_a_long_ones_chunks():
     # one colocated engine, 100-token steps at 1 ms a token. L (1000 tokens) starts alone and takes all 100; S (10)
-    # arrives during that step. Step 2: both compete, each first gets up to 100 // 4 = 25 (S all of its 10), then
-    # the 65 left go to L: S's first token comes with step 2 (0.2 s), and L still ends at 1.0 s (no budget lost).
-    # First come, first served, S would wait for all ten of L's steps (1.1 s).
+    # arrives during that step. Step 2: S finishes within the cap (100 // 4 = 25), so it goes first with the oldest
+    # prompt's 25, then the 65 left go to L: S's first token comes with step 2 (0.2 s), and L loses only the 10
+    # tokens S took. First come, first served, S would wait for all ten of L's steps (1.1 s).
     p = prof(decode=((1, 0), (2, 0)))
     outs, _ = run(p, [SimRequest(0.0, 1000, 1), SimRequest(0.05, 10, 1)], colocated=True, prefill=0, decode=1,
                   max_num_batched_tokens=100)
