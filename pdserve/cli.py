@@ -178,6 +178,13 @@ def generate_local(args, reqs, params) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # gRPC's fork handlers serve a child that goes on using gRPC after fork(); no process of ours does (Ray starts
+    # its own with fork, a preexec_fn, then exec). Left on, a fork while gRPC's threads run (ray.init beside the
+    # router's started server) may restart gRPC's poller in the child, which then aborts before its exec
+    # (ev_epoll1_linux.cc "Check failed: next_worker->state == KICKED", SIGABRT) and a Ray component never starts;
+    # each fork also logs "fork_posix.cc ... skipping fork() handlers". gRPC reads this when first imported, which
+    # is after this line; Ray's processes and the workers inherit it.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     args = build_parser().parse_args(argv)
     from pdserve.config import ConfigError
 

@@ -19,18 +19,20 @@ class Credentials:
     ca_file: Optional[str] = None  # PEM CA of the router's certificate; TLS when set
     cert_file: Optional[str] = None  # this client's certificate and key, for a router that asks for one (mTLS)
     key_file: Optional[str] = None
+    system_ca: bool = False  # TLS without ca_file: the router's certificate is checked against the system's CAs
 
     @property
     def tls(self) -> bool:
-        return self.ca_file is not None
+        return self.ca_file is not None or self.system_ca
 
     def channel(self, target: str, options=None, aio: bool = False):
         """A gRPC channel (grpc.aio's with `aio`) that carries these credentials on every call."""
         mod = grpc.aio if aio else grpc
         options = list(options or [])
         if self.tls:
+            roots = _read(self.ca_file) if self.ca_file is not None else system_ca_certificates()
             ch = mod.secure_channel(target, grpc.ssl_channel_credentials(
-                _read(self.ca_file), _read(self.key_file), _read(self.cert_file)), options,
+                roots, _read(self.key_file), _read(self.cert_file)), options,
                 **({"interceptors": self._interceptors()} if aio else {}))
         else:
             ch = mod.insecure_channel(target, options, **({"interceptors": self._interceptors()} if aio else {}))
@@ -45,21 +47,37 @@ class Credentials:
         return {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
 
     def http_verify(self):
-        """httpx's `verify`: the router's CA (and this client's certificate), or True (the system's CAs)."""
-        if self.ca_file is None:
+        """httpx's `verify` for an https URL: the router's CA, else the system's CAs (with this client's certificate
+        when given); True (httpx's own default) when no TLS option was given."""
+        if not self.tls:
             return True
         import ssl
 
-        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx = ssl.create_default_context(cafile=self.ca_file)  # no cafile: the system's default CA certificates
         if self.cert_file is not None:
             ctx.load_cert_chain(self.cert_file, self.key_file)
         return ctx
+
+
+def system_ca_certificates() -> Optional[bytes]:
+    """The system's CA certificates for a gRPC channel: OpenSSL's default bundle ($SSL_CERT_FILE, else e.g.
+    /etc/ssl/certs/ca-certificates.crt), as Python's ssl and curl use. None (gRPC's own bundled roots) where there is
+    no such file, or where $GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names gRPC's roots."""
+    import ssl
+
+    if os.environ.get("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
+        return None
+    cafile = ssl.get_default_verify_paths().cafile  # None when the file does not exist
+    return _read(cafile) if cafile else None
 
 
 def add_credential_args(p) -> None:
     """The flags of every command that talks to a router."""
     p.add_argument("--token-file", default=None,
                    help=f"file holding the router's bearer token (default: ${TOKEN_ENV} when set)")
+    p.add_argument("--tls", action="store_true",
+                   help="connect over TLS, checking the router's certificate against the system's CA certificates "
+                        "(--ca-file instead: against that CA)")
     p.add_argument("--ca-file", default=None, help="PEM CA that signed the router's certificate: connect over TLS")
     p.add_argument("--cert-file", default=None, help="this client's PEM certificate, for a router that checks it")
     p.add_argument("--key-file", default=None, help="the key of --cert-file")
@@ -74,12 +92,13 @@ def credentials_from_args(args) -> Credentials:
             token = open(args.token_file).read().strip() or None
         except OSError as e:
             raise CLIError(f"cannot read --token-file {args.token_file}: {e.strerror}") from None
-    if (args.cert_file is None) != (args.key_file is None) or (args.cert_file and not args.ca_file):
-        raise CLIError("--cert-file and --key-file go together, and with --ca-file (TLS)")
+    tls = args.tls or args.ca_file is not None
+    if (args.cert_file is None) != (args.key_file is None) or (args.cert_file and not tls):
+        raise CLIError("--cert-file and --key-file go together, and with --tls or --ca-file (TLS)")
     for flag, path in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
         if path is not None and not os.path.isfile(path):
             raise CLIError(f"{flag} {path}: no such file")
-    return Credentials(token, args.ca_file, args.cert_file, args.key_file)
+    return Credentials(token, args.ca_file, args.cert_file, args.key_file, system_ca=args.tls and args.ca_file is None)
 
 
 def _read(path: Optional[str]) -> Optional[bytes]:

@@ -20,6 +20,7 @@ import math
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ def init_ray(config: Config) -> None:
         # _node_ip_address into the machine's address unless Ray believes it runs single-node (as on macOS and
         # Windows), which this variable tells it; Ray reads it when first imported. Its children inherit it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # A new local Ray turns its token authentication on unless RAY_AUTH_MODE says otherwise, and prints a warning
+        # that it did; saying "token" first keeps it on, without the warning. Ray reads the mode when first imported:
+        # set only before that, or this process and the Ray it starts would disagree.
+        if "ray" not in sys.modules:
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if "grpc" in sys.modules and os.environ.get("GRPC_ENABLE_FORK_SUPPORT", "").lower() not in ("0", "false"):
+            log.warning("GRPC_ENABLE_FORK_SUPPORT is not 0: a Ray process started beside this gRPC server may abort "
+                        "before it runs (the `pdserve` command sets it to 0 before gRPC is imported; so must an "
+                        "embedding program)")
     import ray
 
     if ray.is_initialized():

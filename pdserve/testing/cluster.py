@@ -1,5 +1,5 @@
 """Start a real `pdserve serve` (Ray + workers + gRPC router) as a subprocess on 127.0.0.1 and stop
-it by its own process id (its process group holds the Ray processes it started)."""
+it by its own process id (its process group, of a session of its own, holds the Ray processes it started)."""
 from __future__ import annotations
 
 import os
@@ -16,9 +16,10 @@ import yaml
 # `python -m` puts its working directory first on sys.path: commands run from a folder that holds no
 # package, so nothing there can shadow an installed one (a repository root holds kernels/, router/, ...)
 NEUTRAL_CWD = tempfile.gettempdir()
-# Ray 2.60's local node sometimes does not come up within its own 30 s waits on the 2-core CI box (the
-# raylet's wait cannot be configured; once its log was never even written). The server then exits with
-# that error; the harness starts it once more, as a pod's restart policy would.
+# Ray 2.60's local node sometimes did not come up within its own waits (once the raylet's log was never even
+# written): most of those were Ray's GCS or raylet aborting between fork and exec under gRPC's fork handlers, which
+# `pdserve` now turns off (GRPC_ENABLE_FORK_SUPPORT, pdserve/cli.py). Should the node still miss its waits on a
+# loaded box, the server exits with that error; the harness starts it once more, as a pod's restart policy would.
 RAY_START_FAILURES = ("The current node timed out during startup", "Timed out waiting for file")
 
 
@@ -48,7 +49,7 @@ class Server:
             self._launch()
             deadline = time.time() + timeout
             while "pdserve: ready" not in self.log_path.read_text():
-                if self.proc.poll() is not None or time.time() > deadline:
+                if exit_status(self.proc) is not None or time.time() > deadline:
                     self.stop()
                     log = self.log_path.read_text()
                     if attempt == 1 and any(m in log for m in RAY_START_FAILURES):
@@ -66,16 +67,59 @@ class Server:
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=NEUTRAL_CWD, env=env,
                                      start_new_session=True)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+    def wait(self, timeout: float | None = None) -> int:
+        """The server's exit code once it has exited (subprocess.TimeoutExpired after `timeout` s). Unlike
+        `proc.wait()` it leaves the server unreaped, so stop() can still clean up its process group."""
+        return wait_unreaped(self.proc, timeout)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop the server and what it left running, signalling no process that is not its own (stop_session)."""
+        try:
+            stop_session(self.proc, timeout)
+        finally:
+            self.log.close()
+
+
+def exit_status(proc: subprocess.Popen) -> int | None:
+    """`proc`'s exit code if it has exited, else None, without reaping it (a zombie keeps its pid, and so the id of
+    the process group it leads, from going to another process). A caller that reaped it (proc.wait, poll) has its
+    returncode."""
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped behind Popen's back
+        return proc.poll()
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def wait_unreaped(proc: subprocess.Popen, timeout: float | None = None) -> int:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (code := exit_status(proc)) is None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.05)
+    return code
+
+
+def stop_session(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """Stop `proc`, started with start_new_session=True, and what it left in its process group; return its exit code.
+
+    SIGTERM goes to `proc`'s pid alone (a `pdserve serve` drains, stops its workers and its Ray, exits 0; a signal to
+    the whole group would hit Ray's processes mid-shutdown too); after `timeout` s, SIGKILL. Once it has exited, and
+    while it is still unreaped, SIGKILL goes to its process group: the group its own session began, whose id is its
+    pid and cannot belong to another process before it is reaped, and never the caller's group. A `proc` its
+    caller already reaped is only closed: its group is no longer provably its own."""
+    if proc.returncode is None:
+        if exit_status(proc) is None:
+            os.kill(proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                wait_unreaped(proc, timeout)
             except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever Ray left in the server's process group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.log.close()
+                os.kill(proc.pid, signal.SIGKILL)
+                wait_unreaped(proc)
+        if os.getpgid(proc.pid) == proc.pid != os.getpgrp():  # started with start_new_session: its own group
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left in it (its exited leader ignores the signal)
+    return proc.wait()

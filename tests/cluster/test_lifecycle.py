@@ -1,6 +1,6 @@
 """A local `pdserve serve` from its start to its end, as an operator sees it: a busy port is refused in one line
 before anything loads; everything the cluster listens on is loopback; SIGTERM drains the requests in flight and
-leaves no process and no stack dump behind."""
+leaves no process and no stack dump behind; the harness's stop() signals no process that is not the server's."""
 from __future__ import annotations
 
 import os
@@ -132,7 +132,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_clean(server, stub):
     assert results["medium"]["finish_reason"] == "length" and len(results["medium"]["token_ids"]) == 24
     long = results["long"]
     assert long["finish_reason"] == "abort" and 0 < len(long["token_ids"]) < 2000, long
-    assert server.proc.wait(60) == 0
+    assert server.wait(60) == 0  # unreaped: the fixture's stop() may still clean up the group it leads
     took = time.monotonic() - t0
     assert took < DRAIN_S + 30, took
 
@@ -143,3 +143,32 @@ def test_sigterm_drains_in_flight_requests_then_exits_clean(server, stub):
     assert "draining" in log
     dumps = [line for line in log.splitlines() if any(d in line for d in DUMPS)]
     assert not dumps, "\n".join(dumps[:20])
+
+
+def test_stop_signals_no_process_but_the_servers_own(tmp_path):
+    """Server.stop(), every cluster test's teardown: SIGTERM to the router's pid alone (it stops its workers and its
+    Ray itself), then SIGKILL to what is left in the process group of the router's own session. Never the caller's
+    group: the test runner and a process it started beside the server get no signal."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: received.append(sig))
+    neighbour = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], cwd=NEUTRAL_CWD)
+    s = None
+    try:
+        s = Server(CONFIG, tmp_path)
+        assert os.getpgid(s.proc.pid) == s.proc.pid != os.getpgrp() == os.getpgid(neighbour.pid)
+        procs = tree(s.proc.pid)
+        assert len(procs) > 5
+        s.stop()
+        assert not received, "stop() signalled the test runner's process group"
+        assert neighbour.poll() is None, f"stop() killed a process of the caller's group: {neighbour.returncode}"
+        assert s.proc.returncode == 0  # the router stopped on its SIGTERM, as under Kubernetes
+        left = left_running(procs)
+        assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
+        dumps = [line for line in s.log_path.read_text().splitlines() if any(d in line for d in DUMPS)]
+        assert not dumps, "\n".join(dumps[:20])
+    finally:
+        if s is not None:
+            s.stop()  # a no-op once stopped; else an assertion above failed first
+        signal.signal(signal.SIGTERM, previous)
+        neighbour.kill()
+        neighbour.wait()

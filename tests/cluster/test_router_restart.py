@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pdserve.testing.cluster import NEUTRAL_CWD, Server, free_port
+from pdserve.testing.cluster import NEUTRAL_CWD, Server, free_port, stop_session
 
 BENCH = ["--workload", "shared-prefix", "--num-prefixes", "4", "--users-per-prefix", "3", "--prefix-len", "128",
          "--suffix-len", "8", "--max-tokens", "2", "--concurrency", "2", "--seed", "5", "--no-progress"]
@@ -62,14 +61,6 @@ def test_restarted_router_rebuilds_its_index(tmp_path):
         full_blocks = 128 // 16 * 16
         assert warm["cached_tokens"] >= full_blocks * warm["num_requests"]
         assert warm["prefix_hit_rate"] > cold["prefix_hit_rate"]
-    finally:  # this Ray cluster only (never `ray stop`, which would take every Ray on the machine)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        head.wait()
+    finally:  # this Ray cluster only (never `ray stop`, which would take every Ray on the machine): `ray start`
+        # by its pid, then what is left of the process group of its own session
+        stop_session(head, timeout=20)

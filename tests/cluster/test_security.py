@@ -317,7 +317,7 @@ def test_sigint_drains_and_exits_clean(sec, stub):
     """Last: it ends the module's server. SIGINT (Ctrl-C) does what SIGTERM does."""
     procs = tree(sec.server.proc.pid)
     os.kill(sec.server.proc.pid, signal.SIGINT)
-    assert sec.server.proc.wait(90) == 0
+    assert sec.server.wait(90) == 0
     left = left_running(procs)  # children are reaped by their parents a moment after the router
     assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
     sec.server.log.flush()

@@ -8,9 +8,7 @@ tracing off (the default), the router serves both doors without importing any of
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import time
 import urllib.request
 
@@ -100,14 +98,9 @@ def untraced(tmp_path):
 
 
 def _stop(server: Server) -> None:
-    """SIGTERM to the router alone, as Kubernetes stops its pod (a signal to the whole process group would also
-    hit Ray's own processes and the workers mid-shutdown); the router flushes its workers' spans, kills them,
-    flushes its own and exits. Then whatever Ray left in the group goes."""
-    os.kill(server.proc.pid, signal.SIGTERM)
-    try:
-        server.proc.wait(timeout=60)
-    finally:
-        server.stop()
+    """Server.stop(): SIGTERM to the router alone, as Kubernetes stops its pod; the router flushes its workers'
+    spans, kills them, flushes its own and exits. Then whatever Ray left in its group goes."""
+    server.stop(timeout=60)
 
 
 def _traceparent() -> tuple[str, str, str]:

@@ -4,6 +4,7 @@ server class) with certificates made here."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import httpx2 as httpx
@@ -112,3 +113,66 @@ def test_mutual_tls_on_both_doors(tmp_path):
     for name in ("no cert", "foreign cert"):
         assert got[name, "grpc"] == grpc.StatusCode.UNAVAILABLE, got
         assert got[name, "http"] in ("ConnectError", "ReadError", "RemoteProtocolError"), got
+
+
+def test_client_tls_with_the_systems_ca_certificates(tmp_path, monkeypatch):
+    """`--tls` without --ca-file checks the router's certificate against the system's CA certificates (OpenSSL's
+    default bundle; here $SSL_CERT_FILE, so no real store and no network): refused on gRPC and HTTP while they hold
+    no CA of it, accepted once they do."""
+    from pdserve.cli import build_parser
+    from pdserve.client import credentials_from_args, system_ca_certificates
+    from pdserve.errors import CLIError
+
+    def creds_of(*flags):
+        return credentials_from_args(build_parser().parse_args(["generate", "--server", "127.0.0.1:1", *flags, "hi"]))
+
+    ca, stranger = CA(tmp_path), CA(tmp_path, "stranger CA")
+    server, client = ca.server(), ca.client()
+    monkeypatch.delenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", raising=False)
+    monkeypatch.delenv("PDSERVE_AUTH_TOKEN", raising=False)
+    creds = creds_of("--tls")
+    assert creds.tls and creds.system_ca and creds.ca_file is None
+    assert not creds_of().tls and creds_of("--ca-file", ca.cert_file).tls
+    assert not creds_of("--tls", "--ca-file", ca.cert_file).system_ca  # a CA file names the roots itself
+    assert creds_of("--tls", "--cert-file", client.cert_file, "--key-file", client.key_file).cert_file
+    with pytest.raises(CLIError, match="with --tls or --ca-file"):
+        creds_of("--cert-file", client.cert_file, "--key-file", client.key_file)
+    tls = load_tls(_router(tls_cert_file=server.cert_file, tls_key_file=server.key_file))
+
+    async def run():
+        grpc_server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
+        port = grpc_server.add_secure_port("127.0.0.1:0", grpc_credentials(tls))
+        await grpc_server.start()
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        web = HTTPServer(metrics_app(Metrics(Cluster(_router()), "m")), tcp_socket("127.0.0.1", 0, "http_port"),
+                         uvicorn_options(tls))
+        await web.start()
+        got = {}
+        try:
+            for roots, bundle in (("stranger", stranger.cert_file), ("ca", ca.cert_file)):
+                monkeypatch.setenv("SSL_CERT_FILE", bundle)  # what the system's CAs are, for OpenSSL
+                assert system_ca_certificates() == Path(bundle).read_bytes()
+                async with creds.channel(f"127.0.0.1:{port}", aio=True) as ch:
+                    try:
+                        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                        got[roots, "grpc"] = r.status
+                    except grpc.aio.AioRpcError as e:
+                        got[roots, "grpc"] = e.code()
+                async with httpx.AsyncClient(verify=creds.http_verify()) as h:
+                    try:
+                        r = await h.get(f"https://127.0.0.1:{web.port}/metrics", timeout=10)
+                        got[roots, "http"] = r.status_code
+                    except httpx.HTTPError as e:
+                        got[roots, "http"] = type(e).__name__
+            return got
+        finally:
+            await web.stop()
+            await grpc_server.stop(0)
+
+    got = asyncio.run(run())
+    assert got["stranger", "grpc"] == grpc.StatusCode.UNAVAILABLE, got
+    assert got["stranger", "http"] == "ConnectError", got
+    assert got["ca", "grpc"] == health_pb2.HealthCheckResponse.SERVING, got
+    assert got["ca", "http"] == 200, got
