@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from pdserve.planner import profile as profile_mod
-from pdserve.planner.hostload import CPUShare, box_busy_ns, pids_whose_cmdline_has
+from pdserve.planner.hostload import CPUShare, box_busy_ns, pids_whose_cmdline_has, process_cpu_ns
 from pdserve.planner import stats
 from pdserve.planner.sim import ClusterSpec, simulate
 from pdserve.planner.workload import SimRequest
@@ -152,16 +152,17 @@ def main(argv=None) -> int:
             workers = {role: pids_whose_cmdline_has(f"ray::{cls}", session=server.proc.pid)
                        for role, cls in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker"))}
             shares = {role: CPUShare(pids).start() for role, pids in workers.items()}
-            busy0, t0 = box_busy_ns(), time.monotonic()
+            engine_pids = [pid for pids in workers.values() for pid in pids]
+            busy0, engines0, t0 = box_busy_ns(), process_cpu_ns(engine_pids), time.monotonic()
             r = subprocess.run([*PDSERVE, "bench", "--server", server.address, "--json", "--no-progress",
                                 "--warmup", "4", "--concurrency", "64", *bench_args(a)],
                                capture_output=True, text=True, cwd=NEUTRAL_CWD, check=True)
             t_end = time.monotonic()
-            busy1 = box_busy_ns()
+            busy1, engines1 = box_busy_ns(), process_cpu_ns(engine_pids)
             mean_share = {role: sh.stop() for role, sh in shares.items()}
             # what the rest of the box ran meanwhile, in cores: router, Ray, this client, other jobs
             background = None if busy0 is None or busy1 is None else max(
-                0.0, (busy1 - busy0 - sum(sh.run_ns() for sh in shares.values())) / 1e9 / (t_end - t0))
+                0.0, (busy1 - busy0 - (engines1 - engines0)) / 1e9 / (t_end - t0))
             real = json.loads(r.stdout)
             # the measured requests ran in the bench's last duration_s seconds (then it only asks the server's info)
             traces = {role: sh.trace(since=t_end - real["duration_s"] - 0.5) or mean_share[role]

@@ -45,6 +45,19 @@ def box_busy_ns() -> int | None:
     return (sum(j) - j[3] - j[4]) * 10 ** 9 // os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_ns(pids: list[int]) -> int:
+    """Nanoseconds on a core of these processes since they started, every thread together, ended threads included
+    (/proc/PID/stat utime + stime; a thread-by-thread sum misses threads that come and go, as thread pools' do)."""
+    total = 0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(f[11]) + int(f[12])  # fields 14 and 15 of the line, utime and stime, in clock ticks
+    return total * 10 ** 9 // os.sysconf("SC_CLK_TCK")
+
+
 def pids_whose_cmdline_has(text: str, session: int | None = None) -> list[int]:
     """Processes whose command line holds `text` (Ray names an actor's process ray::ClassName), in `session` only
     when given (another user's cluster on the same box has processes of the same names)."""
@@ -99,10 +112,6 @@ class CPUShare:
         first, last = self.points[0][1], self.points[-1][1]
         self.tids = sorted(set(first) & set(last))
         return _share(*self._sums(first, last)) if self.tids else None
-
-    def run_ns(self) -> int:
-        """Nanoseconds on a core of the threads alive from start() to stop(), between the two (after stop())."""
-        return self._sums(self.points[0][1], self.points[-1][1])[0] if self.tids else 0
 
     def trace(self, since: float) -> list[tuple[float, float]]:
         """[(seconds after `since` (monotonic) at which an interval starts, the share in it)], from `since` on
