@@ -28,8 +28,10 @@ def cmd_demo(args) -> int:
 
     config = load_config(args.config, {"router.port": args.port, "router.metrics_port": None,
                                        "router.http_port": None})
-    print("pdserve demo: starting Ray, 1 prefill + 1 decode worker on the embedded SmolLM2-135M-Instruct ...",
-          flush=True)
+    model = config.model.path or "the embedded SmolLM2-135M-Instruct"
+    pools = (f"{config.decode.replicas} colocated worker(s)" if config.colocated else
+             f"{config.prefill.replicas} prefill + {config.decode.replicas} decode worker(s)")
+    print(f"pdserve demo: starting Ray, {pools} on {model} ...", flush=True)
     return asyncio.run(_demo(config, args.max_tokens))
 
 
