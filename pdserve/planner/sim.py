@@ -11,7 +11,7 @@ decode worker's first step of a request recomputes its last prompt token (plus t
 KV is not its own: fp8 wire, or a prefill pool at another precision), which makes that step a mixed one.
 The router mirrors router/policy.py: cache-aware prefill pick (prefix held by a worker that is not overloaded,
 else least queued tokens), least-loaded decode pick, both at arrival; colocated engines with prefix caching get
-the cache-aware pick (a fair baseline; pdserve's own colocated mode picks by load and caches no prefix).
+the cache-aware pick, as pdserve's own colocated mode does.
 On a shared CPU box, engines share `host_cores` by processor sharing, or run at a given CPU share (a number or
 a trace over time per pool, measured by hostload.py) relative to the profile's.
 
