@@ -31,34 +31,17 @@ class FirstComeFirstServed(Scheduler):
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_pending_tokens, budget)
-            if n <= 0:
-                i += 1
-                continue
-            while not self.bm.ensure(seq.block_table, seq.num_computed_tokens + n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
-                    break
-            else:
-                batch.seqs.append(seq)
-                batch.num_new.append(n)
-                batch.num_refresh.append(0)
-                budget -= n
-                i += 1
+        running = list(self.running)  # admission order, each all it can take (the same preemption as Scheduler's)
+        budget = self._running(batch, running, [s.num_pending_tokens for s in running], self.max_num_batched_tokens)
         if batch.preempted:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            self._match_prefix(seq)
+            matched = self._match_prefix(seq)
             n = min(seq.num_pending_tokens, budget)
             if n > 0 and not self.bm.ensure(seq.block_table, seq.num_computed_tokens + n):
-                self._unmatch_prefix(seq)
+                if matched:
+                    self._unmatch_prefix(seq)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING

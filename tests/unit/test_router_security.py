@@ -4,6 +4,7 @@ server class) with certificates made here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,42 @@ from pdserve.testing.certs import CA
 
 def _router(**keys):
     return load_config(None, {f"router.{k}": v for k, v in keys.items()})
+
+
+@contextlib.asynccontextmanager
+async def _doors(tls, token: str | None = None):
+    """A gRPC health service and the metrics HTTP server on 127.0.0.1 with the router's TLS (and token guard);
+    yields their ports."""
+    grpc_server = grpc.aio.server(interceptors=[TokenInterceptor(token), DecodingInterceptor()] if token else None)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
+    port = grpc_server.add_secure_port("127.0.0.1:0", grpc_credentials(tls))
+    await grpc_server.start()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    app = metrics_app(Metrics(Cluster(_router()), "m"))  # no Ray: a cluster not started has empty pools
+    web = HTTPServer(http_guard(app, token) if token else app, tcp_socket("127.0.0.1", 0, "http_port"),
+                     uvicorn_options(tls))
+    await web.start()
+    try:
+        yield port, web.port
+    finally:
+        await web.stop()
+        await grpc_server.stop(0)
+
+
+async def _knock(creds: Credentials, grpc_port: int, http_port: int) -> tuple:
+    """(the health check's status or the gRPC error code, the metrics response or the HTTP error's type name)."""
+    async with creds.channel(f"127.0.0.1:{grpc_port}", aio=True) as ch:
+        try:
+            g = (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+        except grpc.aio.AioRpcError as e:
+            g = e.code()
+    async with httpx.AsyncClient(verify=creds.http_verify(), headers=creds.http_headers()) as h:
+        try:
+            r = await h.get(f"https://127.0.0.1:{http_port}/metrics", timeout=10)
+        except httpx.HTTPError as e:
+            r = type(e).__name__
+    return g, r
 
 
 def test_config_rules_for_tls_and_the_token():
@@ -75,37 +112,15 @@ def test_mutual_tls_on_both_doors(tmp_path):
                            tls_client_ca_file=ca.cert_file))
 
     async def run():
-        grpc_server = grpc.aio.server(interceptors=[TokenInterceptor("t0k"), DecodingInterceptor()])
-        servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
-        port = grpc_server.add_secure_port("127.0.0.1:0", grpc_credentials(tls))
-        await grpc_server.start()
-        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        metrics = Metrics(Cluster(_router()), "m")  # no Ray: a cluster not started has empty pools
-        web = HTTPServer(http_guard(metrics_app(metrics), "t0k"), tcp_socket("127.0.0.1", 0, "http_port"),
-                         uvicorn_options(tls))
-        await web.start()
-        try:
-            got = {}
+        got = {}
+        async with _doors(tls, "t0k") as ports:
             for name, creds in (("cert", Credentials("t0k", ca.cert_file, client.cert_file, client.key_file)),
                                 ("no cert", Credentials("t0k", ca.cert_file)),
                                 ("foreign cert", Credentials("t0k", ca.cert_file, foreign.cert_file,
                                                              foreign.key_file))):
-                async with creds.channel(f"127.0.0.1:{port}", aio=True) as ch:
-                    try:
-                        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-                        got[name, "grpc"] = r.status
-                    except grpc.aio.AioRpcError as e:
-                        got[name, "grpc"] = e.code()
-                async with httpx.AsyncClient(verify=creds.http_verify(), headers=creds.http_headers()) as h:
-                    try:
-                        got[name, "http"] = (await h.get(f"https://127.0.0.1:{web.port}/metrics", timeout=10)).text
-                    except httpx.HTTPError as e:
-                        got[name, "http"] = type(e).__name__
-            return got
-        finally:
-            await web.stop()
-            await grpc_server.stop(0)
+                g, r = await _knock(creds, *ports)
+                got[name, "grpc"], got[name, "http"] = g, r if isinstance(r, str) else r.text
+        return got
 
     got = asyncio.run(run())
     assert got["cert", "grpc"] == health_pb2.HealthCheckResponse.SERVING
@@ -140,36 +155,14 @@ def test_client_tls_with_the_systems_ca_certificates(tmp_path, monkeypatch):
     tls = load_tls(_router(tls_cert_file=server.cert_file, tls_key_file=server.key_file))
 
     async def run():
-        grpc_server = grpc.aio.server()
-        servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
-        port = grpc_server.add_secure_port("127.0.0.1:0", grpc_credentials(tls))
-        await grpc_server.start()
-        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        web = HTTPServer(metrics_app(Metrics(Cluster(_router()), "m")), tcp_socket("127.0.0.1", 0, "http_port"),
-                         uvicorn_options(tls))
-        await web.start()
         got = {}
-        try:
+        async with _doors(tls) as ports:
             for roots, bundle in (("stranger", stranger.cert_file), ("ca", ca.cert_file)):
                 monkeypatch.setenv("SSL_CERT_FILE", bundle)  # what the system's CAs are, for OpenSSL
                 assert system_ca_certificates() == Path(bundle).read_bytes()
-                async with creds.channel(f"127.0.0.1:{port}", aio=True) as ch:
-                    try:
-                        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-                        got[roots, "grpc"] = r.status
-                    except grpc.aio.AioRpcError as e:
-                        got[roots, "grpc"] = e.code()
-                async with httpx.AsyncClient(verify=creds.http_verify()) as h:
-                    try:
-                        r = await h.get(f"https://127.0.0.1:{web.port}/metrics", timeout=10)
-                        got[roots, "http"] = r.status_code
-                    except httpx.HTTPError as e:
-                        got[roots, "http"] = type(e).__name__
-            return got
-        finally:
-            await web.stop()
-            await grpc_server.stop(0)
+                g, r = await _knock(creds, *ports)
+                got[roots, "grpc"], got[roots, "http"] = g, r if isinstance(r, str) else r.status_code
+        return got
 
     got = asyncio.run(run())
     assert got["stranger", "grpc"] == grpc.StatusCode.UNAVAILABLE, got
