@@ -3,7 +3,7 @@ the planner's simulator, pdserve/planner/sim.py). Pure Python: the simulator imp
 from __future__ import annotations
 
 # waiting prompts looked at per step, beyond those that fill the budget first come, first served, for ones short
-# enough to go ahead of a long one
+# enough to go ahead of a long one (only when there is one: each look matches the prompt against the prefix cache)
 LOOKAHEAD = 16
 
 

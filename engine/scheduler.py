@@ -72,17 +72,21 @@ class Scheduler:
         peek = []  # waiting ones that may be admitted this step, in arrival order
         matched = set()  # of them, those that took cached prefix blocks just now (ids)
         if not batch.preempted and budget > 0:
-            # as many as first come, first served would fill the budget with, and LOOKAHEAD more for short ones
+            # as many as first come, first served would fill the budget with, and, behind a long prompt, LOOKAHEAD
+            # more for short ones
             room, fill, more = self.max_num_seqs - len(self.running), budget, LOOKAHEAD
             fill -= sum(s.num_pending_tokens for s in prompts)
+            long = any(s.num_pending_tokens > self.prompt_chunk_tokens for s in prompts)
             for seq in self.waiting:
-                if len(peek) >= room or (fill <= 0 and more <= 0):
+                if len(peek) >= room or (fill <= 0 and (more <= 0 or not long)):
                     break
                 if self._match_prefix(seq):
                     matched.add(id(seq))
                 peek.append(seq)
+                demand = seq.num_pending_tokens + seq.num_refresh_tokens
+                long = long or demand > self.prompt_chunk_tokens
                 if fill > 0:
-                    fill -= seq.num_pending_tokens + seq.num_refresh_tokens
+                    fill -= demand
                 else:
                     more -= 1
         competing = len(prompts) + len(self.waiting) > 1

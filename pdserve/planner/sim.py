@@ -335,7 +335,7 @@ class Simulator:
     def start_step(self, e: Engine) -> None:
         budget = e.budget - e.decoding
         # engine/scheduler.py: the running prompts, then new ones while seats last, as many as fill the budget first
-        # come, first served and LOOKAHEAD more; split by allot
+        # come, first served and, behind a long prompt, LOOKAHEAD more; split by allot
         room = e.max_seqs - e.decoding - e.admitted
         admitted: list[_Job] = []
         demands: list[int] = []
@@ -348,8 +348,9 @@ class Simulator:
                 admitted.append(job)
                 demands.append(job.remaining + job.refresh)
         fill, more = budget - sum(demands), LOOKAHEAD
+        long = any(d > e.chunk_cap for d in demands)
         for job in e.jobs:
-            if len(fresh) >= room or (fill <= 0 and more <= 0):
+            if len(fresh) >= room or (fill <= 0 and (more <= 0 or not long)):
                 break
             if job.admitted:
                 continue
@@ -363,6 +364,7 @@ class Simulator:
             fresh.append(job)
             hits.append(hit)
             demands.append(d)
+            long = long or d > e.chunk_cap
             if fill > 0:
                 fill -= d
             else:
