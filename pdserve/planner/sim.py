@@ -4,11 +4,11 @@ decode engines (continuous batching, KV capacity, max_num_seqs), or colocated en
 in the same steps.
 
 Engines mirror engine/scheduler.py: one step serves running sequences first (one token each), then prompt
-chunks in arrival order within `max_num_batched_tokens` (while several prompts compete, each first gets at most
-`prompt_chunk_tokens`, then the budget left goes to them again, fewest tokens left first); a step's time comes
-from the profile (profile.py). A
-decode worker's first step of a request recomputes its last prompt token (plus the attention sinks when the
-KV is not its own: fp8 wire, or a prefill pool at another precision), which makes that step a mixed one.
+chunks within `max_num_batched_tokens`, split by the engine's own engine/prompt_chunks.allot (while several
+prompts compete, those that finish within `prompt_chunk_tokens` go first and the oldest gets at least that many;
+the rest oldest first); a step's time comes from the profile (profile.py). A decode worker's first step of a
+request recomputes its last prompt token (plus the attention sinks when the KV is not its own: fp8 wire, or a
+prefill pool at another precision), which makes that step a mixed one.
 The router mirrors router/policy.py: cache-aware prefill pick (prefix held by a worker that is not overloaded,
 else least queued tokens), least-loaded decode pick, both at arrival; colocated engines with prefix caching get
 the cache-aware pick, as pdserve's own colocated mode does.
