@@ -54,6 +54,10 @@ SCENARIOS = [  # name, prefill, decode, bench workload arguments
     ("2P1D shared-prefix", 2, 1, {"workload": "shared-prefix", "num_requests": 48, "num_prefixes": 8,
                                   "users_per_prefix": 6, "prefix_len": 256, "suffix_len": "16:32",
                                   "max_tokens": "16:32", "request_rate": 1.0, "seed": 13}),
+    # 0 prefill workers: `mode: colocated`, one engine that prefills and decodes. Prompts up to 3x the default
+    # prompt_chunk_tokens (256 of the 1,024-token budget), so that short ones arrive behind long ones
+    ("colocated x1 mixed lengths", 0, 1, {"workload": "random", "num_requests": 40, "input_len": "16:768",
+                                          "max_tokens": "16:32", "request_rate": 0.5, "seed": 14}),
 ]
 CONFIG = {"model": {"dtype": "float32"}, "engine": {"kv_cache_memory_gb": 0.5}}
 
@@ -83,7 +87,8 @@ def sim_requests(a: dict) -> list[SimRequest]:
 
 
 def server_config(p: int, d: int) -> dict:
-    return {**CONFIG, "prefill": {"replicas": p, "num_cpus": 0.5}, "decode": {"replicas": d, "num_cpus": 0.5}}
+    mode = {"mode": "colocated"} if p == 0 else {}
+    return {**CONFIG, **mode, "prefill": {"replicas": p, "num_cpus": 0.5}, "decode": {"replicas": d, "num_cpus": 0.5}}
 
 
 def main(argv=None) -> int:
@@ -198,11 +203,12 @@ CONTENTION = "measured"
 
 def simulated(prof, p: int, d: int, a: dict, cpu_share, background: float | None = None) -> dict:
     if CONTENTION.startswith("cores"):  # the profile's host cores (2 here), shared by the engines busy at each moment
-        spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, kv_cache_tokens=None)
+        spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, colocated=p == 0, kv_cache_tokens=None)
         if CONTENTION == "cores-background":  # less what the rest of the box ran (measured over the run)
             spec.host_cores = max(spec.host_cores - (background or 0.0), 0.25)
     else:
-        spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, kv_cache_tokens=None, cpu_share=cpu_share)
+        spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, colocated=p == 0, kv_cache_tokens=None,
+                                        cpu_share=cpu_share)
         spec.host_cores = None  # the measured shares stand for all contention, the engines' own included
     outs, engines = simulate(prof, spec, sim_requests(a))
     return stats.report(outs, engines, None, None)
@@ -345,7 +351,8 @@ def table(result: dict) -> str:
         cells = [f"{r[k]['measured_ms']:.0f} / {r[k]['simulated_ms']:.0f} ms ({r[k]['error']:+.0%})"
                  for k in ("ttft_s_p50", "ttft_s_p90", "itl_s_p50", "itl_s_p90")]
         lines.append(f"| {r['scenario']} | " + " | ".join(cells)
-                     + f" | {r['engines_cpu_share']['prefill']:.2f} / {r['engines_cpu_share']['decode']:.2f}"
+                     + " | " + " / ".join("-" if x is None else f"{x:.2f}" for x in (r["engines_cpu_share"]["prefill"],
+                                                                                       r["engines_cpu_share"]["decode"]))
                      + f" ({r['profile_cpu_share']:.2f})"
                      + f" | {r['load_during']:.1f} |")
     return "\n".join(lines)
