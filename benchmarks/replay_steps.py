@@ -1,6 +1,7 @@
 """Replay a validation scenario's requests on one in-process engine and hold every engine step against the profile.
 
     python -P benchmarks/replay_steps.py [--scenario colocated] [--profile docs/bench/planner/validation/run-f-profile.json]
+    python -P benchmarks/replay_steps.py --ragged   # decode steps: ragged contexts against uniform, same total
 
 benchmarks/validate_planner.py compares the simulator with a real cluster; when they disagree, this tells whether
 the profile's step costs or the simulator's scheduling is the cause, without Ray, gRPC or the router: the
@@ -35,8 +36,12 @@ def main() -> None:
     p.add_argument("--scenario", default="colocated", help="the first validate_planner scenario whose name has this")
     p.add_argument("--profile", default="docs/bench/planner/validation/run-f-profile.json")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ragged", action="store_true",
+                   help="instead: decode steps of batches with equal total context, uniform against ragged")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ragged:
+        return ragged()
     prof = profile_mod.load(Path(args.profile))
     _, _, _, a = next(s for s in validate_planner.SCENARIOS if args.scenario in s[0])
     reqs = validate_planner.sim_requests(a)
@@ -83,6 +88,29 @@ def main() -> None:
               f"max {max(s['seqs'] for s in sel)}")
     gaps = sorted(b - a for ts in token_times.values() for a, b in zip(ts, ts[1:]))
     print(f"ITL p50 / p90: {statistics.median(gaps) * 1e3:.0f} / {gaps[int(0.9 * len(gaps))] * 1e3:.0f} ms")
+
+
+def ragged(repeats: int = 2, steps: int = 12) -> None:
+    """Median decode step of batches with the same total context, every sequence at the same length against lengths
+    far apart: the simulator charges both the same (base(batch) + slope x total context)."""
+    eng = LLMEngine(config=EngineConfig(**validate_planner.CONFIG["engine"]), dtype="float32", progress=False)
+    for rep in range(repeats):
+        for lens in ([400, 400], [100, 700], [400] * 8, [50, 750] * 4):
+            for i, n in enumerate(lens):
+                rng = random.Random(1000 * rep + 10 * i + len(lens))
+                eng.add_request(f"{rep}-{len(lens)}-{lens[0]}-{i}", [rng.randrange(100, 30000) for _ in range(n)],
+                                SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+            while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                               for s in eng.scheduler.running):
+                eng.step()
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                eng.step()
+                times.append((time.perf_counter() - t) * 1e3)
+            while eng.has_unfinished():
+                eng.step()
+            print(f"batch {len(lens)}, contexts {sorted(set(lens))}: {statistics.median(times):.1f} ms", flush=True)
 
 
 if __name__ == "__main__":
