@@ -263,3 +263,33 @@ def test_hf_directory_matches_transformers(tmp_path, kind, engine_f32):
                                eos_token_id=None)[0, len(ids):].tolist()
     ours_greedy = e.generate([(ids, SamplingParams(max_tokens=8, ignore_eos=True))])[0]["token_ids"]
     assert ours_greedy == hf_greedy
+
+
+def test_cpu_decode_groups_ragged_contexts_and_matches_one_sequence_at_a_time():
+    """TorchAttention's batched decode pads each group of similar context lengths to its longest, not the whole
+    batch to the batch's longest (benchmarks/replay_steps.py --ragged); every row equals that sequence's own SDPA."""
+    import torch.nn.functional as F
+
+    from pdserve.engine.attention import TorchAttention, _gather, build_metadata, length_groups
+
+    assert length_groups([400] * 8) == [list(range(8))]
+    assert length_groups([50, 750] * 4) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert length_groups([100, 700, 120, 690, 400], max_groups=2) == [[0, 2], [4, 3, 1]]
+    gen = torch.Generator().manual_seed(0)
+    bs, hkv, h, d = 4, 2, 6, 16
+    lens = [3, 41, 5, 38, 17, 1]
+    kv_layer = torch.randn(64, 2, bs, hkv, d, generator=gen)
+    perm = torch.randperm(64, generator=gen).tolist()
+    tables, at = [], 0
+    for n in lens:
+        k = -(-n // bs)
+        tables.append(perm[at:at + k])
+        at += k
+    meta = build_metadata([1] * len(lens), lens, tables, bs, torch.device("cpu"))
+    q = torch.randn(len(lens), h, d, generator=gen)
+    assert len(length_groups(lens)) > 1
+    got = TorchAttention().attend(q, kv_layer, meta, 0.25)
+    for i, (n, table) in enumerate(zip(lens, tables)):
+        k, v = _gather(kv_layer, table, n, bs)
+        want = F.scaled_dot_product_attention(q[i][:, None, :], k, v, scale=0.25, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
