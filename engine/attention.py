@@ -52,6 +52,13 @@ class AttentionMetadata:
     def total_context(self) -> int:
         return context_offsets(self.seq_lens_list)[1]
 
+    # The torch backend's decode groups (length_groups): (row indices, their longest context), built once a step,
+    # not once a layer.
+    @functools.cached_property
+    def decode_groups(self) -> list[tuple[torch.Tensor, int]]:
+        return [(torch.tensor(idx, device=self.seq_lens.device), max(self.seq_lens_list[j] for j in idx))
+                for idx in length_groups(self.seq_lens_list)]
+
 
 def slot(table: list[int], position: int, block_size: int) -> int:
     """Cache slot of a sequence's token at `position`, given its block table."""
@@ -137,14 +144,12 @@ class TorchAttention:
     def _decode_batch(self, q, kv_layer, meta, scale):
         # one padded SDPA per group of similar context lengths instead of B small ones: a batch padded to its longest
         # context costs B x max, not the sum (benchmarks/replay_steps.py --ragged: 1.35-1.45x at batch 8, 50 vs 750)
-        groups = length_groups(meta.seq_lens_list)
+        groups = meta.decode_groups
         if len(groups) == 1:
             return _padded_decode(q, kv_layer, meta.block_tables, meta.seq_lens, meta.max_seq_len, meta.block_size,
                                   scale)
         out = torch.empty_like(q)
-        for idx in groups:
-            i = torch.tensor(idx, device=q.device)
-            longest = max(meta.seq_lens_list[j] for j in idx)
+        for i, longest in groups:
             out[i] = _padded_decode(q[i], kv_layer, meta.block_tables[i], meta.seq_lens[i], longest, meta.block_size,
                                     scale)
         return out
