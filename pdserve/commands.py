@@ -196,12 +196,14 @@ def cmd_serve(args) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(config, ready_cb=ready, stop_event=stop)
 
-    from pdserve.errors import EXIT_MODEL, CLIError, ModelLoadError
+    from pdserve.errors import EXIT_MODEL, EXIT_SERVER, CLIError, ModelLoadError, PoolStartFailed
 
     try:
         asyncio.run(main())
     except ModelLoadError as e:  # the router loads the tokenizer and the architecture before any worker
         raise CLIError(str(e), EXIT_MODEL) from None
+    except PoolStartFailed as e:
+        raise CLIError(f"the cluster failed to start: {e}", EXIT_SERVER) from None
     return 0
 
 

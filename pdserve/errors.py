@@ -1,7 +1,8 @@
 """The errors every layer may raise or map, and the CLI's exit codes: a leaf module that imports nothing.
 
 How each surfaces: InvalidRequest -> INVALID_ARGUMENT / exit 2; NoFreeBlocks -> RESOURCE_EXHAUSTED;
-NoReadyWorker -> UNAVAILABLE; KVTransferFailed -> retried by the router; ModelLoadError -> exit 3; CLIError carries its own exit code."""
+NoReadyWorker -> UNAVAILABLE; KVTransferFailed -> retried by the router; ModelLoadError -> exit 3; PoolStartFailed ->
+exit 4; CLIError carries its own exit code."""
 from __future__ import annotations
 
 EXIT_BAD_INPUT, EXIT_MODEL, EXIT_SERVER = 2, 3, 4
@@ -26,6 +27,11 @@ class KVTransferFailed(RuntimeError):
 
 class ModelLoadError(RuntimeError):
     """The model path is missing, unreadable or not a supported checkpoint."""
+
+
+class PoolStartFailed(RuntimeError):
+    """At start-up, a pool the cluster serves with got no ready worker: every one of its workers failed to start
+    (out of GPU memory, say) or was not placed in time. The server stops rather than announce itself ready."""
 
 
 class CLIError(Exception):

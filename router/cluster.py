@@ -11,6 +11,8 @@ each pool at run time, watch every worker, and keep each pool at its size.
   are reported to the listeners ("lost"), so the requests it held move elsewhere (router/dispatch.py).
 - Self-healing: a pool below its size (a worker died) gets replacements, after `router.restart_backoff_s`,
   doubling per failed start up to 60 s.
+- Start-up fails (PoolStartFailed, with the cause) when a pool the cluster serves with has no ready worker once
+  its workers have started or failed: a server that could answer nothing must not report itself ready.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pdserve.config import Config
-from pdserve.errors import NoFreeBlocks
+from pdserve.errors import NoFreeBlocks, PoolStartFailed
 from pdserve.router.log_limit import LogLimiter
 from pdserve.router.policy import KVIndex
 from pdserve.router.pool import Pool, Worker, WorkerState
@@ -143,6 +146,7 @@ class Cluster:
         self.listeners: list[Callable[[str, Worker], None]] = []
         self.log = LogLimiter(log)
         self._counter = 0
+        self.start_failures: dict[str, str] = {}  # role -> the last worker start that failed, and why
         self._tasks: set = set()
         self._scale_lock = asyncio.Lock()
         self._last_round = time.monotonic()
@@ -172,6 +176,10 @@ class Cluster:
                 new += [w.starting for w in self._create(role, pool.target)]
         if new:
             await asyncio.wait(new)
+        empty = [role for role in self.config.roles() if self.pools[role].target and not self.pools[role].ready()]
+        if empty:
+            raise PoolStartFailed("; ".join(
+                f"no {role} worker started ({self.start_failures.get(role, 'none ready')})" for role in empty))
 
     async def _adopt(self) -> dict:
         """Take over the workers a previous router left on this Ray cluster."""
@@ -223,6 +231,7 @@ class Cluster:
             why = (f"not ready within {self.config.router.start_timeout_s:g} s (not placeable, or still loading)"
                    if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}")
             self.log.warning(f"start-{w.role}", "worker %s failed to start: %s", w.name, why)
+            self.start_failures[w.role] = f"{w.name}: {_root_cause(why)}"
             self._remove(w, kill=True)
             return
         finally:
@@ -459,6 +468,15 @@ class Cluster:
             await asyncio.wait_for(calls, FLUSH_TRACES_S)
         except asyncio.TimeoutError:
             log.warning("tracing: not every worker exported its spans within %g s", FLUSH_TRACES_S)
+
+
+def _root_cause(why: str) -> str:
+    """The line of a start failure that names the error: a Ray actor's creation failure carries the worker's
+    whole traceback, whose last `SomeError: message` line is the cause (torch.OutOfMemoryError: CUDA out of
+    memory...); other failures are one line already."""
+    lines = [line.strip() for line in why.strip().splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?", line)]
+    return (causes[-1] if causes else lines[0] if lines else why)[:300]
 
 
 def _short(exc: BaseException) -> str:

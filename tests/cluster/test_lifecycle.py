@@ -68,6 +68,21 @@ def test_a_busy_port_is_one_line_and_exit_2_before_ray(key, flag):
     assert took < 20, f"took {took:.1f} s: it should fail before Ray or the model load"
 
 
+def test_workers_that_cannot_start_fail_the_start_with_their_cause(tmp_path):
+    """A KV pool no worker can allocate (as a GPU out of memory): the server exits 4 with each pool's cause in its
+    last line, never printing "ready" for a cluster that could answer nothing."""
+    config = tmp_path / "huge_kv.yaml"
+    config.write_text("engine: {kv_cache_memory_gb: 1000000}\nprefill: {num_cpus: 0.25}\n"
+                      "decode: {num_cpus: 0.25}\nray: {num_cpus: 2}\n")
+    r = subprocess.run([sys.executable, "-m", "pdserve", "serve", "--config", str(config), "--port", "0"],
+                       capture_output=True, text=True, cwd=NEUTRAL_CWD, timeout=300)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "pdserve: ready" not in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("pdserve serve: error: the cluster failed to start: no prefill worker started ("), last
+    assert "no decode worker started (" in last and "can't allocate memory" in last, last
+
+
 def test_every_listener_of_a_local_cluster_is_loopback(server, stub):
     # one request first: the workers have moved KV through NIXL/UCX, so their transport is up
     assert stream_one(stub, request_proto({"prompt": "Hello"}, SamplingParams(max_tokens=3)))["token_ids"]
