@@ -31,7 +31,7 @@ def top2_gap(logits: torch.Tensor) -> torch.Tensor:
 
 def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of each row's target token."""
-    return -logits.float().log_softmax(-1).gather(-1, targets.view(-1, 1)).squeeze(-1)
+    return -logits.float().log_softmax(-1).gather(-1, targets.to(logits.device).view(-1, 1)).squeeze(-1)
 
 
 @dataclass

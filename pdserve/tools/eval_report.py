@@ -83,9 +83,15 @@ def claims(result: dict) -> list[str]:
     exact = by.get("bf16/bf16/bf16")
     if exact:
         c = exact["continuation"]
-        ok = c["disagreements"] == 0 and (c["kl"] or 0) < 1e-6 and not exact["greedy"]["flips"]
-        out.append(f"{'holds' if ok else 'FAILS'}: bf16/bf16 with the bf16 wire reproduces the baseline "
-                   f"(KL {_fmt(c['kl'], '.1e')}, top-1 {_pct(c['top1'])}, flips {exact['greedy']['flips']})")
+        measured = (f"KL {_fmt(c['kl'], '.1e')}, KL text {_fmt(exact['text']['kl'], '.1e')}, "
+                    f"top-1 {_pct(c['top1'])}, flips {exact['greedy']['flips']}")
+        if result.get("dtype", "float32") == "float32":
+            ok = c["disagreements"] == 0 and (c["kl"] or 0) < 1e-6 and not exact["greedy"]["flips"]
+            out.append(f"{'holds' if ok else 'FAILS'}: bf16/bf16 with the bf16 wire reproduces the baseline "
+                       f"({measured})")
+        else:  # the split runs other batch shapes than the baseline, and low-precision GEMMs round by shape
+            out.append(f"noise floor, not an exactness check ({result['dtype']} compute): bf16/bf16 with the bf16 "
+                       f"wire against the baseline: {measured}")
     return out
 
 
