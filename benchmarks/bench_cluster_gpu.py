@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ENGINE = {"kv_cache_memory_gb": 24, "max_num_batched_tokens": 4096, "max_num_seqs": 64}
+ENGINE = {"max_num_batched_tokens": 4096, "max_num_seqs": 64}
 DEPLOYMENTS = {
     "disagg-fp8": {"prefill": {"replicas": 1, "precision": "fp8", "num_gpus": 0.4},
                    "decode": {"replicas": 1, "precision": "bf16", "num_gpus": 0.4},
@@ -100,6 +99,19 @@ def _row(name: str, concurrency: int, rep: dict, transfer: dict | None) -> dict:
     return row
 
 
+def default_kv_gb() -> float:
+    """Each engine's KV pool: 24 GB where a GPU has >= 120 GiB (H200), else 12 (H100: two workers' 16 GB of
+    weights and their pools share its 80 GB; 12 GB holds 32 streams of 2K-token prompts). From nvidia-smi, so
+    this process never opens a CUDA context of its own on the GPU the workers use."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+        mib = min(float(x) for x in out)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 12.0
+    return 24.0 if mib >= 120 * 1024 else 12.0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (config.json + tokenizer) for load_format dummy")
@@ -110,6 +122,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--goodput-ttft", type=float, default=None)
     p.add_argument("--goodput-tpot", type=float, default=None)
+    p.add_argument("--kv-gb", type=float, default=None,
+                   help="engine.kv_cache_memory_gb of every worker (default: 24 on GPUs of >= 120 GiB, else 12)")
     p.add_argument("--out", default=None, help="write every row as JSON here")
     p.add_argument("--save-requests", default=None, metavar="DIR",
                    help="per row, every measured request's timeline (pdserve bench --save-outputs) in DIR")
@@ -117,10 +131,11 @@ def main() -> None:
     from pdserve.testing.cluster import Server
 
     rows = []
+    kv_gb = args.kv_gb if args.kv_gb is not None else default_kv_gb()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-gpu-"))
     for name in args.deployments.split(","):
         config = {"model": {"path": str(Path(args.model).resolve()), "load_format": "dummy", "dtype": "bfloat16"},
-                  "engine": ENGINE, "ray": {"num_cpus": 8}, **DEPLOYMENTS[name]}
+                  "engine": {**ENGINE, "kv_cache_memory_gb": kv_gb}, "ray": {"num_cpus": 8}, **DEPLOYMENTS[name]}
         t0 = time.monotonic()
         server = Server(config, tmp, timeout=900)
         print(f"# {name}: ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -153,7 +168,7 @@ def main() -> None:
                                 "transfer_GBps": round(nbytes / seconds / 1e9, 1) if seconds else None,
                                 "wire_MB_per_request": round(nbytes / pulls / 1e6, 1)}
                 row = _row(name, c, rep, transfer)
-                row.update(input_len=args.input_len, max_tokens=args.max_tokens)
+                row.update(input_len=args.input_len, max_tokens=args.max_tokens, kv_cache_memory_gb=kv_gb)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:  # after every row: a run cut short keeps what it measured

@@ -14,6 +14,8 @@ engine needs one; the prompts are token ids and out-of-vocabulary output ids dec
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import json
 import shutil
 import statistics
@@ -47,7 +49,75 @@ def build_engine(model_dir: Path, cfg: dict, args):
         model_runner.load_weights = loader
 
 
-def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int) -> dict:
+class _TimedEvent:
+    """A step's `done` event whose synchronize() (the host waiting for the device) is timed."""
+
+    def __init__(self, event, waits: list):
+        self.event, self.waits = event, waits
+
+    def synchronize(self):
+        t0 = time.perf_counter()
+        self.event.synchronize()
+        self.waits.append(time.perf_counter() - t0)
+
+
+def _instrument(engine) -> tuple[dict, callable]:
+    """Time each step's host phases (schedule, launch, finish; the finish's wait for the device apart) and
+    bracket each launched step's device work with CUDA events, so a step's period splits into device work,
+    device idle between steps, and host work. Returns the record and a function that undoes it."""
+    rec = dict(schedule=[], launch=[], finish=[], wait=[], events=[])
+    saved = engine.scheduler.schedule, engine._launch, engine._finish
+
+    def schedule(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return saved[0](*a, **k)
+        finally:
+            rec["schedule"].append(time.perf_counter() - t0)
+
+    def launch(batch, prev):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        begin.record()
+        step = saved[1](batch, prev)
+        end.record()
+        rec["launch"].append(time.perf_counter() - t0)
+        rec["events"].append((begin, end, all(n == 1 for n in batch.num_new)))
+        if step.done is not None:
+            step.done = _TimedEvent(step.done, rec["wait"])
+        return step
+
+    def finish(step):
+        t0 = time.perf_counter()
+        try:
+            return saved[2](step)
+        finally:
+            rec["finish"].append(time.perf_counter() - t0)
+
+    engine.scheduler.schedule, engine._launch, engine._finish = schedule, launch, finish
+
+    def undo():
+        engine.scheduler.schedule, engine._launch, engine._finish = saved
+    return rec, undo
+
+
+def _breakdown(rec: dict) -> dict:
+    """Medians over the decode steps (the first two and the last left out: pipeline fill and drain). gpu_step:
+    from a launch's first queued work to its last on the device (includes the device idling mid-launch if the
+    host falls behind); gpu_gap: from one step's end to the next one's start (the device idle between steps)."""
+    ev = rec["events"]
+    decode = [i for i, (_, _, d) in enumerate(ev) if d][2:-1]
+    med = lambda xs: statistics.median(xs) * 1e3 if xs else None  # noqa: E731
+    gpu = [ev[i][0].elapsed_time(ev[i][1]) / 1e3 for i in decode]
+    gap = [ev[i - 1][1].elapsed_time(ev[i][0]) / 1e3 for i in decode if i > 0]
+    # step() calls, launches and waits do not pair one to one (the last call only finishes): the host phases
+    # are taken over the second half of each list, where every call is a decode step
+    host = {k: med(rec[k][len(rec[k]) // 2:-1]) for k in ("schedule", "launch", "finish", "wait")}
+    return dict(gpu_step_ms=med(gpu), gpu_gap_ms=med(gap), host_ms=host, steps=len(decode))
+
+
+def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int, breakdown: bool = False,
+               trace: str | None = None) -> dict:
     """All `batch` prompts of `context` tokens prefilled, then `new_tokens` decode steps; the decode steps'
     wall time (engine.step: schedule, inputs, forward/replay, sampling, detokenization) is measured.
 
@@ -71,29 +141,66 @@ def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int) -> 
 
     engine.runner.execute = recording
     overlap = engine.overlap_schedule
+    graphs = engine.runner.graphs
+    snap: dict = {}
+    if graphs is not None:  # the graph's inputs at a mid-run step of the full batch, for replay_ms
+        run = graphs.run
+
+        def snapshot(ids, *a, **k):
+            logits = run(ids, *a, **k)
+            if len(ids) == batch and len(kinds) >= new_tokens // 2 and not snap:
+                snap.update(bucket=graphs.bucket_for(batch), tokens=graphs.tokens.clone(),
+                            seq_lens=graphs.seq_lens.clone(), block_tables=graphs.block_tables.clone())
+            return logits
+        graphs.run = snapshot
+    rec, undo = _instrument(engine) if breakdown else (None, lambda: None)
+    prof = contextlib.nullcontext()
+    if trace:
+        from torch.profiler import ProfilerActivity, profile
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     try:
         torch.cuda.synchronize()
-        while engine.has_unfinished():
-            if not overlap:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t0)  # off: step() ends in a host read of the sampled tokens
-        torch.cuda.synchronize()
+        with prof:
+            while engine.has_unfinished():
+                if not overlap:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)  # off: step() ends in a host read of the sampled tokens
+            torch.cuda.synchronize()
     finally:
         engine.runner.execute = execute
+        if graphs is not None:
+            del graphs.run  # the instance attribute; the class's method again
+        undo()
+    if trace:
+        prof.export_chrome_trace(trace)
     # on, the last step() launches nothing (it only finishes the last step): zip leaves it out; and the first
     # decode step() waits for the last prefill step: left out, both ways, so that the two compare
     decode = [t for t, d in zip(times, kinds) if d][1:]
     ms = statistics.median(decode) * 1e3
-    return dict(batch=batch, context=context, new_tokens=new_tokens, overlap=overlap, decode_steps=len(decode),
-                median_step_ms=ms, mean_step_ms=statistics.mean(decode) * 1e3,
-                tokens_per_s=batch * len(decode) / sum(decode), prefill_steps=len(kinds) - len(decode))
+    row = dict(batch=batch, context=context, new_tokens=new_tokens, overlap=overlap, decode_steps=len(decode),
+               median_step_ms=ms, mean_step_ms=statistics.mean(decode) * 1e3,
+               tokens_per_s=batch * len(decode) / sum(decode), prefill_steps=len(kinds) - len(decode))
+    if rec is not None:
+        row["breakdown"] = _breakdown(rec)
+    if snap:
+        # first on the buffers as the run left them (what this benchmark reported before 2026-12-05), then on
+        # the mid-run full batch's
+        row["replay_ms_end_buffers"] = replay_ms(engine, {"bucket": snap["bucket"]})
+        row["replay_ms"] = replay_ms(engine, snap)
+    return row
 
 
-def replay_ms(engine, bucket: int, reps: int = 50) -> float:
-    """GPU time of one graph replay alone (the engine step minus this is host work)."""
-    graph = engine.runner.graphs.graphs[bucket]
+def replay_ms(engine, snap: dict, reps: int = 50) -> float:
+    """GPU time of one graph replay alone (the engine step minus this is host work), on the inputs of a mid-run
+    step of the full batch. The buffers as the run leaves them would not do: its last steps run fewer sequences,
+    and a bucket's padding rows (seq_len 0) read no KV, so a replay on them is cheaper than the steps measured."""
+    graphs = engine.runner.graphs
+    for name in ("tokens", "seq_lens", "block_tables"):
+        if name in snap:
+            getattr(graphs, name).copy_(snap[name])
+    graph = graphs.graphs[snap["bucket"]]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
@@ -131,6 +238,13 @@ def main() -> None:
     ap.add_argument("--overlap", default="off,on",
                     help="overlap scheduling settings to run each case with (engine.overlap_schedule): off, on, "
                          "or off,on to measure its gain in one call")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="split each decode step into host phases (schedule, launch, finish, waiting for the "
+                         "device) and device work / idle between steps (CUDA events); adds a little host time")
+    ap.add_argument("--trace", type=int, default=0, metavar="BATCH",
+                    help="also record a torch.profiler trace (CPU + CUDA) of a 16-token decode at this batch "
+                         "with graphs and overlap on: OUT/trace_bBATCH.json.gz")
+    ap.add_argument("--only-graphs", action="store_true", help="skip the eager rows")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +263,7 @@ def main() -> None:
     graphs = engine.runner.graphs
     batches = [int(b) for b in args.batches.split(",")]
     overlaps = [{"off": False, "on": True}[o] for o in args.overlap.split(",")]
-    variants = [("graphs", True), ("eager", False)]
+    variants = [("graphs", True)] + ([] if args.only_graphs else [("eager", False)])
     for plans in ([False, True] if args.plans else [False]):
         if plans:
             result["plans_loaded"] = load_plans(Path(args.plans))
@@ -164,12 +278,18 @@ def main() -> None:
                     t1 = time.time()
                     decode_run(engine, batch, 64, 4, seed=99)  # compile, capture the bucket
                     warm = time.time() - t1
-                    row = decode_run(engine, batch, args.context, args.new_tokens, seed=batch)
+                    row = decode_run(engine, batch, args.context, args.new_tokens, seed=batch,
+                                     breakdown=args.breakdown and on)
                     row |= dict(mode=name, tuned_plans=plans, warmup_s=warm)
-                    if on:
-                        row["replay_ms"] = replay_ms(engine, graphs.bucket_for(batch))
                     result["runs"].append(row)
                     print(json.dumps(row), flush=True)
+    if args.trace:
+        engine.runner.graphs, engine.overlap_schedule = graphs, True
+        path = out / f"trace_b{args.trace}.json"
+        decode_run(engine, args.trace, args.context, 16, seed=7, trace=str(path))
+        with open(path, "rb") as f, gzip.open(f"{path}.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        path.unlink()
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     (out / "engine_bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -256,10 +256,12 @@ GPU_METRICS = (("ttft_s", "p50"), ("ttft_s", "p99"), ("itl_s", "p50"), ("itl_s",
                ("tpot_s", "p99"))
 
 
-def gpu_spec(prof, deployment: str) -> ClusterSpec:
+def gpu_spec(prof, deployment: str, kv_gb: float | None = None) -> ClusterSpec:
     """The bench's deployment as the simulator sees it: engine limits as configured there, KV capacity from its
-    kv_cache_memory_gb (bf16 cache), prompts random (no prefix hits)."""
-    kv_tokens = int(GPU_ENGINE["kv_cache_memory_gb"] * 2 ** 30) // int(prof.kv_bytes_per_token["raw"])
+    kv_cache_memory_gb (bf16 cache; a row records its own since the bench sizes it by the GPU), prompts random
+    (no prefix hits)."""
+    kv_gb = GPU_ENGINE["kv_cache_memory_gb"] if kv_gb is None else kv_gb
+    kv_tokens = int(kv_gb * 2 ** 30) // int(prof.kv_bytes_per_token["raw"])
     return ClusterSpec.from_profile(
         prof, max_num_seqs=GPU_ENGINE["max_num_seqs"], prefill_max_num_seqs=GPU_ENGINE["max_num_seqs"],
         max_num_batched_tokens=GPU_ENGINE["max_num_batched_tokens"],
@@ -267,9 +269,10 @@ def gpu_spec(prof, deployment: str) -> ClusterSpec:
         colocated_prefix_cache=False, policy="least_loaded", **GPU_DEPLOYMENTS[deployment])
 
 
-def gpu_simulated(prof, deployment: str, c: int, n: int, input_len: int, output_len: int, slo=(None, None)) -> dict:
+def gpu_simulated(prof, deployment: str, c: int, n: int, input_len: int, output_len: int, slo=(None, None),
+                  kv_gb: float | None = None) -> dict:
     """bench --concurrency c: all n requests ready at t=0, at most c in flight (the warm-up ran before, apart)."""
-    spec = gpu_spec(prof, deployment)
+    spec = gpu_spec(prof, deployment, kv_gb)
     outs, engines = simulate(prof, spec, [SimRequest(0.0, input_len, output_len) for _ in range(n)], clients=c)
     return stats.report(outs, engines, *slo)
 
@@ -282,8 +285,9 @@ def gpu_cluster(src: Path, profile_name: str, out: Path, input_len: int = 2048, 
         c, n = m["concurrency"], m["requests"]
         # rows of bench_cluster_gpu.py since 2026-12-05 (third session) say their lengths; earlier ones were 2048 / 64
         i_len, o_len = m.get("input_len", input_len), m.get("max_tokens", output_len)
-        rep = gpu_simulated(prof, m["deployment"], c, n, i_len, o_len)
-        spec = gpu_spec(prof, m["deployment"])
+        kv_gb = m.get("kv_cache_memory_gb")
+        rep = gpu_simulated(prof, m["deployment"], c, n, i_len, o_len, kv_gb=kv_gb)
+        spec = gpu_spec(prof, m["deployment"], kv_gb)
         row = {"deployment": m["deployment"], "concurrency": c, "requests": n, "spec": spec.label(),
                "req_s": [m["req_s"], rep["request_throughput"]]}
         for metric, q in GPU_METRICS:

@@ -14,6 +14,7 @@ Needs the model directory of benchmarks/dummy_model.py (PDSERVE_GPU_MODEL; the G
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -41,23 +42,37 @@ def _cluster_config(prefill_precision: str, wire: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def engines():
-    """In-process bf16 and fp8 engines on the same random weights, with connectors on one in-process wire."""
-    from pdserve.config import EngineConfig
+def refs():
+    """What the cluster must reproduce, computed in process before any cluster starts: bf16 and fp8 engines on the
+    same random weights, with connectors on one in-process wire. They are freed before the tests start their
+    clusters, whose two workers (weights and KV pools each) must fit beside whatever this process still holds:
+    with them alive, an 80 GB GPU runs out of memory while the decode worker loads."""
+    from pdserve.config import EngineConfig, KVTransferConfig
+    from pdserve.decode_worker.worker import sink_refresh_tokens
     from pdserve.engine.engine import LLMEngine
     from pdserve.kv_transfer.local import LocalConnector, LocalWire
+    from pdserve.testing.exactness import PROMPTS
 
     config = EngineConfig(kv_cache_memory_gb=4, max_num_batched_tokens=2048, max_num_seqs=32, device="cuda")
     wire = LocalWire()
-    out = {}
+    engines = {}
     for precision in ("bf16", "fp8"):
         e = LLMEngine(MODEL, dtype="bfloat16", config=config, precision=precision, load_format="dummy",
                       progress=False)
         e.connector = LocalConnector(e.runner.kv_cache, wire, "bf16")
-        out[precision] = e
-    yield out
-    out.clear()
+        engines[precision] = e
+    bf16, fp8 = engines["bf16"], engines["fp8"]
+    prompts = [bf16.tokenize(p, chat=c) for p, c in PROMPTS[:8]]
+    # the bf16 split's greedy outputs: the identity test's reference and the fp8 test's teacher-forced baseline
+    baseline = [_split_greedy(bf16, bf16, p, f"ref{i}", MAX_TOKENS, "bf16", 0) for i, p in enumerate(prompts)]
+    refresh = sink_refresh_tokens(KVTransferConfig().refresh_sink_tokens, "fp8", "fp8", "bf16")
+    cases = [(p + c[:k], c[k]) for p, c in zip(prompts, baseline) for k in POSITIONS]
+    local = [_split_greedy(fp8, bf16, ids, f"f{i}", 1, "fp8", refresh)[0] for i, (ids, _) in enumerate(cases)]
+    del bf16, fp8, e, wire
+    engines.clear()
+    gc.collect()
     torch.cuda.empty_cache()
+    return {"prompts": prompts, "baseline": baseline, "cases": cases, "local": local, "refresh": refresh}
 
 
 def _split_greedy(pre, dec, ids: list[int], tag: str, max_tokens: int, wire: str, refresh: int) -> list[int]:
@@ -102,12 +117,8 @@ def _report(name: str, data: dict) -> None:
     print(name, json.dumps(data))
 
 
-def test_bf16_cluster_is_token_identical_to_the_in_process_engine(engines, tmp_path):
-    from pdserve.testing.exactness import PROMPTS
-
-    bf16 = engines["bf16"]
-    prompts = [bf16.tokenize(p, chat=c) for p, c in PROMPTS[:8]]
-    ref = [_split_greedy(bf16, bf16, p, f"ref{i}", MAX_TOKENS, "bf16", 0) for i, p in enumerate(prompts)]
+def test_bf16_cluster_is_token_identical_to_the_in_process_engine(refs, tmp_path):
+    prompts, ref = refs["prompts"], refs["baseline"]
     server, channel, stub = _serve(_cluster_config("bf16", "bf16"), tmp_path)
     try:
         got = [_cluster_greedy(stub, p, MAX_TOKENS) for p in prompts]  # one at a time: the same batch shapes
@@ -119,17 +130,8 @@ def test_bf16_cluster_is_token_identical_to_the_in_process_engine(engines, tmp_p
     assert all(same), [i for i, s in enumerate(same) if not s]
 
 
-def test_fp8_prefill_bf16_decode_fp8_wire_matches_the_in_process_pipeline(engines, tmp_path):
-    from pdserve.config import KVTransferConfig
-    from pdserve.decode_worker.worker import sink_refresh_tokens
-    from pdserve.testing.exactness import PROMPTS
-
-    bf16, fp8 = engines["bf16"], engines["fp8"]
-    refresh = sink_refresh_tokens(KVTransferConfig().refresh_sink_tokens, "fp8", "fp8", "bf16")
-    prompts = [bf16.tokenize(p, chat=c) for p, c in PROMPTS[:8]]
-    baseline = [_split_greedy(bf16, bf16, p, f"b{i}", MAX_TOKENS, "bf16", 0) for i, p in enumerate(prompts)]
-    cases = [(p + c[:k], c[k]) for p, c in zip(prompts, baseline) for k in POSITIONS]
-    local = [_split_greedy(fp8, bf16, ids, f"f{i}", 1, "fp8", refresh)[0] for i, (ids, _) in enumerate(cases)]
+def test_fp8_prefill_bf16_decode_fp8_wire_matches_the_in_process_pipeline(refs, tmp_path):
+    cases, local, refresh = refs["cases"], refs["local"], refs["refresh"]
     server, channel, stub = _serve(_cluster_config("fp8", "fp8"), tmp_path)
     try:
         got = [_cluster_greedy(stub, ids, 1)[0] for ids, _ in cases]
