@@ -191,7 +191,7 @@ def test_profile_errors_name_the_key(tmp_path):
         profile.load(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("name", ["cpu-smollm2", "h200-llama3-8b", "h200-llama3-8b-derived"])
+@pytest.mark.parametrize("name", ["cpu-smollm2", "h200-llama3-8b", "h200-llama3-8b-derived", "h100-llama3-8b"])
 def test_shipped_profiles_load_and_say_where_they_come_from(name):
     p = profile.resolve(name)
     assert name in profile.SHIPPED
@@ -202,8 +202,8 @@ def test_shipped_profiles_load_and_say_where_they_come_from(name):
 
 
 def test_unknown_profile_name_lists_the_shipped_ones():
-    with pytest.raises(profile.ProfileError, match="cpu-smollm2, h200-llama3-8b, h200-llama3-8b-derived"):
-        profile.resolve("h100-llama3-8b")
+    with pytest.raises(profile.ProfileError, match="cpu-smollm2, h100-llama3-8b, h200-llama3-8b, h200-llama3-8b-derived"):
+        profile.resolve("a100-llama3-8b")
     assert set(profile.SHIPPED) == {f.stem for f in profile.BUILTIN.glob("*.json")}
 
 
