@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-predict", default=None, metavar="DEPLOYMENTS",
                     help="comma-separated benchmarks/bench_cluster_gpu.py deployments: simulate a run of it not made "
                          "yet (--concurrency, --input-lens, --max-tokens, --requests-per-stream, --slo), write --out")
+    ap.add_argument("--cost-scale", default=None, metavar="PREFILL,DECODE",
+                    help="with --resimulate: multiply the profile's prefill and decode step costs by these factors "
+                         "(how far a few percent of step-cost error moves the percentiles near saturation)")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--input-lens", default="2048,8192")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
     global CONTENTION
     CONTENTION = args.contention
     if args.resimulate:
-        return resimulate(Path(args.resimulate), Path(args.out))
+        scale = tuple(float(x) for x in args.cost_scale.split(",")) if args.cost_scale else (1.0, 1.0)
+        return resimulate(Path(args.resimulate), Path(args.out), scale)
     if args.gpu_predict:
         ttft, tpot = (float(x) for x in args.slo.split(","))
         return gpu_predict(args.gpu_predict.split(","), [int(x) for x in args.concurrency.split(",")],
@@ -214,10 +218,25 @@ def simulated(prof, p: int, d: int, a: dict, cpu_share, background: float | None
     return stats.report(outs, engines, None, None)
 
 
-def resimulate(src: Path, out: Path) -> int:
+def scaled_costs(prof_path: Path, prefill: float, decode: float):
+    """The profile with every prefill and decode step cost (and its context terms) multiplied by a factor."""
+    d = json.loads(prof_path.read_text())
+    for curve in d["prefill"].values():
+        curve["ms"] = [x * prefill for x in curve["ms"]]
+        curve["ms_per_token_context"] = curve.get("ms_per_token_context", 0.0) * prefill
+    for curve in d["decode"].values():
+        curve["ms"] = [x * decode for x in curve["ms"]]
+        curve["ms_per_context_token"] = curve.get("ms_per_context_token", 0.0) * decode
+        if "ms_at_context" in curve:
+            curve["ms_at_context"] = {c: [x * decode for x in v] for c, v in curve["ms_at_context"].items()}
+    return profile_mod.from_dict(d, f"{prof_path} (step costs x{prefill:g} prefill, x{decode:g} decode)")
+
+
+def resimulate(src: Path, out: Path, scale: tuple[float, float] = (1.0, 1.0)) -> int:
     result = json.loads(src.read_text())
     prof_path = Path(result["profile"])
-    prof = profile_mod.load(prof_path if prof_path.exists() else src.with_name(prof_path.name))
+    prof_path = prof_path if prof_path.exists() else src.with_name(prof_path.name)
+    prof = profile_mod.load(prof_path) if scale == (1.0, 1.0) else scaled_costs(prof_path, *scale)
     scen = {name: (p, d, a) for name, p, d, a in SCENARIOS}
     for row in result["rows"]:
         p, d, a = scen[row["scenario"]]
@@ -233,6 +252,8 @@ def resimulate(src: Path, out: Path) -> int:
                 cell["error"] = (cell["simulated_ms"] - cell["measured_ms"]) / cell["measured_ms"]
     result["resimulated_from"] = str(src)
     result["contention"] = CONTENTION
+    if scale != (1.0, 1.0):
+        result["cost_scale"] = {"prefill": scale[0], "decode": scale[1]}
     result["within_bound"] = all(abs(r[k]["error"]) <= 0.2 for r in result["rows"] for k in r
                                  if k.endswith(("p50", "p90")))
     out.write_text(json.dumps(result, indent=1) + "\n")
