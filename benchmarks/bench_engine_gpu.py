@@ -5,6 +5,8 @@ benchmark (benchmarks/bench_gpu.py, docs/bench/gpu.md).
 
     python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT
     python benchmarks/bench_engine_gpu.py --tokenizer .gpu_fixture --out OUT --overlap off,on --plans ''
+    python benchmarks/bench_engine_gpu.py --tokenizer .gpu/models/llama-3-8b --out OUT --plans '' --only-graphs \
+        --breakdown --trace 32 --peer     # where a step's time goes; transformers' compiled generate beside it
 
 The 16 GB of weights are made on the GPU rather than written and read back as safetensors: the run
 replaces the runner's loader with engine/random_weights.py (the same tensor names, unit-variance
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import gzip
 import json
 import shutil
@@ -181,7 +184,9 @@ def decode_run(engine, batch: int, context: int, new_tokens: int, seed: int, bre
     ms = statistics.median(decode) * 1e3
     row = dict(batch=batch, context=context, new_tokens=new_tokens, overlap=overlap, decode_steps=len(decode),
                median_step_ms=ms, mean_step_ms=statistics.mean(decode) * 1e3,
-               tokens_per_s=batch * len(decode) / sum(decode), prefill_steps=len(kinds) - len(decode))
+               tokens_per_s=batch * len(decode) / sum(decode), prefill_steps=len(kinds) - len(decode),
+               # the whole generation, prefill included, as a peer's generate() is timed (--peer)
+               e2e_tokens_per_s=batch * new_tokens / sum(times))
     if rec is not None:
         row["breakdown"] = _breakdown(rec)
     if snap:
@@ -209,6 +214,61 @@ def replay_ms(engine, snap: dict, reps: int = 50) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def peer_generate(cfg: dict, batches: list[int], context: int, new_tokens: int, device="cuda",
+                  compiled: bool = True, dtype=torch.bfloat16) -> list[dict]:
+    """transformers' LlamaForCausalLM (SDPA, static cache, torch.compile'd unless `compiled` is off) on the very
+    tensors the engine ran (random_weights, same seed, same device), greedy generate() of `new_tokens` after
+    `context`-token random prompts: the peer of issue 17's tokens/s ratio, timed like the engine's e2e rate
+    (prefill included). Median of two calls after a first one (which compiles)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pdserve.engine.model_config import arch_from_hf_config
+    from pdserve.engine.random_weights import random_weights
+
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    hf.load_state_dict(random_weights(arch_from_hf_config(cfg), dtype, device), strict=True)
+    hf.eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    rows = []
+    for b in batches:
+        gen = torch.Generator().manual_seed(b)
+        ids = torch.randint(3, 32000, (b, context), generator=gen).to(device)
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      do_sample=False, cache_implementation="static", disable_compile=not compiled)
+        times = []
+        with torch.inference_mode():
+            for _ in range(3):
+                sync()
+                t = time.perf_counter()
+                out = hf.generate(ids, **kwargs)
+                sync()
+                times.append(time.perf_counter() - t)
+        assert out.shape == (b, context + new_tokens), out.shape
+        seconds = statistics.median(times[1:])
+        rows.append(dict(peer=f"transformers {transformers_version()} LlamaForCausalLM, SDPA, static cache, "
+                              f"{'torch.compile' if compiled else 'eager'}", batch=b, context=context,
+                         new_tokens=new_tokens, first_call_s=times[0], seconds=seconds,
+                         tokens_per_s=b * new_tokens / seconds))
+    del hf
+    return rows
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def load_plans(path: Path) -> int:
@@ -245,6 +305,10 @@ def main() -> None:
                     help="also record a torch.profiler trace (CPU + CUDA) of a 16-token decode at this batch "
                          "with graphs and overlap on: OUT/trace_bBATCH.json.gz")
     ap.add_argument("--only-graphs", action="store_true", help="skip the eager rows")
+    ap.add_argument("--peer", action="store_true",
+                    help="then free the engine and time transformers' compiled static-cache generate on the same "
+                         "weights, prompts of --context tokens, --new-tokens each (issue 17's ratio: the engine's "
+                         "e2e_tokens_per_s with graphs and overlap on over this)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,6 +355,20 @@ def main() -> None:
             shutil.copyfileobj(f, g)
         path.unlink()
     result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.peer:
+        ours = {r["batch"]: r["e2e_tokens_per_s"] for r in result["runs"]
+                if r["mode"] == "graphs" and r["overlap"] and not r["tuned_plans"]}
+        del engine, graphs
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            result["peer"] = peer_generate(LLAMA3_8B, batches, args.context, args.new_tokens)
+        except Exception as e:  # a peer that fails to build or compile is a result, not a lost run
+            result["peer_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        for row in result.get("peer", []):
+            if row["batch"] in ours:
+                row["engine_over_peer"] = ours[row["batch"]] / row["tokens_per_s"]
+            print(json.dumps(row), flush=True)
     (out / "engine_bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

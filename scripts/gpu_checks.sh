@@ -6,7 +6,8 @@
 #   bash scripts/gpu_checks.sh bench      # pdserve bench: disaggregated vs colocated at concurrency 1, 8, 32
 #   bash scripts/gpu_checks.sh profile    # pdserve profile: the planner's measured H200 profile
 #   bash scripts/gpu_checks.sh unit       # GPU tests that need no model fixture (fp8 wire kernels, sampler)
-#   bash scripts/gpu_checks.sh engine     # one engine's decode step vs its graph replay, split into host/device phases (#17)
+#   bash scripts/gpu_checks.sh engine     # one engine's decode step vs its graph replay, split into host/device phases (#17);
+#                                         # PEER=1 adds transformers' compiled generate on the same weights (the tokens/s ratio)
 # On nvidia-h200-x2 (issue #19):
 #   bash scripts/gpu_checks.sh x2transfer          # NIXL GPU0 -> GPU1 vs the peer-to-peer copy; both GPUs visible, and isolated as under Ray
 #   bash scripts/gpu_checks.sh x2bench2k x2bench8k # prefill on GPU 0 + decode on GPU 1 vs two colocated engines, concurrency 1-64
@@ -63,8 +64,8 @@ part_unit() {  # the GPU tests that need no model fixture, with their failures i
 
 part_engine() {  # where an engine decode step's time goes beyond its graph replay (issue #17), plus a profiler trace
   python3 -P benchmarks/bench_engine_gpu.py --tokenizer "$MODEL" --out "$OUT/engine" --plans '' --overlap off,on \
-    --only-graphs --breakdown --trace "${TRACE:-32}" > "$OUT/engine.txt" 2>&1 || status=1
-  grep '^{"batch"' "$OUT/engine.txt"
+    --only-graphs --breakdown --trace "${TRACE:-32}" ${PEER:+--peer} > "$OUT/engine.txt" 2>&1 || status=1
+  grep -E '^\{"(batch|peer)"' "$OUT/engine.txt"
 }
 
 part_firstpull() {  # a fresh agent's first pulls (fp8 first: its kernels' JIT) and the 2K-token pull, adjacent blocks
