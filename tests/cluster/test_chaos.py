@@ -293,6 +293,10 @@ def test_whole_decode_pool_killed_streams_wait_for_the_refill(server, stub, work
     stalls = [s.first_after(killed) - killed for s in moved]
     RECOVERY["decode_pool_killed"] = {"streams_moved": len(moved), "kill_to_first_migrated_token_s": _spread(stalls)}
     print(f"\ndecode pool killed: {RECOVERY['decode_pool_killed']}")
-    info = all_blocks_free(stub, timeout=120)
-    assert info.decode_ready == 2 and not set(victims.values()) & {w.name for w in info.workers}
+    all_blocks_free(stub, timeout=120)
+    # the streams go on once one replacement is ready; the second comes when Ray has freed the second dead
+    # actor's CPUs (cluster.py placeable), a backoff step or more later on a loaded box
+    info = wait_for(lambda: (i := cluster_info(stub)).decode_ready == 2 and i, 120, "both decode replacements ready")
+    RECOVERY["decode_pool_killed"]["kill_to_pool_refilled_s"] = round(time.monotonic() - killed, 2)
+    assert not set(victims.values()) & {w.name for w in info.workers}
     _whole_and_free(stub)
