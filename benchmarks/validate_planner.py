@@ -17,6 +17,12 @@ by the ratio (pdserve/planner/hostload.py). That share is an input, like the pro
 engines, not what the simulator predicts (queueing, batching, the latencies).
 The load average before each step is recorded too.
 
+Engines on a box with fewer cores than engines also lose more to each other than a fair split of the cores
+predicts; the profile measures that too (`--host-contention 4`: k engine processes stepping at once, k = 1..4,
+pdserve/planner/contention.py), and the simulator's processor sharing (`--contention cores*`) applies it.
+`--rate-scale F` runs every scenario at F x its request rate (`--rate-scale 0.5`: loads at which two cores cover
+the busy engines most of the time, which is what the planner's target, a device per engine, always has).
+
 `--gpu-cluster FILE` runs nothing: it simulates the rows of a benchmarks/bench_cluster_gpu.py result (one H200:
 a colocated bf16 engine, or one fp8 prefill + one bf16 decode actor sharing the GPU; closed loop at each
 concurrency, 2048-token prompts, 64 output tokens) with a shipped GPU profile and the simulator's closed-loop
@@ -108,6 +114,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-scale", default=None, metavar="PREFILL,DECODE",
                     help="with --resimulate: multiply the profile's prefill and decode step costs by these factors "
                          "(how far a few percent of step-cost error moves the percentiles near saturation)")
+    ap.add_argument("--without-contention", action="store_true",
+                    help="simulate as if the profile had no measured host contention (contention.py): processor "
+                         "sharing alone (to show what the measurement changes)")
+    ap.add_argument("--rate-scale", type=float, default=1.0,
+                    help="multiply every scenario's request rate (below 1: fewer engines busy at once, so that on a "
+                         "box with fewer cores than engines the engines rarely wait for a core)")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--input-lens", default="2048,8192")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -121,8 +133,8 @@ def main(argv=None) -> int:
                          "client, other jobs) ran during each run, measured from /proc/stat (an input, like the "
                          "measured share)")
     args = ap.parse_args(argv)
-    global CONTENTION
-    CONTENTION = args.contention
+    global CONTENTION, WITHOUT_CONTENTION
+    CONTENTION, WITHOUT_CONTENTION = args.contention, args.without_contention
     if args.resimulate:
         scale = tuple(float(x) for x in args.cost_scale.split(",")) if args.cost_scale else (1.0, 1.0)
         return resimulate(Path(args.resimulate), Path(args.out), scale)
@@ -140,6 +152,7 @@ def main(argv=None) -> int:
     server = None
     try:
         for name, p, d, a in [s for s in SCENARIOS if not args.only or args.only in s[0]]:
+            a = {**a, "request_rate": round(a["request_rate"] * args.rate_scale, 4)}
             if server is None or (server.p, server.d) != (p, d):
                 if server:
                     server.stop()
@@ -153,7 +166,7 @@ def main(argv=None) -> int:
                                 "--server", server.address, "--kv-cache-memory-gb", "0.5",
                                 "--prefill-tokens", "16,32,64,128,256,512", "--batches", "1,2,4,8,16",
                                 "--contexts", "64,384", "--transfer-tokens", "16,128,512", "--repeats", "3",
-                                "--decode-steps", "8"],
+                                "--decode-steps", "8", "--host-contention", "4"],
                                check=True, cwd=NEUTRAL_CWD)
             prof = profile_mod.load(prof_path)
             loads[f"before {name}"] = load()
@@ -178,7 +191,7 @@ def main(argv=None) -> int:
                       for role, sh in shares.items()}
             t = time.perf_counter()
             simrep = simulated(prof, p, d, a, traces, background)
-            row = {"scenario": name, "load_during": load(), "sim_seconds": time.perf_counter() - t,
+            row = {"scenario": name, "bench": a, "load_during": load(), "sim_seconds": time.perf_counter() - t,
                    "background_cores": background,
                    "engines_cpu_share": mean_share, "profile_cpu_share": prof.host_cpu_share,
                    "engine_processes": {role: len(pids) for role, pids in workers.items()},
@@ -203,6 +216,7 @@ def main(argv=None) -> int:
 
 
 CONTENTION = "measured"
+WITHOUT_CONTENTION = False
 
 
 def simulated(prof, p: int, d: int, a: dict, cpu_share, background: float | None = None) -> dict:
@@ -210,6 +224,8 @@ def simulated(prof, p: int, d: int, a: dict, cpu_share, background: float | None
         spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, colocated=p == 0, kv_cache_tokens=None)
         if CONTENTION == "cores-background":  # less what the rest of the box ran (measured over the run)
             spec.host_cores = max(spec.host_cores - (background or 0.0), 0.25)
+        if WITHOUT_CONTENTION:
+            spec.host_contention = None
     else:
         spec = ClusterSpec.from_profile(prof, prefill=p, decode=d, colocated=p == 0, kv_cache_tokens=None,
                                         cpu_share=cpu_share)
@@ -240,6 +256,7 @@ def resimulate(src: Path, out: Path, scale: tuple[float, float] = (1.0, 1.0)) ->
     scen = {name: (p, d, a) for name, p, d, a in SCENARIOS}
     for row in result["rows"]:
         p, d, a = scen[row["scenario"]]
+        a = row.get("bench", a)  # recorded since --rate-scale (2026-12-05, fifth session)
         shares = {role: [tuple(x) for x in v] if isinstance(v, list) else v
                   for role, v in row["cpu_share_traces"].items()}
         if CONTENTION == "cores-background" and row.get("background_cores") is None:
@@ -251,7 +268,7 @@ def resimulate(src: Path, out: Path, scale: tuple[float, float] = (1.0, 1.0)) ->
                 cell["simulated_ms"] = rep[metric][q] * 1e3
                 cell["error"] = (cell["simulated_ms"] - cell["measured_ms"]) / cell["measured_ms"]
     result["resimulated_from"] = str(src)
-    result["contention"] = CONTENTION
+    result["contention"] = CONTENTION + (", without the measured host contention" if WITHOUT_CONTENTION else "")
     if scale != (1.0, 1.0):
         result["cost_scale"] = {"prefill": scale[0], "decode": scale[1]}
     result["within_bound"] = all(abs(r[k]["error"]) <= 0.2 for r in result["rows"] for k in r

@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU: intra-op threads of the engine (a Ray actor's 1)")
     p.add_argument("--host-cores", type=int, default=None,
                    help="CPU: the cores the cluster's engines will share (recorded for the simulator)")
+    p.add_argument("--host-contention", type=int, default=0, metavar="K",
+                   help="CPU: also measure how much slower engines step when 1..K of them step at once on this box "
+                        "(K processes; pdserve/planner/contention.py), for the simulator's sharing of --host-cores")
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     p.add_argument("--server", default=None, help="HOST:PORT of a running cluster: also measure its fixed overheads")
     p.add_argument("--overhead-prompt-tokens", type=int, default=128)

@@ -232,19 +232,20 @@ def _exporter(conn, shape: tuple, dtype: str, device: str, blocks: int, wires: l
             a.close()
 
 
-def _reply(conn, proc, kind: str, timeout: float):
-    """The exporter's next message, which must be `kind`; its traceback, its death or a timeout as RuntimeError."""
+def _reply(conn, proc, kind: str, timeout: float, who: str = "the KV exporter process"):
+    """A helper process's next message, which must be `kind`; its traceback, its death or a timeout as
+    RuntimeError."""
     deadline = time.monotonic() + timeout
     while not conn.poll(0.05):
         if not proc.is_alive() and not conn.poll(0):
-            raise RuntimeError(f"the KV exporter process died (exit code {proc.exitcode})")
+            raise RuntimeError(f"{who} died (exit code {proc.exitcode})")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the KV exporter process did not answer within {timeout:.0f} s ({kind})")
+            raise RuntimeError(f"{who} did not answer within {timeout:.0f} s ({kind})")
     msg = conn.recv()
     if msg[0] == "error":
-        raise RuntimeError(f"the KV exporter process failed: {msg[1]}")
+        raise RuntimeError(f"{who} failed: {msg[1]}")
     if msg[0] != kind:
-        raise RuntimeError(f"the KV exporter process said {msg[0]!r}, expected {kind!r}")
+        raise RuntimeError(f"{who} said {msg[0]!r}, expected {kind!r}")
     return msg[1:]
 
 
@@ -413,6 +414,12 @@ def measure(args) -> dict:
     prof["transfer"], prof["kv_bytes_per_token"] = (
         measure_transfer(engine, ttoks, args.repeats, args.transfer_placement, args.threads) if ttoks else ({}, {}))
     del engine
+    if device == "cpu" and args.host_contention:
+        from pdserve.planner.contention import measure_host_contention
+
+        gc.collect()
+        prof["host"]["contention"] = {"cores": os.cpu_count(), **measure_host_contention(
+            args.host_contention, args.model, args.dtype, args.load_format, args.threads, log=_log)}
     if args.server:
         prof["overheads"] = measure_overheads(prof, args.server, args.overhead_prompt_tokens, args.overhead_requests)
     return prof

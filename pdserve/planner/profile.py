@@ -19,8 +19,10 @@ JSON (`pdserve profile` writes it; `SCHEMA` names the version):
     overheads {request_ms, decode_step_ms}       what the engine steps do not include: a request's fixed cost
              through router and actors (added to TTFT), and a decode worker's per-step cost of streaming deltas
     engine   {block_size, kv_cache_tokens, max_num_seqs, max_num_batched_tokens, prefill_max_num_batched_tokens}
-    host     {cores, cpu_share}                  engines share this many cores (a CPU box; null: one device each);
-                                                 the share of a core the measurements got (hostload.py)
+    host     {cores, cpu_share, contention}      engines share this many cores (a CPU box; null: one device each);
+                                                 the share of a core the measurements got (hostload.py);
+                                                 optional contention {cores, engines, step_ms, slowdown}: the
+                                                 step's slowdown when k engines step at once (contention.py)
 
 A step that mixes prompt chunks (or recomputed tokens) with decodes is costed as a prefill step of all its
 tokens plus the decodes' KV reads, and at least as a decode step of as many sequences: the engine runs such
@@ -98,6 +100,10 @@ class Profile:
     @property
     def host_cores(self) -> int | None:
         return (self.raw.get("host") or {}).get("cores")
+
+    @property
+    def host_contention(self) -> dict | None:
+        return (self.raw.get("host") or {}).get("contention")
 
     @property
     def host_cpu_share(self) -> float:

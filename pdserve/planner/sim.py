@@ -12,8 +12,9 @@ prefill pool at another precision), which makes that step a mixed one.
 The router mirrors router/policy.py: cache-aware prefill pick (prefix held by a worker that is not overloaded,
 else least queued tokens), least-loaded decode pick, both at arrival; colocated engines with prefix caching get
 the cache-aware pick, as pdserve's own colocated mode does.
-On a shared CPU box, engines share `host_cores` by processor sharing, or run at a given CPU share (a number or
-a trace over time per pool, measured by hostload.py) relative to the profile's.
+On a shared CPU box, engines share `host_cores` by processor sharing (slowed further by the profile's measured
+contention of engines stepping at once, contention.py, when it has one), or run at a given CPU share (a number
+or a trace over time per pool, measured by hostload.py) relative to the profile's.
 
 Simplifications (each makes the simulation faster or simpler and is small for the workloads here): a decode
 admission reserves KV for the whole request (prompt + output), so there is no preemption; transfers into one
@@ -38,6 +39,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from pdserve.engine.prompt_chunks import LOOKAHEAD, allot
+from pdserve.planner.contention import excess
 from pdserve.planner.profile import Profile
 from pdserve.planner.workload import SimRequest
 
@@ -65,6 +67,8 @@ class ClusterSpec:
     colocated_prefix_cache: bool = True
     transfer_scale: float = 1.0          # transfer times x this (what-if: another network)
     host_cores: int | None = None        # engines share this many cores; None: one device each
+    # measured slowdowns of engines stepping at once on those cores (profile host.contention, contention.py)
+    host_contention: dict | None = None
     # the share of a core each engine gets on a shared box (hostload.py): one number, or [(from second, share)],
     # or {"prefill": ..., "decode": ...} of those per pool (colocated engines take the decode pool's)
     cpu_share: float | list | dict | None = None
@@ -88,7 +92,7 @@ class ClusterSpec:
                 "prompt_chunk_tokens": e.get("prompt_chunk_tokens"),
                 "kv_cache_tokens": e.get("kv_cache_tokens", 1 << 30),
                 "prefix_cache_tokens": e.get("prefix_cache_tokens", e.get("kv_cache_tokens", 1 << 30)),
-                "host_cores": profile.host_cores}
+                "host_cores": profile.host_cores, "host_contention": profile.host_contention}
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -432,7 +436,8 @@ class Simulator:
         for o in self.engines:
             if o.busy and o is not started:
                 o.work_left -= (self.now - o.t_mark) * 1e3 * o.rate
-        rate = min(1.0, self.spec.host_cores / max(self.busy_count, 1))
+        busy = max(self.busy_count, 1)
+        rate = min(1.0, self.spec.host_cores / busy) / excess(self.spec.host_contention, busy, self.spec.host_cores)
         for o in self.engines:
             if o.busy:
                 o.t_mark, o.rate = self.now, rate

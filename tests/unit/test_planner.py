@@ -113,6 +113,17 @@ def test_engines_sharing_cores_split_them():
     assert [o.ttft for o in outs] == pytest.approx([0.099, 0.099])
     outs, _ = run(p, reqs, prefill=2, policy="round_robin", host_cores=1)
     assert [o.ttft for o in outs] == pytest.approx([0.198, 0.198])
+    # measured contention (contention.py): two engines stepping at once on a 2-core box each took 1.25x their
+    # time alone, three 1.8x (processor sharing alone: 1.5x): on 2 cores both finish at 0.099 x 1.25; on one core
+    # at 0.198 x 1.25 (the excess over a fair split carries over); three engines on 2 cores at 0.099 x 1.8
+    p.raw["host"] = {"contention": {"cores": 2, "engines": [1, 2, 3], "slowdown": [1.0, 1.25, 1.8]}}
+    outs, _ = run(p, reqs, prefill=2, policy="round_robin", host_cores=2)
+    assert [o.ttft for o in outs] == pytest.approx([0.12375, 0.12375])
+    outs, _ = run(p, reqs, prefill=2, policy="round_robin", host_cores=1)
+    assert [o.ttft for o in outs] == pytest.approx([0.2475, 0.2475])
+    reqs3 = [SimRequest(0.0, 100, 1, group=g, prefix_len=96) for g in (0, 1, 2)]
+    outs, _ = run(p, reqs3, prefill=3, policy="round_robin", host_cores=2)
+    assert [o.ttft for o in outs] == pytest.approx([0.1782] * 3)
     # a shared box: the profile was measured at 0.8 of a core, the engines now get 0.4: every step takes twice
     p.raw["host"] = {"cores": None, "cpu_share": 0.8}
     outs, _ = run(p, reqs, prefill=2, policy="round_robin", cpu_share=0.4)
