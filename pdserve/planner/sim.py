@@ -43,7 +43,7 @@ from pdserve.planner.contention import excess
 from pdserve.planner.profile import Profile
 from pdserve.planner.workload import SimRequest
 
-ARRIVE, DISPATCH, STEP_END, TRANSFER_DONE = 0, 1, 2, 3
+ARRIVE, DISPATCH, STEP_END, TRANSFER_DONE, KICK = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -141,6 +141,7 @@ class Engine:
         self.ctx_total = 0
         self.step_ends: list[float] = []
         self.busy = False
+        self.kick_pending = False  # a KICK event is queued for this engine
         self.version = 0
         # the step in flight: its jobs' chunks, work left (ms at full speed), when that was last updated
         self.cur: list[tuple[_Job, int]] = []
@@ -222,7 +223,8 @@ class Simulator:
     # -- events ------------------------------------------------------------------------------------
     def push(self, t: float, kind: int, a, b=0) -> None:
         self.seq += 1
-        heapq.heappush(self.events, (t, self.seq, kind, a, b))
+        # a KICK sorts after every other event of its instant (its `seq` lifted past any pushed later)
+        heapq.heappush(self.events, (t, self.seq + (1 << 62 if kind == KICK else 0), kind, a, b))
 
     def run(self) -> list[Outcome]:
         for i, r in enumerate(self.reqs[:self.next_rid]):  # open loop: all; closed loop: the first `clients`
@@ -239,6 +241,10 @@ class Simulator:
                 self.dispatch(a)
             elif kind == TRANSFER_DONE:
                 self.transfer_done(a, b)
+            elif kind == KICK:
+                a.kick_pending = False
+                if not a.busy and a.has_work():
+                    self.start_step(a)
         return self.out
 
     # -- router ------------------------------------------------------------------------------------
@@ -333,8 +339,12 @@ class Simulator:
         self.push(self.now + self.request_s, DISPATCH, rid)
 
     def kick(self, e: Engine) -> None:
-        if not e.busy and e.has_work():
-            self.start_step(e)
+        """Start a step on an idle engine with work, once everything else of this instant has happened: the
+        engine's loop schedules what is there when it gets to run, so requests that arrive together (a burst, a
+        closed-loop client's next request at a step's end) share the step, as they do in engine/engine.py."""
+        if not e.busy and not e.kick_pending and e.has_work():
+            e.kick_pending = True
+            self.push(self.now, KICK, e)
 
     def start_step(self, e: Engine) -> None:
         budget = e.budget - e.decoding

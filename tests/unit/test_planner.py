@@ -75,16 +75,16 @@ def test_queueing_at_one_server(lengths, expect_mean, expect_p90):
 
 
 def test_transfer_bound_pool_queues_at_the_decode_link():
-    # 10 prompts of 1001 tokens at t=0: the first starts the prefill engine alone (10 ms), the other 9 share its
-    # next step (done at 20 ms); each KV (1000 tokens x 1000 B) takes 100 ms on the decode worker's link, one after
-    # another; the first decode step costs 1 ms
+    # 10 prompts of 1001 tokens at t=0 share the prefill engine's first step (a step starts once everything of its
+    # instant has arrived; done at 10 ms); each KV (1000 tokens x 1000 B) takes 100 ms on the decode worker's link,
+    # one after another; the first decode step costs 1 ms
     p = prof(prefill=((0, 10), (10 ** 6, 10)), decode=((1, 1), (2, 1)), transfer=((0, 0), (10 ** 6, 100)))
     reqs = [SimRequest(0.0, 1001, 1) for _ in range(10)]
     outs, _ = run(p, reqs)
     assert sorted(o.ttft for o in outs) == pytest.approx([0.010 + 0.100 * (i + 1) + 0.001 for i in range(10)])
-    # two decode workers: two links, half the queue (the second link's first KV is ready at 20 ms)
+    # two decode workers: two links, half the queue each
     outs, _ = run(p, reqs, decode=2)
-    assert max(o.ttft for o in outs) == pytest.approx(0.020 + 0.500 + 0.001)
+    assert max(o.ttft for o in outs) == pytest.approx(0.010 + 0.500 + 0.001)
     # the fp8 wire halves the bytes (this profile's fp8 KV is half the raw), so each transfer is 50 ms
     outs, _ = run(p, reqs, wire="fp8", refresh_sink_tokens=0)
     assert max(o.ttft for o in outs) == pytest.approx(0.010 + 0.500 + 0.001)
@@ -260,25 +260,25 @@ def test_closed_loop_sends_the_next_request_when_one_finishes():
     p = prof(overheads={"request_ms": 50})
     reqs = [SimRequest(0.0, 100, 1) for _ in range(3)]
     outs, _ = run(p, reqs, colocated=True, prefill=0, decode=1, max_num_batched_tokens=10 ** 6)
-    # open loop, all at t=0: the first starts a step alone (100 ms), the other two share the next (200 ms)
-    assert [o.ttft for o in outs] == pytest.approx([0.15, 0.35, 0.35])
+    # open loop, all at t=0: all three reach the engine at 0.05 s and share one step (300 ms)
+    assert [o.ttft for o in outs] == pytest.approx([0.35, 0.35, 0.35])
     assert [o.arrival for o in outs] == [0.0] * 3
     spec = ClusterSpec.from_profile(p, colocated=True, prefill=0, decode=1, max_num_batched_tokens=10 ** 6)
     outs, _ = simulate(p, spec, reqs, clients=1)
     assert [o.arrival for o in outs] == pytest.approx([0.0, 0.15, 0.30])
     assert [o.ttft for o in outs] == pytest.approx([0.15] * 3)
     assert [r.arrival for r in reqs] == [0.0] * 3  # the caller's list is not rewritten
-    # two clients, 3 output tokens, no overhead. r0 and r1 are sent at 0; r0's dispatch starts a step of its prompt
-    # alone (100 ms: TTFT 0.100); then r0's decode + r1's prompt, a mixed step of 101 tokens (0.201: r1's TTFT);
-    # a decode step of two (20 ms, 0.221) ends r0, so r2 is sent at 0.221; the engine has already started r1's last
-    # step alone (10 ms, 0.231), which ends r1: r3 is sent at 0.231. r2's prompt then runs alone (0.331, TTFT
-    # 0.110), r2's decode + r3's prompt (0.432, TTFT 0.201), a decode of two (0.452, r2 done), r3 alone (0.462)
+    # two clients, no overhead, 3, 2, 3 and 3 output tokens. r0 and r1 are sent at 0 and share a step of both
+    # prompts (200 ms: TTFT 0.200 each); a decode step of two (20 ms, 0.220) ends r1, so r2 is sent at 0.220 and
+    # joins the next step, which the engine starts at that same instant: r0's decode + r2's prompt, 101 tokens
+    # (0.321: r0 ends, r2's TTFT 0.101), so r3 is sent at 0.321; r2's decode + r3's prompt (0.422, r3's TTFT
+    # 0.101), a decode of two (0.442, r2 done), r3 alone (10 ms, 0.452)
     p = prof()
     spec = ClusterSpec.from_profile(p, colocated=True, prefill=0, decode=1, max_num_batched_tokens=10 ** 6)
-    outs, _ = simulate(p, spec, [SimRequest(0.0, 100, 3) for _ in range(4)], clients=2)
-    assert [o.arrival for o in outs] == pytest.approx([0.0, 0.0, 0.221, 0.231])
-    assert [o.ttft for o in outs] == pytest.approx([0.100, 0.201, 0.110, 0.201])
-    assert [o.e2e for o in outs] == pytest.approx([0.221, 0.231, 0.231, 0.231])
+    outs, _ = simulate(p, spec, [SimRequest(0.0, 100, n) for n in (3, 2, 3, 3)], clients=2)
+    assert [o.arrival for o in outs] == pytest.approx([0.0, 0.0, 0.220, 0.321])
+    assert [o.ttft for o in outs] == pytest.approx([0.200, 0.200, 0.101, 0.101])
+    assert [o.e2e for o in outs] == pytest.approx([0.321, 0.220, 0.222, 0.131])
     with pytest.raises(ValueError, match="clients"):
         simulate(p, spec, [SimRequest(0.0, 100, 3)], clients=0)
 
