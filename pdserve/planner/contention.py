@@ -22,6 +22,8 @@ import statistics
 import time
 import traceback
 
+from pdserve.planner.procs import reply
+
 BATCH, CONTEXT, NEW_TOKENS = 4, 256, 40
 
 
@@ -77,10 +79,8 @@ def measure_host_contention(max_engines: int, model, dtype: str, load_format: st
     other load spoils one sample, not one k) and the median taken; slowdown = step_ms[k] / step_ms[1]."""
     import torch.multiprocessing as mp
 
-    from pdserve.planner.measure import _reply
-
     def answer(i: int, kind: str, timeout: float):
-        return _reply(conns[i], procs[i], kind, timeout, who=f"contention engine process {i}")[0]
+        return reply(conns[i], procs[i], kind, timeout, who=f"contention engine process {i}")[0]
 
     ctx = mp.get_context("spawn")
     procs, conns = [], []

@@ -92,3 +92,28 @@ def test_profile_cli_on_cpu_measures_the_transfer_between_two_processes(tmp_path
     assert prof["transfer"]["raw"]["processes"] == 2 and prof["transfer"]["raw"]["placement"] == "adjacent"
     assert prof["transfer"]["raw"]["descriptors"] == [1, 1]
     assert "exporter pid" in r.stderr
+
+
+def test_host_contention_times_engines_stepping_at_once():
+    """Two engine processes of the embedded model: one alone, then both at once; the ratio is the slowdown the
+    simulator applies beyond processor sharing (contention.excess)."""
+    from pdserve.planner import contention
+
+    c = contention.measure_host_contention(2, None, "float32", "auto", 1, seconds=1.0, passes=1, log=lambda m: None)
+    assert c["engines"] == [1, 2] and c["slowdown"][0] == 1.0
+    assert all(ms > 0 for ms in c["step_ms"])
+    assert c["slowdown"][1] == pytest.approx(c["step_ms"][1] / c["step_ms"][0], rel=1e-3)
+    # on a box of `cores`, beyond processor sharing: k = 2 on 2 cores is all excess; past the measured k the last
+    c = {"cores": 2, "engines": [1, 2, 3], "slowdown": [1.0, 1.2, 1.8]}
+    assert contention.excess(c, 1, 2) == 1.0
+    assert contention.excess(c, 2, 2) == pytest.approx(1.2)
+    assert contention.excess(c, 3, 2) == pytest.approx(1.2)  # 1.8 / (3 / 2)
+    assert contention.excess(c, 5, 1) == pytest.approx(1.2)  # measured at 2 cores, whatever the sim shares
+    assert contention.excess(None, 4, 2) == 1.0
+
+
+def test_host_contention_reports_a_failing_engine_process():
+    from pdserve.planner import contention
+
+    with pytest.raises(RuntimeError, match="contention engine process 0 failed: .*no-such-model"):
+        contention.measure_host_contention(1, "/no-such-model.gguf", "float32", "auto", 1, seconds=0.5, passes=1)
