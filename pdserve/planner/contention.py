@@ -4,7 +4,8 @@
 The simulator shares a box's cores among the busy engines by processor sharing (sim.py, `host_cores`): at most
 one core each, k / cores slower once there are more engines than cores. Measured on the 2-core box of
 2026-12-05, engines lose more than that to each other (memory bandwidth and caches shared, the kernel
-switching between them): two engines on two cores each stepped 1.13x slower than one alone. This module
+switching between them): two engines on two cores each stepped 1.13-1.23x slower than one alone, in three
+measurements. This module
 measures it: K spawned processes, each an engine of the profiled model (same dtype, same intra-op threads),
 and for k = 1..K, k of them step decode batches at once for a few seconds; the median step of each, over
 the k, against the median alone. The profile records the slowdowns (`host.contention`); the simulator divides
@@ -96,8 +97,8 @@ def measure_host_contention(max_engines: int, model, dtype: str, load_format: st
             answer(i, "ready", 300)
         samples: dict[int, list[float]] = {k: [] for k in range(1, max_engines + 1)}
         order = list(range(1, max_engines + 1))
-        for i in range(passes):
-            for k in (order if i % 2 == 0 else order[::-1]):
+        for n in range(passes):
+            for k in (order if n % 2 == 0 else order[::-1]):
                 for c in conns[:k]:
                     c.send(("run", seconds))
                 meds = [answer(i, "median", seconds + 120) for i in range(k)]
