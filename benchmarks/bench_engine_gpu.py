@@ -22,10 +22,14 @@ import gzip
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+# bench_gpu (the peer's timing) sits beside this script, which runs with `python -P` (script folder not on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -221,8 +225,11 @@ def peer_generate(cfg: dict, batches: list[int], context: int, new_tokens: int, 
     """transformers' LlamaForCausalLM (SDPA, static cache, torch.compile'd unless `compiled` is off) on the very
     tensors the engine ran (random_weights, same seed, same device), greedy generate() of `new_tokens` after
     `context`-token random prompts: the peer of issue 17's tokens/s ratio, timed like the engine's e2e rate
-    (prefill included). Median of two calls after a first one (which compiles)."""
+    (prefill included). Timed by bench_gpu.hf_generate: the median of two calls after a first one (which
+    compiles), or of one eager call after a warm one."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench_gpu import hf_generate
 
     from pdserve.engine.model_config import arch_from_hf_config
     from pdserve.engine.random_weights import random_weights
@@ -240,26 +247,15 @@ def peer_generate(cfg: dict, batches: list[int], context: int, new_tokens: int, 
     hf.eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     rows = []
     for b in batches:
         gen = torch.Generator().manual_seed(b)
         ids = torch.randint(3, 32000, (b, context), generator=gen).to(device)
-        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                      do_sample=False, cache_implementation="static", disable_compile=not compiled)
-        times = []
-        with torch.inference_mode():
-            for _ in range(3):
-                sync()
-                t = time.perf_counter()
-                out = hf.generate(ids, **kwargs)
-                sync()
-                times.append(time.perf_counter() - t)
-        assert out.shape == (b, context + new_tokens), out.shape
-        seconds = statistics.median(times[1:])
+        seconds, first, out = hf_generate(hf, ids, compiled, new_tokens)
+        assert out.shape == (b, new_tokens), out.shape
         rows.append(dict(peer=f"transformers {transformers_version()} LlamaForCausalLM, SDPA, static cache, "
                               f"{'torch.compile' if compiled else 'eager'}", batch=b, context=context,
-                         new_tokens=new_tokens, first_call_s=times[0], seconds=seconds,
+                         new_tokens=new_tokens, first_call_s=first, seconds=seconds,
                          tokens_per_s=b * new_tokens / seconds))
     del hf
     return rows

@@ -294,18 +294,20 @@ def hf_model(model):
     return hf
 
 
-def hf_generate(hf, prompts, compiled: bool) -> tuple[float, float, torch.Tensor]:
-    """(median seconds, first-call seconds, tokens) of greedy generate with a static cache."""
-    ids = torch.tensor(prompts, device="cuda")
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW,
+def hf_generate(hf, ids: torch.Tensor, compiled: bool, new_tokens: int = GEN_NEW) -> tuple[float, float, torch.Tensor]:
+    """(median seconds, first-call seconds, tokens) of greedy generate with a static cache, prompts `ids` [B, T]
+    on the model's device; the first call (which compiles) is left out of the median.
+    benchmarks/bench_engine_gpu.py's --peer times its peer with this too."""
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   do_sample=False, cache_implementation="static", disable_compile=not compiled)
     times = []
     with torch.inference_mode():
         for _ in range(3 if compiled else 2):
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             out = hf.generate(ids, **kwargs)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times[1:]), times[0], out[:, ids.shape[1]:]
 
@@ -331,7 +333,7 @@ def bench_generate(model, with_compiled: bool, deadline: float) -> list[dict]:
                                  skipped="time budget of the run"))
                 continue
             try:
-                seconds, first, tokens = hf_generate(hf, prompts[b], compiled)
+                seconds, first, tokens = hf_generate(hf, torch.tensor(prompts[b], device="cuda"), compiled)
             except Exception as exc:  # a failed peer mode is a result, not a crash of the whole run
                 rows.append(dict(engine=f"transformers ({'compiled' if compiled else 'eager'})", batch=b,
                                  error=f"{type(exc).__name__}: {str(exc)[:300]}"))
