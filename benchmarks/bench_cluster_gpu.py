@@ -127,6 +127,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write every row as JSON here")
     p.add_argument("--save-requests", default=None, metavar="DIR",
                    help="per row, every measured request's timeline (pdserve bench --save-outputs) in DIR")
+    p.add_argument("--step-log", default=None, metavar="DIR",
+                   help="every engine's step log (engine.step_log) in DIR/<deployment>; with --save-requests, "
+                        "benchmarks/step_timeline.py lines the two up")
     args = p.parse_args()
     from pdserve.testing.cluster import Server
 
@@ -134,8 +137,11 @@ def main() -> None:
     kv_gb = args.kv_gb if args.kv_gb is not None else default_kv_gb()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-gpu-"))
     for name in args.deployments.split(","):
+        engine = {**ENGINE, "kv_cache_memory_gb": kv_gb}
+        if args.step_log:
+            engine["step_log"] = str(Path(args.step_log).resolve() / name)
         config = {"model": {"path": str(Path(args.model).resolve()), "load_format": "dummy", "dtype": "bfloat16"},
-                  "engine": {**ENGINE, "kv_cache_memory_gb": kv_gb}, "ray": {"num_cpus": 8}, **DEPLOYMENTS[name]}
+                  "engine": engine, "ray": {"num_cpus": 8}, **DEPLOYMENTS[name]}
         t0 = time.monotonic()
         server = Server(config, tmp, timeout=900)
         print(f"# {name}: ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)

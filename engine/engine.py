@@ -39,6 +39,7 @@ from pdserve.engine.loader import resolve_model_path
 from pdserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from pdserve.engine.sampler import logprob_infos, sample_tokens
 from pdserve.engine.scheduler import ScheduledBatch, Scheduler
+from pdserve.engine.step_log import StepLog
 from pdserve.engine.sequence import PLACEHOLDER, Continuation, SamplingParams, Sequence, Status
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.tokenizer import Tokenizer, prompt_ids
@@ -73,6 +74,7 @@ class _Step:
     host: torch.Tensor | None = None
     done: object = None
     deferred: bool = False  # finished by the next step() call (its sequences hold placeholders meanwhile)
+    log: dict | None = None  # its StepLog record, written once the step is seen complete
 
 
 def resolve_overlap(setting: bool | None, device: torch.device) -> bool:
@@ -89,7 +91,7 @@ class LLMEngine:
     def __init__(self, model: str | None = None, dtype: str = "auto", config: EngineConfig | None = None,
                  precision: str = "bf16", enable_prefix_caching: bool = False, max_model_len: int | None = None,
                  progress: bool = True, connector: Optional[KVConnector] = None, remote_kv_timeout: float = 15.0,
-                 load_format: str = "auto"):
+                 load_format: str = "auto", role: str = "engine"):
         config = config or EngineConfig()
         self.config = config
         self.precision = precision
@@ -120,6 +122,7 @@ class LLMEngine:
         self.awaiting_room: deque[tuple[Sequence, float]] = deque()
         self.loading: dict[str, Sequence] = {}
         self.sending: dict[str, Sequence] = {}
+        self.step_log = StepLog(config.step_log, role, self.device) if config.step_log else None
 
     @classmethod
     def from_config(cls, config, role: str, progress: bool = False) -> "LLMEngine":
@@ -130,7 +133,8 @@ class LLMEngine:
         precision = resolve_precision(getattr(config, role).precision, role, resolve_device(econf.device))
         return cls(config.model.path, config.model.dtype, econf, precision=precision,
                    enable_prefix_caching=role == "prefill" or config.colocated, max_model_len=config.model.max_model_len,
-                   progress=progress, load_format=config.model.load_format)
+                   progress=progress, load_format=config.model.load_format,
+                   role="colocated" if config.colocated else role)
 
     # -- input ------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
@@ -171,6 +175,8 @@ class LLMEngine:
             seq.block_hashes = block_hashes(seq.token_ids, self.config.block_size, cache_namespace)
         seq.detok = self._detokenizer(seq, continuation)
         self.requests[request_id] = seq
+        if self.step_log is not None:
+            self.step_log.request(request_id, len(prompt_token_ids))
         if remote_kv is not None:
             seq.status = Status.WAITING_FOR_REMOTE_KV
             seq.remote_kv = remote_kv
@@ -340,6 +346,8 @@ class LLMEngine:
             seq.num_computed_tokens = seq.num_cached_tokens = seq.remote_kv.num_tokens
             seq.status = Status.WAITING
             self.scheduler.add(seq)
+            if self.step_log is not None:
+                self.step_log.loaded(rid)
         for rid, why in failed:
             seq = self.loading.pop(rid)
             self.free_blocks(seq.block_table)
@@ -407,6 +415,7 @@ class LLMEngine:
         if prev is not None:
             batch.token_rows = [(i, s.in_flight_row) for i, s in enumerate(batch.seqs) if s.in_flight_row is not None]
             batch.token_source = prev.tokens
+        log = self.step_log.launching(batch) if self.step_log is not None else None
         logits = self.runner.execute(batch, sample_rows)
         for seq, n, r in zip(batch.seqs, batch.num_new, batch.num_refresh):
             seq.num_computed_tokens += n
@@ -417,7 +426,9 @@ class LLMEngine:
         seqs = [batch.seqs[i] for i in sample_rows]
         # positions: each row's num_tokens, placeholders included, is the index its new token takes
         tokens = sample_tokens(logits, seqs) if logits is not None else None
-        step = _Step(batch, seqs, logits, tokens)
+        step = _Step(batch, seqs, logits, tokens, log=log)
+        if log is not None:
+            self.step_log.launched(log)
         if self.overlap_schedule and self.device.type == "cuda":
             if tokens is not None:
                 step.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -454,6 +465,8 @@ class LLMEngine:
         """The host half of a launched step: wait for its tokens, then stop checks, text and outputs."""
         if step.done is not None:
             step.done.synchronize()
+        if step.log is not None:
+            self.step_log.finished(step.log)
         for seq in step.batch.seqs:
             seq.num_steps_in_flight -= 1
         outputs = []

@@ -4,7 +4,7 @@ chart renders from its values; unknown keys are errors, so a typo never silently
     mode:        disaggregated | colocated
     model:       {path, dtype, max_model_len, load_format}
     engine:      {block_size, num_blocks, kv_cache_memory_gb, max_num_seqs, max_num_batched_tokens,
-                  prompt_chunk_tokens, device, fp8_attention_min_tokens, overlap_schedule}
+                  prompt_chunk_tokens, device, fp8_attention_min_tokens, overlap_schedule, step_log}
     prefill:     {replicas, precision, num_gpus, num_cpus, resources}
     decode:      {replicas, precision, num_gpus, num_cpus, resources}
     kv_transfer: {dtype, backend, lease_seconds, refresh_sink_tokens}
@@ -79,9 +79,15 @@ class EngineConfig:
     # stops for N while the device runs N+1 (engine/engine.py); the outputs are the same either way. None
     # (auto): on for CUDA; off on CPU, where the host runs the model itself and nothing would overlap
     overlap_schedule: Optional[bool] = None
+    # a directory: each engine appends a JSON line per request added and per model step (composition, host and
+    # device times; engine/step_log.py) to <role>-<pid>.jsonl there. For measuring (benchmarks/step_timeline.py),
+    # not for production: it grows without bound. None: off
+    step_log: Optional[str] = None
 
     def validate(self, at: str) -> None:
         _positive(at + ".block_size", self.block_size)
+        if self.step_log is not None and (not isinstance(self.step_log, str) or not self.step_log):
+            raise ConfigError(f"{at}.step_log: expected a directory path or null, got {self.step_log!r}")
         if self.overlap_schedule is not None and not isinstance(self.overlap_schedule, bool):
             raise ConfigError(f"{at}.overlap_schedule: expected true, false or null (auto), "
                               f"got {self.overlap_schedule!r}")

@@ -82,7 +82,7 @@ part_cluster() {
 part_bench() {
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
     --concurrency "${CONC:-1,8,32}" --input-len 2048 --max-tokens 64 --requests-per-stream "${REQS:-4}" \
-    --out "$OUT/cluster_bench.json" --save-requests "$OUT/requests" || status=1
+    --out "$OUT/cluster_bench.json" --save-requests "$OUT/requests" --step-log "$OUT/steps" || status=1
 }
 
 part_profile() {  # the planner's H200 profile (issue #18), Llama-3-8B shapes

@@ -124,6 +124,7 @@ class RequestResult:
     prefill_worker: str = ""
     decode_worker: str = ""
     token_ids: list[int] = field(default_factory=list)
+    request_id: str = ""             # the router's id (the engines' too, but for a '#n' suffix after a migration)
 
     @property
     def tpot(self) -> float | None:
@@ -293,6 +294,8 @@ async def _stream(stub, msg, timeout: float) -> RequestResult:
         call = stub.Generate(msg, timeout=timeout)
         async for resp in call:
             now = time.perf_counter()
+            if resp.request_id and not r.request_id:
+                r.request_id = resp.request_id
             if resp.prefill_worker:
                 r.prefill_worker, r.decode_worker = resp.prefill_worker, resp.decode_worker
             if resp.token_ids:
@@ -461,13 +464,16 @@ async def watch_cluster(address: str, period: float, t0: float, samples: list[di
 def save_outputs(path: str, requests: list[BenchRequest], results: list[RequestResult]) -> None:
     """One JSON line per measured request, in workload order: what it produced and how fast, so two
     runs of the same seed (say, one while scaling) can be compared token for token, and a run's timeline
-    rebuilt (`sent`: seconds after the first measured request left; `itl`: the gaps between token messages)."""
+    rebuilt (`sent`: seconds after the first measured request left; `itl`: the gaps between token messages).
+    `sent_clock` is the same instant as time.perf_counter() read it, which on Linux is one clock for every process
+    of the host: with `request_id` it lines a request up with the engines' step logs (engine.step_log)."""
     t0 = min((r.sent for r in results if r.sent), default=0.0)
     with open(path, "w") as f:
         for i, (q, r) in enumerate(zip(requests, results)):
             f.write(json.dumps({"index": i, "group": q.group, "status": r.status, "error": r.error,
                                 "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
                                 "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                                "request_id": r.request_id, "sent_clock": round(r.sent, 6) if r.sent else None,
                                 "sent": round(r.sent - t0, 6) if r.sent else None, "ttft": r.ttft,
                                 "e2e": r.e2e, "itl": [round(x, 6) for x in r.itl], "prefill_worker": r.prefill_worker,
                                 "decode_worker": r.decode_worker}) + "\n")
