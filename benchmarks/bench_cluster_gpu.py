@@ -62,10 +62,12 @@ def _metrics(port: int) -> dict:
     return out
 
 
-def _bench(address: str, args, concurrency: int, num: int, save: str | None = None) -> dict:
+def _bench(address: str, args, concurrency: int, num: int, seed: int, save: str | None = None) -> dict:
+    """One `pdserve bench` pass. Each pass of a deployment needs its own seed: prompts of a seed already served
+    would be prefix-cache hits (the prefill and colocated engines cache prefixes), measuring the cache instead."""
     cmd = [sys.executable, "-m", "pdserve", "bench", "--server", address, "--json", "--no-progress",
            "--input-len", str(args.input_len), "--max-tokens", str(args.max_tokens), "--concurrency", str(concurrency),
-           "--num-requests", str(num), "--warmup", str(min(concurrency, 4)), "--seed", "1"]
+           "--num-requests", str(num), "--warmup", str(min(concurrency, 4)), "--seed", str(seed)]
     if args.goodput_ttft:
         cmd += ["--goodput-ttft", str(args.goodput_ttft), "--goodput-tpot", str(args.goodput_tpot)]
     if save:
@@ -86,6 +88,7 @@ def _row(name: str, concurrency: int, rep: dict, transfer: dict | None) -> dict:
            "itl_p50_ms": ms("itl_s", "p50"), "itl_p99_ms": ms("itl_s", "p99"),
            "tpot_p50_ms": ms("tpot_s", "p50"), "tpot_p99_ms": ms("tpot_s", "p99"),
            "output_tok_s": round(rep["output_token_throughput"], 1), "req_s": round(rep["request_throughput"], 3),
+           "prefix_hit_rate": round(rep.get("prefix_hit_rate", 0.0), 4),
            "client_loop_lag_p99_ms": None}
     lag = rep.get("client", {}).get("loop_lag_s")
     if isinstance(lag, dict):
@@ -127,6 +130,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write every row as JSON here")
     p.add_argument("--save-requests", default=None, metavar="DIR",
                    help="per row, every measured request's timeline (pdserve bench --save-outputs) in DIR")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="engine.overlap_schedule false in every worker (synchronous steps); rows say which")
     p.add_argument("--step-log", default=None, metavar="DIR",
                    help="every engine's step log (engine.step_log) in DIR/<deployment>; with --save-requests, "
                         "benchmarks/step_timeline.py lines the two up")
@@ -137,7 +142,7 @@ def main() -> None:
     kv_gb = args.kv_gb if args.kv_gb is not None else default_kv_gb()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-gpu-"))
     for name in args.deployments.split(","):
-        engine = {**ENGINE, "kv_cache_memory_gb": kv_gb}
+        engine = {**ENGINE, "kv_cache_memory_gb": kv_gb, "overlap_schedule": False if args.no_overlap else None}
         if args.step_log:
             engine["step_log"] = str(Path(args.step_log).resolve() / name)
         config = {"model": {"path": str(Path(args.model).resolve()), "load_format": "dummy", "dtype": "bfloat16"},
@@ -149,7 +154,7 @@ def main() -> None:
             # a cold start's one-time costs (UCX endpoints, Triton JIT, CUDA graph captures per batch size) are
             # reported apart: one unmeasured pass at the highest concurrency first
             top = max(int(x) for x in args.concurrency.split(","))
-            cold = _bench(server.address, args, top, top)
+            cold = _bench(server.address, args, top, top, seed=0)
             print(json.dumps({"deployment": name, "warmup_concurrency": top,
                               "cold_ttft_p99_ms": round(cold["ttft_s"]["p99"] * 1e3, 1),
                               "cold_itl_p99_ms": round(cold["itl_s"]["p99"] * 1e3, 1)}), flush=True)
@@ -162,7 +167,7 @@ def main() -> None:
                 if args.save_requests:
                     Path(args.save_requests).mkdir(parents=True, exist_ok=True)
                     save = str(Path(args.save_requests).resolve() / f"{name}-c{c}-{args.input_len}.jsonl")
-                rep = _bench(server.address, args, c, max(8, args.requests_per_stream * c), save)
+                rep = _bench(server.address, args, c, max(8, args.requests_per_stream * c), seed=c, save=save)
                 transfer = None
                 if before is not None:
                     time.sleep(1.0)  # the router refreshes worker stats every 0.5 s
@@ -174,7 +179,8 @@ def main() -> None:
                                 "transfer_GBps": round(nbytes / seconds / 1e9, 1) if seconds else None,
                                 "wire_MB_per_request": round(nbytes / pulls / 1e6, 1)}
                 row = _row(name, c, rep, transfer)
-                row.update(input_len=args.input_len, max_tokens=args.max_tokens, kv_cache_memory_gb=kv_gb)
+                row.update(input_len=args.input_len, max_tokens=args.max_tokens, kv_cache_memory_gb=kv_gb,
+                           overlap_schedule=not args.no_overlap)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:  # after every row: a run cut short keeps what it measured

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_checks.sh transfer   # NIXL VRAM->VRAM between two processes vs the CUDA IPC copy; fp8 wire kernels
 #   bash scripts/gpu_checks.sh cluster    # the cluster on one GPU: tests/gpu/test_cluster_gpu.py
 #   bash scripts/gpu_checks.sh bench      # pdserve bench: disaggregated vs colocated at concurrency 1, 8, 32
+#   bash scripts/gpu_checks.sh benchsync  # the same, colocated only, synchronous engine steps (no overlap scheduling)
 #   bash scripts/gpu_checks.sh profile    # pdserve profile: the planner's measured H200 profile
 #   bash scripts/gpu_checks.sh unit       # GPU tests that need no model fixture (fp8 wire kernels, sampler)
 #   bash scripts/gpu_checks.sh engine     # one engine's decode step vs its graph replay, split into host/device phases (#17);
@@ -82,7 +83,12 @@ part_cluster() {
 part_bench() {
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
     --concurrency "${CONC:-1,8,32}" --input-len 2048 --max-tokens 64 --requests-per-stream "${REQS:-4}" \
-    --out "$OUT/cluster_bench.json" --save-requests "$OUT/requests" --step-log "$OUT/steps" || status=1
+    --out "$OUT/cluster_bench${TAG:-}.json" --save-requests "$OUT/requests${TAG:-}" --step-log "$OUT/steps${TAG:-}" \
+    ${NO_OVERLAP:+--no-overlap} || status=1
+}
+
+part_benchsync() {  # the colocated engine with synchronous steps (engine.overlap_schedule false), for the planner's validation
+  DEPLOYMENTS=colocated NO_OVERLAP=1 TAG=-sync part_bench
 }
 
 part_profile() {  # the planner's H200 profile (issue #18), Llama-3-8B shapes
