@@ -63,14 +63,14 @@ class StepLog:
 
     def finished(self, rec: dict) -> None:
         """The step is complete on the device (its outputs were read)."""
-        rec["done"] = round(time.perf_counter(), 6)
-        rec["t"] = round(rec["t"], 6)
         events = rec.pop("_events", None)
         if events is not None:
-            events[1].synchronize()
+            events[1].synchronize()  # a synchronous step's outputs are read after this: its end is the device's
             rec["dev_ms"] = round(events[0].elapsed_time(events[1]), 3)
         else:
             rec["dev_ms"] = None
+        rec["done"] = round(time.perf_counter(), 6)
+        rec["t"] = round(rec["t"], 6)
         self._write(rec)
 
     def _write(self, rec: dict) -> None:

@@ -16,8 +16,11 @@ JSON (`pdserve profile` writes it; `SCHEMA` names the version):
              the prompt tokens of each point, the NIXL descriptors of its READ, the block placement ("adjacent":
              consecutive ids on both sides, one descriptor; "scattered": one per block) and that exporter and
              reader were 2 processes (informational: the simulator reads bytes, ms and export_ms)
-    overheads {request_ms, decode_step_ms}       what the engine steps do not include: a request's fixed cost
-             through router and actors (added to TTFT), and a decode worker's per-step cost of streaming deltas
+    overheads {request_ms, decode_step_ms, handoff_ms, per_stream_ms}
+             what the engine steps do not include: a request's fixed cost through router and actors (added to
+             TTFT), a decode worker's per-step cost of streaming deltas, the router's hop from the prefill worker to
+             the decode worker (disaggregated), and what a message waits in a decode or colocated worker's event
+             loop per sequence that worker streams (requests entering it, first and last tokens leaving it)
     engine   {block_size, kv_cache_tokens, max_num_seqs, max_num_batched_tokens, prefill_max_num_batched_tokens}
     host     {cores, cpu_share, contention}      engines share this many cores (a CPU box; null: one device each);
                                                  the share of a core the measurements got (hostload.py);

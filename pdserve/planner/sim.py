@@ -14,7 +14,14 @@ else least queued tokens), least-loaded decode pick, both at arrival; colocated 
 the cache-aware pick, as pdserve's own colocated mode does.
 On a shared CPU box, engines share `host_cores` by processor sharing (slowed further by the profile's measured
 contention of engines stepping at once, contention.py, when it has one), or run at a given CPU share (a number
-or a trace over time per pool, measured by hostload.py) relative to the profile's.
+or a trace over time per pool, measured by hostload.py) relative to the profile's. Engines that share GPUs
+(`shared_devices`: a prefill and a decode actor on one GPU) split them the same way, as the GPU time-slices
+between their processes.
+Engines overlap their steps (`overlap`, engine.overlap_schedule): a step is composed when the one before it
+starts, so a prompt (or landed KV) that arrives while a step runs is scheduled a step later than without. A
+worker's event loop passes one message per streamed sequence per step: a request entering a decode or colocated
+worker, and each request's first and last tokens leaving it, wait the profile's per_stream_ms for each sequence
+the worker streams.
 
 Simplifications (each makes the simulation faster or simpler and is small for the workloads here): a decode
 admission reserves KV for the whole request (prompt + output), so there is no preemption; transfers into one
@@ -43,7 +50,7 @@ from pdserve.planner.contention import excess
 from pdserve.planner.profile import Profile
 from pdserve.planner.workload import SimRequest
 
-ARRIVE, DISPATCH, STEP_END, TRANSFER_DONE, KICK = 0, 1, 2, 3, 4
+DISPATCH, STEP_END, TRANSFER_DONE, KICK, ADMIT, HANDOFF = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -66,7 +73,13 @@ class ClusterSpec:
     prefix_cache_tokens: int = 1 << 30   # per prefill engine (and colocated engine when colocated_prefix_cache)
     colocated_prefix_cache: bool = True
     transfer_scale: float = 1.0          # transfer times x this (what-if: another network)
+    # engine.overlap_schedule (on by default on CUDA): step N+1 is composed when step N starts, so work that arrives
+    # while a step runs waits for the step after the next one (engine/engine.py)
+    overlap: bool = False
     host_cores: int | None = None        # engines share this many cores; None: one device each
+    # all engines share this many GPUs, time-sliced: the busy ones split them equally (bench_cluster_gpu.py's
+    # disaggregated pair on one GPU, Ray fractional GPUs); None: a device each
+    shared_devices: int | None = None
     # measured slowdowns of engines stepping at once on those cores (profile host.contention, contention.py)
     host_contention: dict | None = None
     # the share of a core each engine gets on a shared box (hostload.py): one number, or [(from second, share)],
@@ -92,7 +105,8 @@ class ClusterSpec:
                 "prompt_chunk_tokens": e.get("prompt_chunk_tokens"),
                 "kv_cache_tokens": e.get("kv_cache_tokens", 1 << 30),
                 "prefix_cache_tokens": e.get("prefix_cache_tokens", e.get("kv_cache_tokens", 1 << 30)),
-                "host_cores": profile.host_cores, "host_contention": profile.host_contention}
+                "host_cores": profile.host_cores, "host_contention": profile.host_contention,
+                "overlap": bool(e.get("overlap_schedule", False))}
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -115,12 +129,13 @@ class Outcome:
 class _Job:
     """A prompt an engine still has to compute (prefill engine, colocated engine), or a decode worker's first
     step of a request whose KV arrived (`remaining` = 1 + refresh)."""
-    __slots__ = ("rid", "remaining", "done", "refresh", "admitted", "kv")
+    __slots__ = ("rid", "remaining", "done", "refresh", "admitted", "kv", "seen")
 
     def __init__(self, rid: int, remaining: int, done: int, refresh: int = 0, kv: int = 0):
         self.rid, self.remaining, self.done, self.refresh = rid, remaining, done, refresh
         self.admitted = False  # in the running batch (counts against max_num_seqs)
         self.kv = kv
+        self.seen = True  # the scheduler may take it (overlap scheduling: not before the next step is composed)
 
 
 class Engine:
@@ -134,6 +149,7 @@ class Engine:
         self.cache: OrderedDict[int, int] = OrderedDict()  # group -> cached prefix tokens (LRU)
         self.cache_used = 0
         self.jobs: deque[_Job] = deque()     # prompts to compute, in arrival order
+        self.unseen = 0                      # of them, the last ones, which the scheduler may not take yet
         self.admitted = 0                    # of them, those in the running batch
         self.room_wait: deque[tuple] = deque()  # requests waiting for KV room (decode: before their transfer)
         self.finish: list[tuple[int, int]] = []  # (last step, rid) of decoding sequences
@@ -211,6 +227,12 @@ class Simulator:
         self.busy_count = 0
         self.rr = {"prefill": 0, "decode": 0}
         self.request_s = profile.overhead_ms("request_ms") / 1e3
+        self.stream_s = profile.overhead_ms("per_stream_ms") / 1e3
+        self.handoff_s = profile.overhead_ms("handoff_ms") / 1e3
+        if spec.host_cores and spec.shared_devices:
+            raise ValueError("host_cores (engines on a CPU box) and shared_devices (engines on shared GPUs) exclude "
+                             "each other")
+        self.shared = spec.host_cores or spec.shared_devices
         self.step_overhead_ms = profile.overhead_ms("decode_step_ms")
         self.holding: dict[int, tuple[Engine, int]] = {}  # rid -> (prefill engine, its KV tokens held)
         # step times scale from the CPU share the profile was measured at to the one given (a shared box)
@@ -241,6 +263,10 @@ class Simulator:
                 self.dispatch(a)
             elif kind == TRANSFER_DONE:
                 self.transfer_done(a, b)
+            elif kind == ADMIT:
+                self.admit_prompt(b, a)
+            elif kind == HANDOFF:
+                self.handoff(b, a)
             elif kind == KICK:
                 a.kick_pending = False
                 if not a.busy and a.has_work():
@@ -266,7 +292,15 @@ class Simulator:
         self.out[rid].expected_hit = hit
         if r.group >= 0 and p.cache_tokens:
             p.expected.add(r.group)
-        self.admit_prompt(p, rid)
+        if p.role == "colocated" and self.stream_s and p.decoding:
+            self.push(self.now + self.loop_s(p), ADMIT, rid, p)  # through the worker's loop, behind its streams
+        else:
+            self.admit_prompt(p, rid)
+
+    def loop_s(self, e: Engine) -> float:
+        """What a request's message waits in a decode or colocated worker's event loop: the profile's per_stream_ms
+        for each sequence that the worker streams tokens of (its loop passes one message a step for each)."""
+        return self.stream_s * e.decoding
 
     def block_floor(self, prefix_len: int, prompt_len: int) -> int:
         # cacheable: full blocks of the prefix, never the whole prompt (its last token is computed)
@@ -312,8 +346,7 @@ class Simulator:
             if e.role == "decode":
                 self.start_transfer(e, rid, need)
             else:
-                e.jobs.append(_Job(rid, self.reqs[rid].prompt_len, 0, kv=need))
-                self.kick(e)
+                self.enqueue(e, _Job(rid, self.reqs[rid].prompt_len, 0, kv=need))
         while e.room_wait and e.room_wait[0][1] > e.kv_total:  # can never fit: it fails, as the engine refuses it
             rid, _ = e.room_wait.popleft()
             self.fail(rid)
@@ -328,15 +361,27 @@ class Simulator:
             p.inflight -= 1
         self.client_next()
 
-    def client_next(self) -> None:
-        """Closed loop: a client whose request just ended sends the next one now."""
+    def client_next(self, delay: float = 0.0) -> None:
+        """Closed loop: a client whose request just ended (its last token reaches it after `delay`) sends the next
+        one then."""
         if self.clients is None or self.next_rid >= len(self.reqs):
             return
         rid = self.next_rid
         self.next_rid += 1
-        self.reqs[rid] = dataclasses.replace(self.reqs[rid], arrival=self.now)
-        self.out[rid].arrival = self.now
-        self.push(self.now + self.request_s, DISPATCH, rid)
+        t = self.now + delay
+        self.reqs[rid] = dataclasses.replace(self.reqs[rid], arrival=t)
+        self.out[rid].arrival = t
+        self.push(t + self.request_s, DISPATCH, rid)
+
+    def enqueue(self, e: Engine, job: _Job) -> None:
+        """A prompt (or a decode worker's landed KV) joins the engine's queue. Under overlap scheduling the engine
+        composed its next step when the running one started, before this arrived: the scheduler sees it from
+        the step after that (start_step reveals it once it has composed the next one)."""
+        if self.spec.overlap and e.busy:
+            job.seen = False
+            e.unseen += 1
+        e.jobs.append(job)
+        self.kick(e)
 
     def kick(self, e: Engine) -> None:
         """Start a step on an idle engine with work, once everything else of this instant has happened: the
@@ -347,6 +392,8 @@ class Simulator:
             self.push(self.now, KICK, e)
 
     def start_step(self, e: Engine) -> None:
+        if e.unseen and e.decoding == 0 and len(e.jobs) == e.unseen:
+            self.reveal(e)  # nothing was launched behind the step that ended: the engine schedules them now
         budget = e.budget - e.decoding
         # engine/scheduler.py: the running prompts, then new ones while seats last, as many as fill the budget first
         # come, first served and, behind a long prompt, LOOKAHEAD more; split by allot
@@ -364,7 +411,7 @@ class Simulator:
         fill, more = budget - sum(demands), LOOKAHEAD
         long = any(d > e.chunk_cap for d in demands)
         for job in e.jobs:
-            if len(fresh) >= room or (fill <= 0 and (more <= 0 or not long)):
+            if len(fresh) >= room or (fill <= 0 and (more <= 0 or not long)) or not job.seen:
                 break
             if job.admitted:
                 continue
@@ -383,7 +430,7 @@ class Simulator:
                 fill -= d
             else:
                 more -= 1
-        competing = len(e.jobs) + len(e.room_wait) > 1
+        competing = len(e.jobs) - e.unseen + len(e.room_wait) > 1
         chunks: list[tuple[_Job, int]] = []
         for k, (job, n) in enumerate(zip(admitted + fresh, allot(demands, budget, e.chunk_cap if competing else None))):
             if n <= 0:
@@ -399,6 +446,8 @@ class Simulator:
         token_ctx = float(sum(n * job.done for job, n in chunks))
         all_single = all(n == 1 and not job.refresh for job, n in chunks)
         new_ctx = sum(job.done for job, _ in chunks)
+        if e.unseen:
+            self.reveal(e)  # arrived while the last step ran: the step after this one may take them
         if not chunks and e.decoding == 0:
             e.busy = False
             return
@@ -420,12 +469,20 @@ class Simulator:
         e.work_left = work
         e.busy = True
         self.busy_count += 1
-        if not self.spec.host_cores:
+        if not self.shared:
             e.version += 1
             trace = self.shares.get(e.role)
             self.push(self.finish_time(trace, work / 1e3) if trace else self.now + work / 1e3, STEP_END, e, e.version)
         else:
             self.reschedule(started=e)
+
+    @staticmethod
+    def reveal(e: Engine) -> None:
+        for job in reversed(e.jobs):
+            if job.seen:
+                break
+            job.seen = True
+        e.unseen = 0
 
     def finish_time(self, trace: list[tuple[float, float]], work_s: float) -> float:
         """When `work_s` seconds of profile work started now are done, running at trace's share / the profile's
@@ -441,13 +498,16 @@ class Simulator:
             t, i = end, i + 1
 
     def reschedule(self, started: Engine | None = None) -> None:
-        """Processor sharing: the busy engines split `host_cores` cores, so every change of their number re-times
-        every step in flight."""
+        """Processor sharing: the busy engines split `host_cores` cores (or `shared_devices` GPUs), so every change of
+        their number re-times every step in flight."""
         for o in self.engines:
             if o.busy and o is not started:
                 o.work_left -= (self.now - o.t_mark) * 1e3 * o.rate
         busy = max(self.busy_count, 1)
-        rate = min(1.0, self.spec.host_cores / busy) / excess(self.spec.host_contention, busy, self.spec.host_cores)
+        if self.spec.host_cores:
+            rate = min(1.0, self.spec.host_cores / busy) / excess(self.spec.host_contention, busy, self.spec.host_cores)
+        else:
+            rate = min(1.0, self.spec.shared_devices / busy)
         for o in self.engines:
             if o.busy:
                 o.t_mark, o.rate = self.now, rate
@@ -460,7 +520,7 @@ class Simulator:
         e.step_ends.append(now)
         e.busy = False
         self.busy_count -= 1
-        if self.spec.host_cores:
+        if self.shared:
             self.reschedule()  # the others speed up
         e.ctx_total += e.decoding
         for job, n in e.cur:
@@ -492,16 +552,20 @@ class Simulator:
             if r.group >= 0:
                 e.cache_insert(r.group, self.block_floor(r.prefix_len, r.prompt_len))
             d = self.decoders[self.out[rid].engine]
-            d.room_wait.append((rid, r.prompt_len + r.output_len))
             self.holding[rid] = (e, job.kv)  # the prefill side's blocks, until the transfer is over
-            self.drain_room(d)
+            # the router hands the request on to the decode worker, whose loop takes it behind its streams
+            delay = self.handoff_s + self.loop_s(d)
+            if delay:
+                self.push(self.now + delay, HANDOFF, rid, d)
+            else:
+                self.handoff(d, rid)
             return
         # the request's first token came with this step (colocated: its last prompt chunk; decode: the recompute)
         if e.role == "colocated" and r.group >= 0:
             e.cache_insert(r.group, self.block_floor(r.prefix_len, r.prompt_len))
         o = self.out[rid]
         o.first_step = k
-        o.ttft = self.now - r.arrival
+        o.ttft = self.now + self.loop_s(e) - r.arrival  # the token's message leaves through the worker's loop
         if r.output_len <= 1:
             self.request_done(e, rid, joined=False)
             return
@@ -509,16 +573,22 @@ class Simulator:
         e.decoding += 1
         e.ctx_total += r.prompt_len + 1
 
+    def handoff(self, d: Engine, rid: int) -> None:
+        r = self.reqs[rid]
+        d.room_wait.append((rid, r.prompt_len + r.output_len))
+        self.drain_room(d)
+
     def request_done(self, e: Engine, rid: int, joined: bool = True) -> None:
         r = self.reqs[rid]
         o = self.out[rid]
-        o.e2e = self.now - r.arrival
+        deliver = self.loop_s(e)
+        o.e2e = self.now + deliver - r.arrival
         if joined:
             e.decoding -= 1
             e.ctx_total -= r.prompt_len + r.output_len
         e.kv_free += r.prompt_len + r.output_len
         e.inflight -= 1
-        self.client_next()
+        self.client_next(deliver)
 
     # -- transfer ----------------------------------------------------------------------------------
     def start_transfer(self, d: Engine, rid: int, need: int) -> None:
@@ -535,8 +605,7 @@ class Simulator:
         p.inflight -= 1
         if p.room_wait:
             self.drain_room(p)
-        d.jobs.append(_Job(rid, 1, self.reqs[rid].prompt_len - 1, self.refresh))
-        self.kick(d)
+        self.enqueue(d, _Job(rid, 1, self.reqs[rid].prompt_len - 1, self.refresh))
 
 
 def simulate(profile: Profile, spec: ClusterSpec, requests: list[SimRequest],
