@@ -84,7 +84,7 @@ part_bench() {
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
     --concurrency "${CONC:-1,8,32}" --input-len "${INPUT:-2048}" --max-tokens "${MAXTOK:-64}" --requests-per-stream "${REQS:-4}" \
     --out "$OUT/cluster_bench${TAG:-}.json" --save-requests "$OUT/requests${TAG:-}" --step-log "$OUT/steps${TAG:-}" \
-    ${NO_OVERLAP:+--no-overlap} || status=1
+    ${NO_OVERLAP:+--no-overlap} ${KV_GB:+--kv-gb "$KV_GB"} || status=1
 }
 
 part_benchsync() {  # the colocated engine with synchronous steps (engine.overlap_schedule false), for the planner's validation

@@ -91,19 +91,22 @@ def measure_prefill(engine, tokens: list[int], repeats: int, rng: random.Random)
     c = max((t for t in tokens if t <= limit), default=tokens[0])
     sched.max_num_batched_tokens = c
     first, second = [], []
-    # synchronous steps: under overlap scheduling the first chunk's step() returns before its device work is done
-    # (the prompt goes on), and the second call would be charged for both (on an H100 24 / 83 ms against 49 for
-    # a fresh prompt of the same length)
-    overlap, engine.overlap_schedule = engine.overlap_schedule, False
+    # each step waited out on the device: the first chunk samples nothing, so its step() returns once the work is
+    # queued, and the second call would be charged for both (on an H100 17-24 / 83-88 ms against 47-49 for a fresh
+    # prompt of the same length)
+    import torch
+
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     for _ in range(repeats):
         engine.add_request(f"p{next(ids)}", prompt(2 * c), SamplingParams(max_tokens=1, ignore_eos=True))
         for out in (first, second):
+            sync()
             t = time.perf_counter()
             engine.step()
+            sync()
             out.append((time.perf_counter() - t) * 1e3)
         while engine.has_unfinished():
             engine.step()
-    engine.overlap_schedule = overlap
     diff = statistics.median(b - a for a, b in zip(first, second))
     per_pair = max(0.0, diff / (c * c))
     return {"tokens": tokens, "ms": ms, "ms_per_token_context": per_pair,
