@@ -1,10 +1,10 @@
 """Where a served request's time went, from a bench_cluster_gpu.py run with --save-requests and --step-log, and how
 each engine step compares with what the planner's profile charges for it.
 
-    python -P benchmarks/step_timeline.py RESULTS_DIR [--profile P] [--bench cluster_bench.json] [--tag -sync]
-        [--out timeline.json]
+    python -P benchmarks/step_timeline.py RESULTS [--profile P] [--tag -sync] [--out timeline.json]
+    python -P benchmarks/step_timeline.py docs/bench/planner/h100-sources/run2-2k.tgz --profile h100-llama3-8b
 
-RESULTS_DIR holds what scripts/gpu_checks.sh part bench writes: cluster_bench<tag>.json, requests<tag>/ (one
+RESULTS (a folder, or a .tgz of one) holds what scripts/gpu_checks.sh part bench writes: cluster_bench<tag>.json, requests<tag>/ (one
 `pdserve bench --save-outputs` file per row) and steps<tag>/<deployment>/ (every engine's engine.step_log). Both
 sides read time.perf_counter(), one clock for every process of the host, so a request's send (its sent_clock) lines
 up with the engines' events by its id. Per row:
@@ -27,6 +27,8 @@ import bisect
 import json
 import statistics
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 
@@ -132,12 +134,20 @@ def analyse_row(reqs: list[dict], roles: dict[str, list[dict]], prof, precisions
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", help="folder of a gpu_checks.sh bench part's results")
+    ap.add_argument("results", help="folder (or .tgz of one) of a gpu_checks.sh bench part's results")
     ap.add_argument("--tag", default="", help="the part's TAG (benchsync: -sync)")
     ap.add_argument("--profile", default=None, help="a profile name or file to cost the steps with")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     root = Path(args.results)
+    if root.suffix == ".tgz":
+        with tempfile.TemporaryDirectory(prefix="step-timeline-") as tmp, tarfile.open(root) as tar:
+            tar.extractall(tmp, filter="data")
+            return report(Path(tmp), args)
+    return report(root, args)
+
+
+def report(root: Path, args) -> int:
     prof = None
     if args.profile:
         from pdserve.planner import profile as profile_mod
@@ -167,7 +177,7 @@ def main() -> int:
                           f"x{ratio.get('summed', float('nan'))}), host {k['host_ms']['p50']} ms")
             print(f"    {role}: device busy {st['device_busy']:.0%} of {st['window_ms']:.0f} ms")
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": str(root), "tag": args.tag, "profile": args.profile,
+        Path(args.out).write_text(json.dumps({"results": args.results, "tag": args.tag, "profile": args.profile,
                                               "rows": rows}, indent=1) + "\n")
     return 0
 
