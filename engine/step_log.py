@@ -13,7 +13,8 @@ the host saw it complete (under overlap scheduling, in the step() call after), `
 one before has ended, so the sum of dev_ms is the device's busy time). `ctx` and `tok_ctx` are the sums the planner
 costs a step with (profile.mixed_ms / decode_ms): cached tokens over all rows, and new x cached tokens per row.
 `chunks` are the rows with more than one new token ([id, new tokens, cached before]); `first`, the requests whose
-first output token this step samples. Off by default: the events and a line per step cost ~30 us of host time.
+first output token this step samples. Off by default: a step's record costs 13-22 us of host time (batch 4-48, on the
+2-core CI box), plus two CUDA events on a GPU.
 """
 from __future__ import annotations
 
