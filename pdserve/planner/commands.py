@@ -50,7 +50,7 @@ def register(sub) -> None:
                                    "at that GPU count, the highest rate meeting the SLOs for each, the best split. "
                                    "With --prefill/--decode (or --colocated) and --rate: one run's percentiles.")
     q.add_argument("--profile", required=True,
-                   help="profile JSON, or a shipped one: cpu-smollm2, h200-llama3-8b, h200-llama3-8b-derived")
+                   help="profile JSON, or a shipped one: cpu-smollm2, h100-llama3-8b, h200-llama3-8b, h200-llama3-8b-derived")
     q.add_argument("--workload", required=True, help="YAML file or a preset: chat, short, rag, code, conversation")
     q.add_argument("--slo", required=True, help="ttft=SECONDS,tpot=SECONDS[,attainment=0.9] (200ms also works)")
     q.add_argument("--gpus", type=int, default=None, help="plan this many GPUs: every split and colocated")

@@ -202,7 +202,7 @@ SHIPPED = {
     "h200-llama3-8b": "measured on an NVIDIA H200 (2026-12-05): engine curves by pdserve profile, KV transfer and "
                       "overheads from that session's two-process and cluster benchmarks",
     "h100-llama3-8b": "measured on an NVIDIA H100 80GB (2026-12-05) by pdserve profile: engine curves and the "
-                      "two-process KV transfer in one run",
+                      "two-process KV transfer in one run, serving overheads from the same call's cluster bench",
     "h200-llama3-8b-derived": "derived from H100 runs and a 2026-12-04 H200 transfer run; superseded by "
                               "h200-llama3-8b",
 }

@@ -242,6 +242,24 @@ def test_measured_h200_profile_reproduces_its_colocated_single_stream():
     assert gaps[62] == pytest.approx((4.6185 + slope * (2111 - 1030)) / 1e3)
 
 
+def test_measured_h100_profile_is_its_sources_numbers():
+    p = profile.resolve("h100-llama3-8b")
+    src = json.loads((ROOT / "docs/bench/planner/h100-sources/h100-llama3-8b.measured-run2.json").read_text())
+    # engine curves and transfer as `pdserve profile` measured them in the 2K bench's call, unchanged
+    for key in ("decode", "transfer", "kv_bytes_per_token", "command", "device"):
+        assert p.raw[key] == src[key]
+    for prec in ("bf16", "fp8"):
+        assert p.raw["prefill"][prec]["ms"] == src["prefill"][prec]["ms"]
+        # but the context term: (first + second chunk - 2 x a fresh 2048-token prompt) / 2048^2 from the run's check
+        c = src["prefill"][prec]["context_check"]
+        term = (c["first_chunk_ms"] + c["second_chunk_ms"] - 2 * c["fresh_prompt_ms"]) / 2048 ** 2
+        assert p.raw["prefill"][prec]["ms_per_token_context"] == pytest.approx(term, rel=1e-3)
+    # overheads from that bench's step logs: the colocated one-stream TTFT p50 (55.61 ms) less the 2048-token prefill
+    assert p.overhead_ms("request_ms") == pytest.approx(55.61 - 49.1256, abs=0.01)
+    assert (p.overhead_ms("handoff_ms"), p.overhead_ms("per_stream_ms")) == (5.5, 0.4)
+    assert ClusterSpec.from_profile(p).overlap  # its engines overlap steps, as served on CUDA
+
+
 def test_closed_loop_sends_the_next_request_when_one_finishes():
     # one colocated engine, 1 ms a prompt token, 10 ms a decode step of one sequence (20 of two); 50 ms a request
     # through the router. One client, 100-token prompts of one output token: each request is one 100 ms step, the
