@@ -129,7 +129,9 @@ def main() -> int:
         for c in (int(x) for x in args.concurrency.split(",")):
             n = max(8, args.requests_per_stream * c)
             eng = replay(prof, model, c, n, args.input_len, args.max_tokens)
-            sim = validate_planner.gpu_simulated(prof, "colocated", c, n, args.input_len, args.max_tokens)
+            # overlap off: the replay above steps the scheduler synchronously (it compares scheduling alone)
+            sim = validate_planner.gpu_simulated(prof, "colocated", c, n, args.input_len, args.max_tokens,
+                                                 overlap=False)
             row = {"concurrency": c, "requests": n, "req_s": [round(eng["req_s"], 2),
                                                              round(sim["request_throughput"], 2)]}
             for metric in ("ttft_s", "tpot_s"):
