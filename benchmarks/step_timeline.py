@@ -32,15 +32,12 @@ import tempfile
 from pathlib import Path
 
 
-def _q(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
-
-
 def _summ(xs: list[float]) -> dict:
-    return {"p50": _q(xs, 0.5), "p90": _q(xs, 0.9), "n": len(xs)}
+    """p50 and p90 as `pdserve bench` computes them (pdserve/tools/bench.py), None of no values."""
+    from pdserve.tools.bench import percentile
+
+    return {"p50": round(percentile(xs, 50), 3) if xs else None, "p90": round(percentile(xs, 90), 3) if xs else None,
+            "n": len(xs)}
 
 
 def load_steps(directory: Path) -> dict[str, list[dict]]:
@@ -69,13 +66,15 @@ def analyse_row(reqs: list[dict], roles: dict[str, list[dict]], prof, precisions
     for role, evs in roles.items():
         steps = [e for e in evs if e["ev"] == "step"]
         starts = [s["t"] for s in steps]
-        at = index[role] = {"steps": steps, "starts": starts, "add": {}, "loaded": {}, "chunk": {}, "first": {}}
+        at = index[role] = {"steps": steps, "starts": starts, "add": {}, "loaded": {}, "chunk": {}, "last_chunk": {},
+                            "first": {}}
         for e in evs:
             if e["ev"] in ("add", "loaded") and _base(e["id"]) in ids:
                 at[e["ev"]].setdefault(_base(e["id"]), e["t"])
         for i, s in enumerate(steps):
             for rid, _, _ in s["chunks"]:
                 at["chunk"].setdefault(_base(rid), i)
+                at["last_chunk"][_base(rid)] = i
             for rid in s["first"]:
                 at["first"].setdefault(_base(rid), i)
     path = {k: [] for k in ("route", "queue", "prefill", "handoff", "load", "first_step", "deliver", "ttft",
@@ -94,7 +93,7 @@ def analyse_row(reqs: list[dict], roles: dict[str, list[dict]], prof, precisions
             continue
         first = f["steps"][f["first"][rid]]
         if disagg:
-            last = max((s for s in p["steps"] if any(_base(c[0]) == rid for c in s["chunks"])), key=lambda s: s["t"])
+            last = p["steps"][p["last_chunk"][rid]]
             path["prefill"].append((last["done"] - chunk["t"]) * 1e3)
             if rid in f["add"]:
                 path["handoff"].append((f["add"][rid] - last["done"]) * 1e3)
