@@ -4,16 +4,62 @@ whenever it has work (model steps, or KV transfers to poll) and routes each outp
 Invariant: the engine is touched only under `self.lock`, so the event loop can take requests
 and aborts while a step runs in the thread; a queue receives None when its request is aborted and
 an exception instance when the engine failed it.
+
+A request's queue merges the outputs its consumer has not taken yet into one (OutputQueue): each message a
+worker streams costs its event loop a fixed amount (a Ray stream item, a router hop, a gRPC write), so at
+many streams one message per token per step is what caps delivery, not the model. A consumer that keeps up
+still gets one output per step; one that falls behind catches up in a single message instead of falling
+further behind. vLLM's AsyncLLM merges a request's pending outputs the same way.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from pdserve.engine.engine import LLMEngine, RequestOutput
 
 log = logging.getLogger("pdserve.engine")
+
+
+class OutputQueue:
+    """A request's outputs, in order; with `coalesce`, outputs not yet taken are merged into one as they arrive.
+    The end of a request (its finished output, None for an abort, an exception) is never merged past: it is
+    the last thing taken."""
+
+    def __init__(self, coalesce: bool = True):
+        self.coalesce = coalesce
+        self._items: deque = deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item) -> None:
+        last = self._items[-1] if self._items else None
+        if (self.coalesce and isinstance(item, RequestOutput) and isinstance(last, RequestOutput)
+                and not last.finished):
+            self._items[-1] = merged(last, item)
+        else:
+            self._items.append(item)
+        self._ready.set()
+
+    async def get(self):
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+
+def merged(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """`a` then `b` as one output: the new tokens, text and logprobs of both, the counts and end of `b`."""
+    return dataclasses.replace(b, new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
+                               new_logprobs=a.new_logprobs + b.new_logprobs)
 
 
 class AsyncEngine:
@@ -25,14 +71,17 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.lock = asyncio.Lock()
-        self.queues: dict[str, asyncio.Queue] = {}
+        self.queues: dict[str, OutputQueue] = {}
         self._work = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self.steps = 0
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def add(self, request_id: str, prompt_token_ids: list[int], params, **kw) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue()
+    async def add(self, request_id: str, prompt_token_ids: list[int], params, coalesce: bool = True,
+                  **kw) -> OutputQueue:
+        """Queue a request (LLMEngine.add_request's arguments); its outputs arrive in the returned queue.
+        `coalesce` False: one output per step even when the consumer falls behind (a test counting messages)."""
+        q = OutputQueue(coalesce)
         async with self.lock:
             seq = self.engine.add_request(request_id, prompt_token_ids, params, **kw)
             if seq.finished:  # nothing to compute (a 1-token prompt on a prefill worker)

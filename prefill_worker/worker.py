@@ -10,6 +10,7 @@ import asyncio
 from typing import Optional
 
 from pdserve import tracing
+from pdserve.engine.async_engine import OutputQueue
 from pdserve.engine.sequence import SamplingParams
 from pdserve.worker.base import WorkerBase
 from pdserve.worker.faults import die
@@ -52,7 +53,7 @@ class PrefillWorker(WorkerBase):
             await asyncio.sleep(self.config.kv_transfer.lease_seconds + 1.0)
         return ticket
 
-    async def _die_once_computed(self, request_id: str, q: asyncio.Queue, n: int) -> None:
+    async def _die_once_computed(self, request_id: str, q: OutputQueue, n: int) -> None:
         """Chaos tests (kill_prefill_at): kill -9 of this worker once n of the prompt's tokens have their KV, mid-
         prefill; returns when the request's answer (or abort) comes first."""
         while q.empty():
