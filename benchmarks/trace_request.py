@@ -25,17 +25,17 @@ class _Method:
     def __init__(self, fn):
         self.fn = fn
 
-    def remote(self, *args):
-        return self.fn(*args)
+    def remote(self, *args, **kw):
+        return self.fn(*args, **kw)
 
     def options(self, **_):  # num_returns="streaming": an async iterator of awaitable refs
         return _Streaming(self.fn)
 
 
 class _Streaming(_Method):
-    def remote(self, *args):
+    def remote(self, *args, **kw):
         async def refs():
-            async for item in self.fn(*args):
+            async for item in self.fn(*args, **kw):
                 ref = asyncio.get_running_loop().create_future()
                 ref.set_result(item)
                 yield ref

@@ -30,6 +30,7 @@ from pdserve.config import Config
 from pdserve.engine.block_manager import block_hashes
 from pdserve.engine.sequence import Continuation, SamplingParams
 from pdserve.errors import InvalidRequest, KVTransferFailed, NoFreeBlocks, NoReadyWorker
+from pdserve.router.channels import Channels
 from pdserve.router.cluster import Cluster, actor_dead
 from pdserve.router.log_limit import LogLimiter
 from pdserve.router.policy import make_policies
@@ -128,6 +129,7 @@ class Dispatcher:
         self.aborted_early: dict[str, float] = {}
         self.log = LogLimiter(log)
         self._background: set = set()
+        self.channels = Channels(self._channel_closed, metrics)
         cluster.listeners.append(self._on_cluster)
 
     def _on_cluster(self, event: str, w: Worker) -> None:
@@ -235,6 +237,13 @@ class Dispatcher:
             if req.trace is not None:
                 req.trace.end(outcome, completion_tokens=len(req.output), migrations=req.migrations)
 
+    def _channel_closed(self, w: Worker) -> None:
+        """The requests decoding on `w` can get no more tokens: they move, as off a lost worker."""
+        for req in self.active.values():
+            if req.D is w and req.stage in ("transfer", "decode") and not req.done:
+                req.lost = w
+                req.interrupt.set()
+
     def _names(self, req: Request) -> Optional[tuple[str, str]]:
         return None if req.D is None else (req.D.name if req.P is None else req.P.name, req.D.name)
 
@@ -289,15 +298,21 @@ class Dispatcher:
                     req.cached_tokens = prefill.num_cached_tokens
             req.stage = "transfer"
             stream_span = tracing.start(req.trace, "stream", "client", worker=D.name, attempt=req.migrations)
-            stream = D.actor.generate.options(num_returns="streaming").remote(
+            inbox = self.channels.open(D, wid)  # before the call: its first tokens may come before it returns
+            call = asyncio.ensure_future(D.actor.generate.remote(
                 wid, prompt, params, prefill, req.namespace, trace_context=tracing.carrier(stream_span),
-                continuation=cont)
+                continuation=cont))
+            call.add_done_callback(_retrieved)
             decode_sent = True
             last = None
             while True:
-                d: Optional[DecodeDelta] = await self._wait(req, D, _next(stream))
+                d: Optional[DecodeDelta] = await self._wait(req, D, inbox.get(), call)
                 if d is None:
                     raise WorkerFailed(f"the decode worker {D.name} ended request {req.rid} early", "internal")
+                # deltas that came while this loop was behind leave as one message: what a message costs here
+                # (the client's stream write, the metrics) is paid once, not once per token
+                while not d.finished and not inbox.empty():
+                    d = d.then(inbox.get_nowait())
                 if req.holding_prefill:
                     P.inflight -= 1
                     req.holding_prefill = False
@@ -322,6 +337,8 @@ class Dispatcher:
                 if finished:
                     return
         finally:
+            if decode_sent:
+                self.channels.close(wid)
             tracing.end(stream_span, None if finished else "ended before its last token")
             if in_prefill:
                 P.queued_tokens -= uncached
@@ -337,33 +354,51 @@ class Dispatcher:
                     self._tell(D, "abort", wid)
             req.holding_prefill = False
 
-    async def _wait(self, req: Request, w: Worker, aw):
+    async def _wait(self, req: Request, w: Worker, aw, call: Optional[asyncio.Future] = None):
         """`aw`'s result, unless the request is interrupted first (_Interrupted) or `w` fails or stays silent
-        past the call timeout (WorkerFailed). A worker-side error of the request's own is raised as it is."""
+        past the call timeout (WorkerFailed). A worker-side error of the request's own is raised as it is.
+        `call`: the worker call whose results `aw` waits for (generate, whose tokens come by the channel): its
+        failure is raised at once; its end without the request's last delta is None."""
         fut = asyncio.ensure_future(aw)
-        done, _ = await asyncio.wait((fut, req.waiter), timeout=self.call_timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        # the flag, not `done`: the waiter task may not have run yet, and after an Abort no late result
-        # may finish the request
-        if req.interrupt.is_set():
-            fut.cancel()
-            raise _Interrupted
-        if fut not in done:
-            fut.cancel()
-            raise WorkerFailed(f"the {w.role} worker {w.name} did not answer within {self.call_timeout:g} s",
-                               "timeout")
         try:
-            return fut.result()
-        except Exception as e:
-            cause = cause_of(e)
-            if isinstance(cause, KVTransferFailed):
-                raise WorkerFailed(str(cause), "transfer") from None
-            if actor_dead(e) or "Actor" in type(e).__name__:
-                self.cluster.worker_failed(w, e)  # its other requests move now, not at their next call
-                dead = actor_dead(e)
-                raise WorkerFailed(f"the {w.role} worker {w.name} {'died' if dead else 'is unreachable'}",
-                                   "worker_died" if dead else "timeout") from None
-            raise
+            while True:
+                waiting = [fut, req.waiter]
+                if call is not None:
+                    if not call.done():
+                        waiting.append(call)
+                    elif call.exception() is not None:
+                        raise self._failure(w, call.exception())
+                    elif call.result() is False and not fut.done():
+                        return None
+                done, _ = await asyncio.wait(waiting, timeout=self.call_timeout, return_when=asyncio.FIRST_COMPLETED)
+                # the flag, not `done`: the waiter task may not have run yet, and after an Abort no late result
+                # may finish the request
+                if req.interrupt.is_set():
+                    raise _Interrupted
+                if fut in done:
+                    try:
+                        return fut.result()
+                    except Exception as e:
+                        raise self._failure(w, e) from None
+                if not done:
+                    raise WorkerFailed(f"the {w.role} worker {w.name} did not answer within {self.call_timeout:g} s",
+                                       "timeout")
+                # `call` ended first: its error next round, or its last deltas are still on their way here
+        finally:
+            if not fut.done():
+                fut.cancel()
+
+    def _failure(self, w: Worker, e: BaseException) -> BaseException:
+        """What to raise for `e`, an error of a call to `w`."""
+        cause = cause_of(e)
+        if isinstance(cause, KVTransferFailed):
+            return WorkerFailed(str(cause), "transfer")
+        if actor_dead(e) or "Actor" in type(e).__name__:
+            self.cluster.worker_failed(w, e)  # its other requests move now, not at their next call
+            dead = actor_dead(e)
+            return WorkerFailed(f"the {w.role} worker {w.name} {'died' if dead else 'is unreachable'}",
+                                "worker_died" if dead else "timeout")
+        return e
 
     def refused(self, exc: BaseException) -> None:
         """Count a request refused before it was dispatched (admission: invalid, full)."""
@@ -406,10 +441,8 @@ class Dispatcher:
         t.add_done_callback(self._background.discard)
 
 
-async def _next(stream) -> Optional[DecodeDelta]:
-    """The next delta of a worker's stream; None at its end."""
-    try:
-        ref = await stream.__anext__()
-    except StopAsyncIteration:
-        return None
-    return await ref
+def _retrieved(call: asyncio.Future) -> None:
+    """A generate call's error is read by the attempt waiting on it, if any is left; this keeps asyncio from
+    reporting it as never retrieved when none is."""
+    if not call.cancelled():
+        call.exception()

@@ -67,6 +67,11 @@ class Metrics:
                                 registry=r)
         self._kv_totals: dict[tuple[str, str], tuple[int, float]] = {}  # (role, worker): its last totals
         self.router_inflight = Gauge("pdserve_router_requests_inflight", "Requests inside the router", registry=r)
+        # their ratio is how many requests' tokens one message carries (decode_worker/outbox.py says why it matters)
+        self.channel_messages = Counter("pdserve_decode_channel_messages", "Messages from decode workers' token "
+                                        "channels", registry=r)
+        self.channel_deltas = Counter("pdserve_decode_channel_deltas", "Request deltas in those messages",
+                                      registry=r)
         self._recent = {"ttft": collections.deque(maxlen=256), "itl": collections.deque(maxlen=2048)}
 
     def recent(self, kind: str, window_s: float = 30.0):

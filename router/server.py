@@ -176,6 +176,7 @@ async def serve(config: Config, ready_cb=None, stop_event: asyncio.Event | None 
         for h in http_servers:
             await h.stop()
         router.admission.close()
+        router.dispatch.channels.stop()  # before the workers go: their channels end with nothing to say
         await cluster.shutdown()  # the workers export their spans first
         await asyncio.to_thread(tracing.shutdown)
 

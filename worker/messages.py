@@ -1,11 +1,14 @@
 """The typed messages between the router and the workers (Ray carries them between processes).
 
     router --prefill(request_id, prompt_token_ids, cache_namespace)--> prefill worker --> PrefillResult
+    router --outputs()--> decode worker, once per worker: a stream of [(request_id, DecodeDelta), ...],
+           each message every request's deltas since the one before (a request's last has finished=True)
     router --generate(request_id, prompt_token_ids, SamplingParams, PrefillResult)--> decode worker
-           --> DecodeDelta, DecodeDelta, ... (the last has finished=True)
+           --> True once the request's last delta is posted to outputs, False if it ended before (an abort)
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Optional
@@ -42,3 +45,8 @@ class DecodeDelta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def then(self, later: "DecodeDelta") -> "DecodeDelta":
+        """This delta and the `later` one as one: both's tokens, text and logprobs, the counts and end of `later`."""
+        return dataclasses.replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
+                                   logprobs=self.logprobs + later.logprobs)

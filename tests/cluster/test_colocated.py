@@ -3,8 +3,11 @@ decodes its requests in one engine (the baseline disaggregation is measured agai
 its own where a GPU is too small to split)."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -49,6 +52,50 @@ def test_colocated_greedy_equals_in_process_without_a_transfer(stub, engine_f32)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     moved = [line for line in text.splitlines() if line.startswith("pdserve_kv_transfer_bytes{")]
     assert moved and all(float(line.rsplit(" ", 1)[1]) == 0 for line in moved), moved
+
+
+def test_one_channel_message_carries_many_requests_tokens(stub, engine_f32):
+    """The decode worker sends the tokens of all its requests through one channel, one message per take
+    (decode_worker/outbox.py), so at 8 concurrent streams a message carries several requests' deltas; the
+    streams' tokens are those of the engine run in-process."""
+    stub, server = stub
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [engine_f32.tokenize(p, chat=c) for p, c in PROMPTS[:8]]
+    ref = engine_f32.generate([(p, params) for p in prompts])
+
+    def counters():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        vals = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("pdserve_decode_channel_"))
+        return float(vals["pdserve_decode_channel_messages_total"]), float(vals["pdserve_decode_channel_deltas_total"])
+
+    m0, d0 = counters()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda p: stream_one(stub, request_proto({"prompt_token_ids": p}, params)), prompts))
+    m1, d1 = counters()
+    assert [g["token_ids"] for g in got] == [r["token_ids"] for r in ref]
+    assert d1 - d0 >= 8 * 24 / 2  # a delta per token and stream, less where a request's deltas merged
+    assert (d1 - d0) / (m1 - m0) >= 3, (m1 - m0, d1 - d0)
+
+
+def test_a_router_paused_mid_stream_loses_no_token(stub, engine_f32):
+    """The router stops (SIGSTOP) while the worker goes on decoding: once it resumes, the client gets the rest
+    of the request, the tokens and text of the request read step by step."""
+    stub, server = stub
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    ids = engine_f32.tokenize(PROMPTS[2][0])
+    ref = engine_f32.generate([(ids, params)])[0]
+    msgs = []
+    for resp in stub.Generate(request_proto({"prompt_token_ids": ids}, params), timeout=120):
+        msgs.append(resp)
+        if len(msgs) == 1:
+            os.kill(server.proc.pid, signal.SIGSTOP)  # the router's process alone; its workers keep going
+            try:
+                time.sleep(1.0)
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+    assert [t for m in msgs for t in m.token_ids] == ref["token_ids"]
+    assert "".join(m.text for m in msgs) == ref["text"]
+    assert msgs[-1].finish_reason == "length" and msgs[-1].usage.completion_tokens == 48
 
 
 def test_colocated_engine_reuses_its_prefix_cache(stub, engine_f32):

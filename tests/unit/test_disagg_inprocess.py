@@ -230,9 +230,15 @@ def test_decode_worker_refreshes_the_sinks_of_fp8_wire_kv(engine_f32):
             res = await p.prefill("r", ids)
             assert res.precision == d.engine.precision == "bf16"
             before = d.engine.num_computed_tokens_total
-            out = []
-            async for delta in d.generate("r", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), res):
-                out += delta.token_ids
+            out, channel = [], d.outputs()  # the router's end of the decode worker's token channel
+            call = asyncio.ensure_future(d.generate("r", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                                    res))
+            while not out or not last.finished:
+                for rid, last in await channel.__anext__():
+                    assert rid == "r"
+                    out += last.token_ids
+            assert await call is True
+            await channel.aclose()
             for _ in range(200):  # the prefill side releases once its engine loop polls the READ done
                 if p.engine.block_manager.num_free == p.engine.block_manager.num_blocks:
                     break
