@@ -5,6 +5,8 @@
 #   bash scripts/gpu_checks.sh cluster    # the cluster on one GPU: tests/gpu/test_cluster_gpu.py
 #   bash scripts/gpu_checks.sh bench      # pdserve bench: disaggregated vs colocated at concurrency 1, 8, 32
 #   bash scripts/gpu_checks.sh benchsync  # the same, colocated only, synchronous engine steps (no overlap scheduling)
+#   bash scripts/gpu_checks.sh benchbase  # the bench on an earlier commit's files (scripts/gpu_baseline.sh REV wrote them
+#                                         # to .gpu/baseline), rows tagged -base; this tree's files are put back after
 #   bash scripts/gpu_checks.sh profile    # pdserve profile: the planner's measured H200 profile
 #   bash scripts/gpu_checks.sh unit       # GPU tests that need no model fixture (fp8 wire kernels, sampler)
 #   bash scripts/gpu_checks.sh engine     # one engine's decode step vs its graph replay, split into host/device phases (#17);
@@ -18,6 +20,12 @@
 # when a part fails or times out. Without $OUT (by hand) they stay in .out/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+restore_tree() {  # this tree's files back where benchbase laid an earlier commit's over them
+  local keep=/tmp/pdserve-current f
+  [ -f "$keep/FILES" ] || return 0
+  while read -r f; do cp "$keep/$f" "$f"; done < "$keep/FILES"
+  rm -f "$keep/FILES"
+}
 if [ "${1:-}" != --part ]; then   # the driver: install once, run each part in a child bounded by its timeout
   DEST=${OUT:-}
   export OUT=${DEST:+/tmp/gpu_results}
@@ -34,6 +42,7 @@ if [ "${1:-}" != --part ]; then   # the driver: install once, run each part in a
     [ "$rc" -eq 0 ] || { echo "== $part: exit $rc$([ "$rc" -ne 124 ] || echo ' (timed out)')"; status=1; }
     # a part cut short can leave a Ray cluster behind (its daemons start sessions of their own)
     [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || pkill -9 -f 'raylet|gcs_server|ray::|pdserve' 2>/dev/null
+    restore_tree  # a benchbase cut short leaves the earlier commit's files in place
   done
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
   [ -z "$DEST" ] || tar -czf "$DEST/gpu_results.tgz" -C "$OUT" .
@@ -90,6 +99,18 @@ part_bench() {
 part_benchsync() {  # the colocated engine with synchronous steps (engine.overlap_schedule false), for the planner's validation
   DEPLOYMENTS=colocated NO_OVERLAP=1 TAG=-sync part_bench
 }
+
+part_benchbase() {
+  [ -f .gpu/baseline/REV ] || { echo "benchbase: no .gpu/baseline (scripts/gpu_baseline.sh REV)"; status=1; return; }
+  local keep=/tmp/pdserve-current f
+  rm -rf "$keep" && mkdir -p "$keep"
+  (cd .gpu/baseline && find . -name '*.py') > "$keep/FILES"
+  while read -r f; do mkdir -p "$keep/$(dirname "$f")"; cp "$f" "$keep/$f"; cp ".gpu/baseline/$f" "$f"; done < "$keep/FILES"
+  echo "benchbase: $(wc -l < "$keep/FILES") files of $(cut -c1-10 .gpu/baseline/REV)"
+  TAG=-base part_bench
+  restore_tree
+}
+
 
 part_profile() {  # the planner's H200 profile (issue #18), Llama-3-8B shapes
   python3 -P -m pdserve profile --model "$MODEL" --load-format dummy --precisions bf16,fp8 --distinct-prompts \
