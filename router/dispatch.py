@@ -1,5 +1,6 @@
 """One request's way through the cluster: pick a prefill and a decode worker, prefill, stream the
-decode worker's deltas; keep the workers' load counts exact on every exit, and free the request's
+decode worker's deltas (they come through the worker's token channel, router/channels.py, while the
+request's `generate` call runs); keep the workers' load counts exact on every exit, and free the request's
 blocks on both sides when it did not finish (client gone, error, Abort).
 
 - Abort ends the stream at once, at any stage (waiting for its prefill, prefilling, its KV moving,
@@ -337,8 +338,7 @@ class Dispatcher:
                 if finished:
                     return
         finally:
-            if decode_sent:
-                self.channels.close(wid)
+            self.channels.close(wid)
             tracing.end(stream_span, None if finished else "ended before its last token")
             if in_prefill:
                 P.queued_tokens -= uncached
