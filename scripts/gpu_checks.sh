@@ -30,6 +30,8 @@ if [ "${1:-}" != --part ]; then   # the driver: install once, run each part in a
   DEST=${OUT:-}
   export OUT=${DEST:+/tmp/gpu_results}
   export OUT=${OUT:-.out/gpu}
+  # a warm machine keeps /tmp between calls: an earlier call's step logs would be packed with this one's
+  [ -z "$DEST" ] || rm -rf "$OUT"
   mkdir -p "$OUT"
   source scripts/gpu_install.sh || exit 1
   export PDSERVE_GPU_INSTALLED=1 PYTHONUNBUFFERED=1
