@@ -5,11 +5,10 @@ Invariant: the engine is touched only under `self.lock`, so the event loop can t
 and aborts while a step runs in the thread; a queue receives None when its request is aborted and
 an exception instance when the engine failed it.
 
-A request's queue merges the outputs its consumer has not taken yet into one (OutputQueue): each message a
-worker streams costs its event loop a fixed amount (a Ray stream item, a router hop, a gRPC write), so at
-many streams one message per token per step is what caps delivery, not the model. A consumer that keeps up
-still gets one output per step; one that falls behind catches up in a single message instead of falling
-further behind. vLLM's AsyncLLM merges a request's pending outputs the same way.
+A request's queue merges the outputs its consumer has not taken yet into one (OutputQueue): a consumer that
+keeps up gets one output per step; one that falls behind catches up in one wake-up instead of one per step.
+vLLM's AsyncLLM merges a request's pending outputs the same way. (What leaves a decode worker is merged again,
+across requests, by its outbox: decode_worker/outbox.py.)
 """
 from __future__ import annotations
 
@@ -80,7 +79,7 @@ class AsyncEngine:
     async def add(self, request_id: str, prompt_token_ids: list[int], params, coalesce: bool = True,
                   **kw) -> OutputQueue:
         """Queue a request (LLMEngine.add_request's arguments); its outputs arrive in the returned queue.
-        `coalesce` False: one output per step even when the consumer falls behind (a test counting messages)."""
+        `coalesce` False: one output per step even when the consumer falls behind (a chaos kill counting tokens)."""
         q = OutputQueue(coalesce)
         async with self.lock:
             seq = self.engine.add_request(request_id, prompt_token_ids, params, **kw)
