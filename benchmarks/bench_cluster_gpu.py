@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,64 @@ DEPLOYMENTS = {
     "colocated-2gpu": {"mode": "colocated", "prefill": {"replicas": 0},
                        "decode": {"replicas": 2, "precision": "bf16", "num_gpus": 1}},
 }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (0 if it is gone), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _worker_pids() -> dict[str, list[int]]:
+    """The Ray actor processes of the pdserve workers, by role: Ray names them `ray::DecodeWorker...`."""
+    out: dict[str, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        for role in ("PrefillWorker", "DecodeWorker"):
+            if cmd.startswith(f"ray::{role}"):
+                out.setdefault(role, []).append(int(d.name))
+    return out
+
+
+class CpuMeter:
+    """Where a row's host CPU went, as cores busy over the row: the router process, each worker role's actor
+    processes and the bench client. Tells a serving path that cannot keep up from an engine that is the limit."""
+
+    def __init__(self, router_pid: int):
+        self.router_pid = router_pid
+        self.pids = _worker_pids()
+
+    def sample(self) -> dict:
+        import resource
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)  # the bench clients, reaped by subprocess.run
+        return {"t": time.monotonic(), "router": _cpu_seconds(self.router_pid), "client": ch.ru_utime + ch.ru_stime,
+                **{role: sum(_cpu_seconds(x) for x in pids) for role, pids in self.pids.items()}}
+
+    @staticmethod
+    def cores(before: dict, after: dict) -> dict:
+        wall = max(after["t"] - before["t"], 1e-9)
+        return {f"cpu_{k}_cores": round((after[k] - before[k]) / wall, 2) for k in before if k != "t"}
+
+
+def _pyspy(out: Path, tag: str, pids: dict[str, int], delay: float, seconds: float) -> list[subprocess.Popen]:
+    """py-spy (on PATH) samples each of `pids` for `seconds` from `delay` s on, into out/pyspy-<tag>-<who>.txt
+    (raw stacks; --nonblocking: the sampled processes are not paused). Where py-spy cannot attach (no ptrace
+    permission) its error is in the .err file beside."""
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for who, pid in pids.items():
+        cmd = f"sleep {delay}; exec py-spy record --nonblocking -r 100 -d {seconds:g} -f raw -p {pid} -o {out}/pyspy-{tag}-{who}.txt"
+        procs.append(subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.DEVNULL,
+                                      stderr=open(out / f"pyspy-{tag}-{who}.err", "w")))
+    return procs
 
 
 def _metrics(port: int) -> dict:
@@ -93,6 +152,8 @@ def _row(name: str, concurrency: int, rep: dict, transfer: dict | None) -> dict:
     lag = rep.get("client", {}).get("loop_lag_s")
     if isinstance(lag, dict):
         row["client_loop_lag_p99_ms"] = round(lag.get("p99", 0) * 1e3, 2)
+    if "cpu_frac" in rep.get("client", {}):
+        row["client_cpu_frac"] = round(rep["client"]["cpu_frac"], 3)
     if rep.get("goodput"):
         row["goodput_fraction"] = round(rep["goodput"]["fraction"], 3)
     if transfer:
@@ -130,8 +191,16 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write every row as JSON here")
     p.add_argument("--save-requests", default=None, metavar="DIR",
                    help="per row, every measured request's timeline (pdserve bench --save-outputs) in DIR")
+    p.add_argument("--max-num-seqs", type=int, default=ENGINE["max_num_seqs"],
+                   help="engine.max_num_seqs of every worker (the decode batch's and CUDA graphs' bound)")
     p.add_argument("--no-overlap", action="store_true",
                    help="engine.overlap_schedule false in every worker (synchronous steps); rows say which")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: every worker on the CPU in float32, no GPU asked of Ray; with a tiny model "
+                        "(benchmarks/dummy_model.py --shape tiny) it measures the serving path's own CPU cost")
+    p.add_argument("--pyspy", default=None, metavar="DIR",
+                   help="per row, py-spy (on PATH) samples the router and each worker process for 10 s from 4 s "
+                        "into the row, into DIR (where the serving path's CPU goes)")
     p.add_argument("--step-log", default=None, metavar="DIR",
                    help="every engine's step log (engine.step_log) in DIR/<deployment>; with --save-requests, "
                         "benchmarks/step_timeline.py lines the two up")
@@ -142,11 +211,17 @@ def main() -> None:
     kv_gb = args.kv_gb if args.kv_gb is not None else default_kv_gb()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-gpu-"))
     for name in args.deployments.split(","):
-        engine = {**ENGINE, "kv_cache_memory_gb": kv_gb, "overlap_schedule": False if args.no_overlap else None}
+        engine = {**ENGINE, "max_num_seqs": args.max_num_seqs, "kv_cache_memory_gb": kv_gb, "overlap_schedule": False if args.no_overlap else None}
         if args.step_log:
             engine["step_log"] = str(Path(args.step_log).resolve() / name)
-        config = {"model": {"path": str(Path(args.model).resolve()), "load_format": "dummy", "dtype": "bfloat16"},
-                  "engine": engine, "ray": {"num_cpus": 8}, **DEPLOYMENTS[name]}
+        deployment = DEPLOYMENTS[name]
+        dtype = "bfloat16"
+        if args.device == "cpu":
+            engine["device"], dtype = "cpu", "float32"
+            deployment = {k: ({**v, "num_gpus": 0} if isinstance(v, dict) and "num_gpus" in v else v)
+                          for k, v in deployment.items()}
+        config = {"model": {"path": str(Path(args.model).resolve()), "load_format": "dummy", "dtype": dtype},
+                  "engine": engine, "ray": {"num_cpus": 8}, **deployment}
         t0 = time.monotonic()
         server = Server(config, tmp, timeout=900)
         print(f"# {name}: ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -167,7 +242,20 @@ def main() -> None:
                 if args.save_requests:
                     Path(args.save_requests).mkdir(parents=True, exist_ok=True)
                     save = str(Path(args.save_requests).resolve() / f"{name}-c{c}-{args.input_len}.jsonl")
+                meter = CpuMeter(server.proc.pid)
+                cpu0 = meter.sample()
+                spies = []
+                if args.pyspy:
+                    pids = {"router": server.proc.pid, **{f"{role}{i}": pid for role, ps in meter.pids.items()
+                                                         for i, pid in enumerate(ps)}}
+                    spies = _pyspy(Path(args.pyspy), f"{name}-c{c}", pids, delay=4, seconds=10)
                 rep = _bench(server.address, args, c, max(8, args.requests_per_stream * c), seed=c, save=save)
+                cpu = CpuMeter.cores(cpu0, meter.sample())
+                for spy in spies:
+                    try:
+                        spy.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        spy.kill()
                 transfer = None
                 if before is not None:
                     time.sleep(1.0)  # the router refreshes worker stats every 0.5 s
@@ -180,7 +268,7 @@ def main() -> None:
                                 "wire_MB_per_request": round(nbytes / pulls / 1e6, 1)}
                 row = _row(name, c, rep, transfer)
                 row.update(input_len=args.input_len, max_tokens=args.max_tokens, kv_cache_memory_gb=kv_gb,
-                           overlap_schedule=not args.no_overlap)
+                           max_num_seqs=args.max_num_seqs, overlap_schedule=not args.no_overlap, **cpu)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:  # after every row: a run cut short keeps what it measured

@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-gb", type=float, default=None,
                     help="--gpu-predict: each engine's kv_cache_memory_gb as the bench will set it (default "
                          f"{GPU_ENGINE['kv_cache_memory_gb']}; bench_cluster_gpu.py sets 12 on GPUs under 120 GiB)")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help=f"--gpu-predict: the engines' max_num_seqs (default {GPU_ENGINE['max_num_seqs']}; "
+                         "gpu_checks.sh benchhigh sets 256)")
     ap.add_argument("--slo", default="2.0,0.05", help="goodput's TTFT,TPOT bounds in seconds (gpu_checks.sh's)")
     ap.add_argument("--contention", choices=("measured", "cores", "cores-background"), default="measured",
                     help="measured: the engines' CPU share read from the kernel over each run is an input; cores: "
@@ -145,7 +148,8 @@ def main(argv=None) -> int:
         ttft, tpot = (float(x) for x in args.slo.split(","))
         return gpu_predict(args.gpu_predict.split(","), [int(x) for x in args.concurrency.split(",")],
                            [int(x) for x in args.input_lens.split(",")], args.max_tokens, args.requests_per_stream,
-                           (ttft, tpot), args.profile or "h200-llama3-8b", Path(args.out), args.kv_gb)
+                           (ttft, tpot), args.profile or "h200-llama3-8b", Path(args.out), args.kv_gb,
+                           args.max_num_seqs)
     if args.gpu_cluster:
         return gpu_cluster(Path(args.gpu_cluster), args.profile or "h200-llama3-8b", Path(args.out))
     out = Path(args.out)
@@ -299,23 +303,25 @@ GPU_METRICS = (("ttft_s", "p50"), ("ttft_s", "p99"), ("itl_s", "p50"), ("itl_s",
                ("tpot_s", "p99"))
 
 
-def gpu_spec(prof, deployment: str, kv_gb: float | None = None, overlap: bool | None = None) -> ClusterSpec:
+def gpu_spec(prof, deployment: str, kv_gb: float | None = None, overlap: bool | None = None,
+             max_num_seqs: int | None = None) -> ClusterSpec:
     """The bench's deployment as the simulator sees it: engine limits as configured there, KV capacity from its
     kv_cache_memory_gb (bf16 cache; a row records its own since the bench sizes it by the GPU), overlap scheduling
     as the row ran (None: as the profile's engine), prompts random (no prefix hits)."""
     kv_gb = GPU_ENGINE["kv_cache_memory_gb"] if kv_gb is None else kv_gb
+    seqs = max_num_seqs or GPU_ENGINE["max_num_seqs"]
     kv_tokens = int(kv_gb * 2 ** 30) // int(prof.kv_bytes_per_token["raw"])
     return ClusterSpec.from_profile(
-        prof, max_num_seqs=GPU_ENGINE["max_num_seqs"], prefill_max_num_seqs=GPU_ENGINE["max_num_seqs"],
+        prof, max_num_seqs=seqs, prefill_max_num_seqs=seqs,
         max_num_batched_tokens=GPU_ENGINE["max_num_batched_tokens"],
         prefill_max_num_batched_tokens=GPU_ENGINE["max_num_batched_tokens"], kv_cache_tokens=kv_tokens,
         colocated_prefix_cache=False, policy="least_loaded", overlap=overlap, **GPU_DEPLOYMENTS[deployment])
 
 
 def gpu_simulated(prof, deployment: str, c: int, n: int, input_len: int, output_len: int, slo=(None, None),
-                  kv_gb: float | None = None, overlap: bool | None = None) -> dict:
+                  kv_gb: float | None = None, overlap: bool | None = None, max_num_seqs: int | None = None) -> dict:
     """bench --concurrency c: all n requests ready at t=0, at most c in flight (the warm-up ran before, apart)."""
-    spec = gpu_spec(prof, deployment, kv_gb, overlap)
+    spec = gpu_spec(prof, deployment, kv_gb, overlap, max_num_seqs)
     outs, engines = simulate(prof, spec, [SimRequest(0.0, input_len, output_len) for _ in range(n)], clients=c)
     return stats.report(outs, engines, *slo)
 
@@ -331,8 +337,9 @@ def gpu_cluster(src: Path, profile_name: str, out: Path, input_len: int = 2048, 
         kv_gb = m.get("kv_cache_memory_gb")
         # rows say whether the engines overlapped their steps since 2026-12-05 (sixth session); earlier ones did not
         overlap = m.get("overlap_schedule", False)
-        rep = gpu_simulated(prof, m["deployment"], c, n, i_len, o_len, kv_gb=kv_gb, overlap=overlap)
-        spec = gpu_spec(prof, m["deployment"], kv_gb, overlap)
+        seqs = m.get("max_num_seqs")  # rows say it since 2026-12-05 (eighth session); earlier ones ran 64
+        rep = gpu_simulated(prof, m["deployment"], c, n, i_len, o_len, kv_gb=kv_gb, overlap=overlap, max_num_seqs=seqs)
+        spec = gpu_spec(prof, m["deployment"], kv_gb, overlap, seqs)
         row = {"deployment": m["deployment"], "concurrency": c, "requests": n, "spec": spec.label(),
                "req_s": [m["req_s"], rep["request_throughput"]]}
         for metric, q in GPU_METRICS:
@@ -350,7 +357,7 @@ def gpu_cluster(src: Path, profile_name: str, out: Path, input_len: int = 2048, 
 
 def gpu_predict(deployments: list[str], concurrency: list[int], input_lens: list[int], output_len: int,
                 per_stream: int, slo: tuple[float, float], profile_name: str, out: Path,
-                kv_gb: float | None = None) -> int:
+                kv_gb: float | None = None, max_num_seqs: int | None = None) -> int:
     """The simulator's numbers for a bench_cluster_gpu.py run not made yet (the two-GPU one of issue #19 runs
     scripts/gpu_checks.sh x2bench2k x2bench8k): rows in the bench's own format, written before the measurement, so
     that the measurement tests a prediction. --gpu-cluster on the measured file gives the errors afterwards."""
@@ -360,11 +367,11 @@ def gpu_predict(deployments: list[str], concurrency: list[int], input_lens: list
         for name in deployments:
             for c in concurrency:
                 n = max(8, per_stream * c)
-                rep = gpu_simulated(prof, name, c, n, i_len, output_len, slo, kv_gb=kv_gb)
-                spec = gpu_spec(prof, name, kv_gb)
+                rep = gpu_simulated(prof, name, c, n, i_len, output_len, slo, kv_gb=kv_gb, max_num_seqs=max_num_seqs)
+                spec = gpu_spec(prof, name, kv_gb, max_num_seqs=max_num_seqs)
                 row = {"deployment": name, "concurrency": c, "requests": n, "input_len": i_len, "max_tokens": output_len,
                        "spec": spec.label(), "kv_cache_memory_gb": kv_gb or GPU_ENGINE["kv_cache_memory_gb"],
-                       "overlap_schedule": spec.overlap, "req_s": round(rep["request_throughput"], 3),
+                       "max_num_seqs": spec.max_num_seqs, "overlap_schedule": spec.overlap, "req_s": round(rep["request_throughput"], 3),
                        "output_tok_s": round(rep["output_token_throughput"], 1)}
                 for metric, q in GPU_METRICS:
                     row[f"{metric[:-2]}_{q}_ms"] = round(rep[metric][q] * 1e3, 2)

@@ -13,6 +13,7 @@
 #                                         if the image's own are too old for grpcio-tools (see gpu_install.sh)
 #   .gpu/bundle/<name>-<ver>-slim.tar.xz  Ray and NIXL wheels unpacked and cut down (too big as wheels)
 #   .gpu/bundle/MANIFEST                  versions and sizes; gpu_install.sh reads the grpc pins from it
+#   .gpu/tools/py_spy-*.whl              py-spy, for scripts/gpu_checks.sh benchhigh's PYSPY=1 (2.9 MB)
 #   .gpu/models/llama-3-8b/               config.json + tokenizer for `model.load_format: dummy` (3.4 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ NIXL_VERSION=1.5.1              # nixl-cu13 (slimmed tarball) + the thin `nixl` 
 RAY_VERSION=2.60.0              # slimmed tarball
 GRPC_TOOLS_VERSION=1.85.1       # grpcio-tools, grpcio-health-checking, grpcio-reflection
 GRPCIO_VERSION=1.85.3           # fallback only (what the CPU box's .venv runs with these tools)
+PYSPY_VERSION=0.4.3             # .gpu/tools: sampling profiler for benchhigh's PYSPY=1 (a static binary in a wheel)
 PROTOBUF_VERSION=7.36.2         # fallback only (idem; grpcio-tools 1.85 needs protobuf >=7.35.1,<8)
 PLAIN_WHEELS=(
   "nixl==$NIXL_VERSION"                       # makes `import nixl._api` pick nixl_cu13 (our first candidate)
@@ -189,7 +191,8 @@ verify_ray() {
 
 echo "gpu_bundle: downloading into $CACHE/wheels"
 fetch "$CACHE/wheels" "${PLAIN_WHEELS[@]}" "${FALLBACK_WHEELS[@]}" \
-  "nixl-cu13==$NIXL_VERSION" "ray==$RAY_VERSION"
+  "nixl-cu13==$NIXL_VERSION" "ray==$RAY_VERSION" "py-spy==$PYSPY_VERSION"
+rm -rf .gpu/tools && mkdir -p .gpu/tools && cp "$(wheel_of py_spy "$PYSPY_VERSION")" .gpu/tools/
 
 rm -rf .gpu/bundle; mkdir -p "$OUT/fallback"
 spec_wheel() { local n=${1%%==*} v=${1##*==}; wheel_of "$n" "$v"; }

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_checks.sh transfer   # NIXL VRAM->VRAM between two processes vs the CUDA IPC copy; fp8 wire kernels
 #   bash scripts/gpu_checks.sh cluster    # the cluster on one GPU: tests/gpu/test_cluster_gpu.py
 #   bash scripts/gpu_checks.sh bench      # pdserve bench: disaggregated vs colocated at concurrency 1, 8, 32
+#   bash scripts/gpu_checks.sh benchhigh  # colocated at 64, 128, 256 streams (128-token prompts, 512 tokens out)
 #   bash scripts/gpu_checks.sh benchsync  # the same, colocated only, synchronous engine steps (no overlap scheduling)
 #   bash scripts/gpu_checks.sh benchbase  # the bench on an earlier commit's files (scripts/gpu_baseline.sh REV wrote them
 #                                         # to .gpu/baseline), rows tagged -base; this tree's files are put back after
@@ -95,7 +96,18 @@ part_bench() {
   python3 -P benchmarks/bench_cluster_gpu.py --model "$MODEL" --deployments "${DEPLOYMENTS:-disagg-fp8,colocated}" \
     --concurrency "${CONC:-1,8,32}" --input-len "${INPUT:-2048}" --max-tokens "${MAXTOK:-64}" --requests-per-stream "${REQS:-4}" \
     --out "$OUT/cluster_bench${TAG:-}.json" --save-requests "$OUT/requests${TAG:-}" --step-log "$OUT/steps${TAG:-}" \
-    ${NO_OVERLAP:+--no-overlap} ${KV_GB:+--kv-gb "$KV_GB"} || status=1
+    ${NO_OVERLAP:+--no-overlap} ${KV_GB:+--kv-gb "$KV_GB"} --max-num-seqs "${MAX_SEQS:-64}" \
+    ${PYSPY:+--pyspy "$OUT/pyspy${TAG:-}"} || status=1
+}
+
+part_benchhigh() {  # 64-256 streams on one worker, short prompts, long answers: does the serving path deliver
+  # what the engine makes at the decode batches the planner's chat/short plans assume? Rows say where CPU went;
+  # PYSPY=1 adds py-spy samples of the router and the worker (its wheel: .gpu/tools, scripts/gpu_bundle.sh)
+  if [ -n "${PYSPY:-}" ] && ! command -v py-spy >/dev/null; then
+    python3 -m pip install -q --no-deps --target /tmp/pyspy .gpu/tools/py_spy-*.whl && export PATH=/tmp/pyspy/bin:$PATH
+  fi
+  DEPLOYMENTS=${DEPLOYMENTS:-colocated} CONC=${CONC:-64,128,256} INPUT=${INPUT:-128} MAXTOK=${MAXTOK:-512} \
+    REQS=${REQS:-2} KV_GB=${KV_GB:-24} MAX_SEQS=${MAX_SEQS:-256} TAG=${TAG:--high} part_bench
 }
 
 part_benchsync() {  # the colocated engine with synchronous steps (engine.overlap_schedule false), for the planner's validation
@@ -109,7 +121,7 @@ part_benchbase() {
   (cd .gpu/baseline && find . -name '*.py') > "$keep/FILES"
   while read -r f; do mkdir -p "$keep/$(dirname "$f")"; cp "$f" "$keep/$f"; cp ".gpu/baseline/$f" "$f"; done < "$keep/FILES"
   echo "benchbase: $(wc -l < "$keep/FILES") files of $(cut -c1-10 .gpu/baseline/REV)"
-  TAG=-base part_bench
+  TAG=${BASE_TAG:--base} "part_${BASE_PART:-bench}"  # BASE_PART=benchhigh BASE_TAG=-high-base: that part's rows
   restore_tree
 }
 
