@@ -18,8 +18,9 @@ log = logging.getLogger("pdserve.router")
 class Inbox:
     """One attempt's deltas, and the one future its reader sleeps on. A delta, the request's interrupt or the end of
     its generate call wakes it (`wake` is their callback), so each step costs a request one wake-up: with every
-    stream of a worker woken each step, waiting on several futures at once (asyncio.wait) was a fifth of the
-    router's time at 256 streams (BENCHMARKS.md, "Many streams a worker")."""
+    stream of a worker woken each step, waiting on several futures at once (asyncio.wait) took an eighth of the
+    router's samples at 256 streams on an H100 host, a fifth on a 2-core box (BENCHMARKS.md, "Many streams a
+    worker")."""
     __slots__ = ("_items", "_waiter")
 
     def __init__(self):
