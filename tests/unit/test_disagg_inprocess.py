@@ -86,7 +86,10 @@ def test_fp8_wire_teacher_forced_agreement(engine_f32, prefill_engine):
           f"raw wire KL {raw[0]:.2e} top-1 {raw[1]:.4f} ({raw[2]} bytes); "
           f"fp8 wire KL {fp8[0]:.2e} top-1 {fp8[1]:.4f} ({fp8[2]} bytes); "
           f"fp8 wire + {sinks} sink tokens refreshed KL {fp8_sinks[0]:.2e} top-1 {fp8_sinks[1]:.4f}")
-    assert raw[1] == 1.0 and raw[0] < 1e-9  # the raw wire is lossless
+    # the raw wire is lossless: what remains is float32 rounding from computing the prompt on one engine and the
+    # continuation on the other (against one pass), ~1e-9 and dependent on the CPU's kernels (1.2e-9 on an AMD
+    # EPYC box); the fp8 wire's is ~1e-3
+    assert raw[1] == 1.0 and raw[0] < 1e-7
     for name, st in (("fp8", fp8), ("fp8 + sink refresh", fp8_sinks)):
         print(f"{name} disagreements: {len(st[3])} of {total}, reference top-2 logit gaps there: "
               f"{sorted(round(g, 3) for g in st[3])}")
