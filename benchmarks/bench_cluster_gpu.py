@@ -105,9 +105,10 @@ def _pyspy(out: Path, tag: str, pids: dict[str, int], delay: float, seconds: flo
     out.mkdir(parents=True, exist_ok=True)
     procs = []
     for who, pid in pids.items():
-        cmd = f"sleep {delay}; exec py-spy record --nonblocking -r 100 -d {seconds:g} -f raw -p {pid} -o {out}/pyspy-{tag}-{who}.txt"
-        procs.append(subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.DEVNULL,
-                                      stderr=open(out / f"pyspy-{tag}-{who}.err", "w")))
+        cmd = (f"sleep {delay}; exec py-spy record --nonblocking -r 100 -d {seconds:g} -f raw -p {pid} "
+               f"-o {out}/pyspy-{tag}-{who}.txt")
+        with open(out / f"pyspy-{tag}-{who}.err", "w") as err:
+            procs.append(subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.DEVNULL, stderr=err))
     return procs
 
 
@@ -211,7 +212,8 @@ def main() -> None:
     kv_gb = args.kv_gb if args.kv_gb is not None else default_kv_gb()
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-gpu-"))
     for name in args.deployments.split(","):
-        engine = {**ENGINE, "max_num_seqs": args.max_num_seqs, "kv_cache_memory_gb": kv_gb, "overlap_schedule": False if args.no_overlap else None}
+        engine = {**ENGINE, "max_num_seqs": args.max_num_seqs, "kv_cache_memory_gb": kv_gb,
+                  "overlap_schedule": False if args.no_overlap else None}
         if args.step_log:
             engine["step_log"] = str(Path(args.step_log).resolve() / name)
         deployment = DEPLOYMENTS[name]
