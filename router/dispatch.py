@@ -31,7 +31,7 @@ from pdserve.config import Config
 from pdserve.engine.block_manager import block_hashes
 from pdserve.engine.sequence import Continuation, SamplingParams
 from pdserve.errors import InvalidRequest, KVTransferFailed, NoFreeBlocks, NoReadyWorker
-from pdserve.router.channels import Channels, Inbox
+from pdserve.router.channels import Channels
 from pdserve.router.cluster import Cluster, actor_dead
 from pdserve.router.log_limit import LogLimiter
 from pdserve.router.policy import make_policies
@@ -304,14 +304,16 @@ class Dispatcher:
                 wid, prompt, params, prefill, req.namespace, trace_context=tracing.carrier(stream_span),
                 continuation=cont))
             call.add_done_callback(_retrieved)
-            call.add_done_callback(inbox.wake)
-            req.waiter.add_done_callback(inbox.wake)
             decode_sent = True
             last = None
             while True:
-                d = await self._next(req, D, inbox, call)
+                d: Optional[DecodeDelta] = await self._wait(req, D, inbox.get(), call)
                 if d is None:
                     raise WorkerFailed(f"the decode worker {D.name} ended request {req.rid} early", "internal")
+                # deltas that came while this loop was behind leave as one message: what a message costs here
+                # (the client's stream write, the metrics) is paid once, not once per token
+                while not d.finished and not inbox.empty():
+                    d = d.then(inbox.get_nowait())
                 if req.holding_prefill:
                     P.inflight -= 1
                     req.holding_prefill = False
@@ -352,45 +354,39 @@ class Dispatcher:
                     self._tell(D, "abort", wid)
             req.holding_prefill = False
 
-    async def _wait(self, req: Request, w: Worker, aw):
+    async def _wait(self, req: Request, w: Worker, aw, call: Optional[asyncio.Future] = None):
         """`aw`'s result, unless the request is interrupted first (_Interrupted) or `w` fails or stays silent
-        past the call timeout (WorkerFailed). A worker-side error of the request's own is raised as it is."""
+        past the call timeout (WorkerFailed). A worker-side error of the request's own is raised as it is.
+        `call`: the worker call whose results `aw` waits for (generate, whose tokens come by the channel): its
+        failure is raised at once; its end without the request's last delta is None."""
         fut = asyncio.ensure_future(aw)
         try:
-            done, _ = await asyncio.wait([fut, req.waiter], timeout=self.call_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            # the flag, not `done`: the waiter task may not have run yet, and after an Abort no late result
-            # may finish the request
-            if req.interrupt.is_set():
-                raise _Interrupted
-            if fut in done:
-                try:
-                    return fut.result()
-                except Exception as e:
-                    raise self._failure(w, e) from None
-            raise WorkerFailed(f"the {w.role} worker {w.name} did not answer within {self.call_timeout:g} s",
-                               "timeout")
+            while True:
+                waiting = [fut, req.waiter]
+                if call is not None:
+                    if not call.done():
+                        waiting.append(call)
+                    elif call.exception() is not None:
+                        raise self._failure(w, call.exception())
+                    elif call.result() is False and not fut.done():
+                        return None
+                done, _ = await asyncio.wait(waiting, timeout=self.call_timeout, return_when=asyncio.FIRST_COMPLETED)
+                # the flag, not `done`: the waiter task may not have run yet, and after an Abort no late result
+                # may finish the request
+                if req.interrupt.is_set():
+                    raise _Interrupted
+                if fut in done:
+                    try:
+                        return fut.result()
+                    except Exception as e:
+                        raise self._failure(w, e) from None
+                if not done:
+                    raise WorkerFailed(f"the {w.role} worker {w.name} did not answer within {self.call_timeout:g} s",
+                                       "timeout")
+                # `call` ended first: its error next round, or its last deltas are still on their way here
         finally:
             if not fut.done():
                 fut.cancel()
-
-    async def _next(self, req: Request, w: Worker, inbox: Inbox, call: asyncio.Future) -> Optional[DecodeDelta]:
-        """The attempt's next deltas (merged), once there are some; None if `call` (generate on `w`) ended without
-        the request's last delta. Raises as `_wait` does: _Interrupted, the call's failure, WorkerFailed when `w`
-        stays silent past the call timeout."""
-        while True:
-            if req.interrupt.is_set():
-                raise _Interrupted
-            if call.done() and call.exception() is not None:
-                raise self._failure(w, call.exception())
-            if inbox:
-                return inbox.take()
-            if call.done() and call.result() is False:
-                return None
-            # else nothing yet (a call that returned True: its last deltas are still on their way here)
-            if not await inbox.wait(self.call_timeout):
-                raise WorkerFailed(f"the {w.role} worker {w.name} did not answer within {self.call_timeout:g} s",
-                                   "timeout")
 
     def _failure(self, w: Worker, e: BaseException) -> BaseException:
         """What to raise for `e`, an error of a call to `w`."""
