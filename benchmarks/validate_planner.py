@@ -338,7 +338,8 @@ def gpu_cluster(src: Path, profile_name: str, out: Path, input_len: int = 2048, 
         # rows say whether the engines overlapped their steps since 2026-12-05 (sixth session); earlier ones did not
         overlap = m.get("overlap_schedule", False)
         seqs = m.get("max_num_seqs")  # rows say it since 2026-12-05 (eighth session); earlier ones ran 64
-        rep = gpu_simulated(prof, m["deployment"], c, n, i_len, o_len, kv_gb=kv_gb, overlap=overlap, max_num_seqs=seqs)
+        rep = gpu_simulated(prof, m["deployment"], c, n, i_len, o_len, kv_gb=kv_gb, overlap=overlap,
+                            max_num_seqs=seqs)
         spec = gpu_spec(prof, m["deployment"], kv_gb, overlap, seqs)
         row = {"deployment": m["deployment"], "concurrency": c, "requests": n, "spec": spec.label(),
                "req_s": [m["req_s"], rep["request_throughput"]]}
@@ -367,11 +368,13 @@ def gpu_predict(deployments: list[str], concurrency: list[int], input_lens: list
         for name in deployments:
             for c in concurrency:
                 n = max(8, per_stream * c)
-                rep = gpu_simulated(prof, name, c, n, i_len, output_len, slo, kv_gb=kv_gb, max_num_seqs=max_num_seqs)
+                rep = gpu_simulated(prof, name, c, n, i_len, output_len, slo, kv_gb=kv_gb,
+                                    max_num_seqs=max_num_seqs)
                 spec = gpu_spec(prof, name, kv_gb, max_num_seqs=max_num_seqs)
                 row = {"deployment": name, "concurrency": c, "requests": n, "input_len": i_len, "max_tokens": output_len,
                        "spec": spec.label(), "kv_cache_memory_gb": kv_gb or GPU_ENGINE["kv_cache_memory_gb"],
-                       "max_num_seqs": spec.max_num_seqs, "overlap_schedule": spec.overlap, "req_s": round(rep["request_throughput"], 3),
+                       "max_num_seqs": spec.max_num_seqs, "overlap_schedule": spec.overlap,
+                       "req_s": round(rep["request_throughput"], 3),
                        "output_tok_s": round(rep["output_token_throughput"], 1)}
                 for metric, q in GPU_METRICS:
                     row[f"{metric[:-2]}_{q}_ms"] = round(rep[metric][q] * 1e3, 2)
