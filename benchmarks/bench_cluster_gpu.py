@@ -80,7 +80,8 @@ def _worker_pids() -> dict[str, list[int]]:
 
 class CpuMeter:
     """Where a row's host CPU went, as cores busy over the row: the router process, each worker role's actor
-    processes and the bench client. Tells a serving path that cannot keep up from an engine that is the limit."""
+    processes and the bench client. Tells a serving path that cannot keep up from an engine that is the limit.
+    The window includes the bench client's start-up (a few seconds), so the servers' shares read a little low."""
 
     def __init__(self, router_pid: int):
         self.router_pid = router_pid
