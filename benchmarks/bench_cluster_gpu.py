@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from pdserve.planner.hostload import pids_whose_cmdline_has, process_cpu_ns
 
 ENGINE = {"max_num_batched_tokens": 4096, "max_num_seqs": 64}
 DEPLOYMENTS = {
@@ -53,45 +55,22 @@ DEPLOYMENTS = {
 }
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (0 if it is gone), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _worker_pids() -> dict[str, list[int]]:
-    """The Ray actor processes of the pdserve workers, by role: Ray names them `ray::DecodeWorker...`."""
-    out: dict[str, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        for role in ("PrefillWorker", "DecodeWorker"):
-            if cmd.startswith(f"ray::{role}"):
-                out.setdefault(role, []).append(int(d.name))
-    return out
-
-
 class CpuMeter:
     """Where a row's host CPU went, as cores busy over the row: the router process, each worker role's actor
-    processes and the bench client. Tells a serving path that cannot keep up from an engine that is the limit.
-    The window includes the bench client's start-up (a few seconds), so the servers' shares read a little low."""
+    processes (Ray names them ray::ClassName; the server's session only) and the bench client. Tells a serving path
+    that cannot keep up from an engine that is the limit. The window includes the bench client's start-up (a few
+    seconds), so the servers' shares read a little low."""
 
     def __init__(self, router_pid: int):
         self.router_pid = router_pid
-        self.pids = _worker_pids()
+        self.pids = {role: pids for role in ("PrefillWorker", "DecodeWorker")
+                     if (pids := pids_whose_cmdline_has(f"ray::{role}", session=router_pid))}
 
     def sample(self) -> dict:
-        import resource
         ch = resource.getrusage(resource.RUSAGE_CHILDREN)  # the bench clients, reaped by subprocess.run
-        return {"t": time.monotonic(), "router": _cpu_seconds(self.router_pid), "client": ch.ru_utime + ch.ru_stime,
-                **{role: sum(_cpu_seconds(x) for x in pids) for role, pids in self.pids.items()}}
+        return {"t": time.monotonic(), "router": process_cpu_ns([self.router_pid]) / 1e9,
+                "client": ch.ru_utime + ch.ru_stime,
+                **{role: process_cpu_ns(pids) / 1e9 for role, pids in self.pids.items()}}
 
     @staticmethod
     def cores(before: dict, after: dict) -> dict:
