@@ -8,7 +8,7 @@
 #   bash scripts/gpu_checks.sh benchsync  # the same, colocated only, synchronous engine steps (no overlap scheduling)
 #   bash scripts/gpu_checks.sh benchbase  # the bench on an earlier commit's files (scripts/gpu_baseline.sh REV wrote them
 #                                         # to .gpu/baseline), rows tagged -base; this tree's files are put back after
-#   bash scripts/gpu_checks.sh profile    # pdserve profile: the planner's measured H200 profile
+#   bash scripts/gpu_checks.sh profile    # pdserve profile: the planner's measured profile of this GPU
 #   bash scripts/gpu_checks.sh unit       # GPU tests that need no model fixture (fp8 wire kernels, sampler)
 #   bash scripts/gpu_checks.sh engine     # one engine's decode step vs its graph replay, split into host/device phases (#17);
 #                                         # PEER=1 adds transformers' compiled generate on the same weights (the tokens/s ratio)
@@ -126,11 +126,17 @@ part_benchbase() {
 }
 
 
-part_profile() {  # the planner's H200 profile (issue #18), Llama-3-8B shapes
+part_profile() {  # the planner's profile of this GPU (issue #18), Llama-3-8B shapes, decode to batch 256
+  # batch 256 at the longer context must fit the KV pool: 1,024/2,048 tokens in 80 GiB on a GPU of >= 120 GiB
+  # (H200), 512/1,024 in 44 GiB on an 80 GB one (H100); the context slope comes from the two
+  local mib name ctx=512,1024 kv=44
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  [ "${mib:-0}" -lt $((120 * 1024)) ] || { ctx=1024,2048; kv=80; }
+  name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | head -1 | tr H h)
   python3 -P -m pdserve profile --model "$MODEL" --load-format dummy --precisions bf16,fp8 --distinct-prompts \
-    --prefill-tokens 128,512,2048,4096,8000 --batches 1,8,32,64 --contexts 1024,4096 \
-    --transfer-tokens 16,256,2048,8192 --kv-cache-memory-gb 48 --repeats "${REPEATS:-3}" \
-    --out "$OUT/h200-llama3-8b.json" || status=1
+    --prefill-tokens 128,512,2048,4096,8000 --batches "${BATCHES:-1,8,32,64,128,256}" --contexts "${CONTEXTS:-$ctx}" \
+    --transfer-tokens 16,256,2048,8192 --kv-cache-memory-gb "${PROFILE_KV_GB:-$kv}" \
+    --repeats "${REPEATS:-3}" --out "$OUT/${name:-gpu}-llama3-8b.json" || status=1
 }
 
 part_x2transfer() {
