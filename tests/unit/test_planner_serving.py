@@ -129,3 +129,22 @@ def test_step_timeline_adds_up_a_requests_path(tmp_path):
     steps = row["steps"]["colocated"]
     assert (steps["decode"]["n"], steps["mixed"]["n"]) == (2, 1)
     assert steps["device_busy"] == pytest.approx(59.0 / 61.0, abs=1e-3)
+
+
+def test_serving_overheads_reproduce_the_h100_profiles_hand_derivation(tmp_path):
+    # the sixth session derived the H100 profile's overheads by hand from this run's step logs (its `derivation`
+    # key): request_ms 55.61 - 49.13 = 6.48, handoff 5.5 ms, delivery 3.9 / 6.0 / 12.9 / 16.7 ms at 1 / 8 / 16 / 32
+    # streams (0.43 a stream)
+    src = ROOT / "docs" / "bench" / "planner" / "h100-sources"
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "-P", str(ROOT / "benchmarks" / "serving_overheads.py"),
+                           str(src / "h100-llama3-8b.measured-run2.json"), str(src / "run2-2k.tgz"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    prof = json.loads(out.read_text())
+    assert prof["overheads"]["request_ms"] == pytest.approx(6.48, abs=0.01)
+    assert prof["overheads"]["handoff_ms"] == pytest.approx(5.5, abs=0.1)
+    assert prof["overheads"]["per_stream_ms"] == pytest.approx(0.43, abs=0.01)
+    assert prof["engine"]["max_num_seqs"] == 256 and prof["engine"]["kv_cache_tokens"] == 393216
+    from pdserve.planner import profile as profile_mod
+    assert profile_mod.load(out).overhead_ms("handoff_ms") == pytest.approx(5.46)
