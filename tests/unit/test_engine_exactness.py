@@ -1,6 +1,7 @@
 """The engine against transformers on the embedded model, and against itself across batching and chunking."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pdserve.testing.exactness import PROMPTS, assert_same_or_near_tie
@@ -28,10 +29,15 @@ def _ours(engine, ids_list, n=NEW, logprobs=None):
     return engine.generate([(ids, params) for ids in ids_list])
 
 
-def test_float32_greedy_matches_transformers(engine_f32, hf_f32):
+@pytest.fixture(scope="module")
+def greedy_f32(engine_f32, hf_f32):
+    """The 12 prompts' float32 greedy continuations, transformers' and ours: both tests below compare against them."""
     ids_list = _prompt_ids(engine_f32)
-    ref = _hf_greedy(hf_f32, ids_list)
-    ours = [r["token_ids"] for r in _ours(engine_f32, ids_list)]
+    return ids_list, _hf_greedy(hf_f32, ids_list), [r["token_ids"] for r in _ours(engine_f32, ids_list)]
+
+
+def test_float32_greedy_matches_transformers(engine_f32, greedy_f32):
+    ids_list, ref, ours = greedy_f32
     mismatches = [(PROMPTS[i][0], ref[i], ours[i]) for i in range(len(ref)) if ref[i] != ours[i]]
     assert not mismatches, mismatches
     engine_f32.block_manager.check_no_leaks()
@@ -62,15 +68,13 @@ def test_chunked_prefill_equals_unchunked(engine_f32):
     engine_f32.block_manager.check_no_leaks()
 
 
-def test_bfloat16_agreement_like_transformers(engine_f32, hf_f32, hf_model_factory):
+def test_bfloat16_agreement_like_transformers(greedy_f32, hf_model_factory):
     from pdserve.engine.engine import LLMEngine
 
-    ids_list = _prompt_ids(engine_f32)
-    ref32 = _hf_greedy(hf_f32, ids_list)
+    ids_list, ref32, ours32 = greedy_f32
     hf16 = _hf_greedy(hf_model_factory(torch.bfloat16), ids_list)
     eng16 = LLMEngine(dtype="bfloat16", progress=False)
     ours16 = [r["token_ids"] for r in _ours(eng16, ids_list)]
-    ours32 = [r["token_ids"] for r in _ours(engine_f32, ids_list)]
     agree_ours = sum(a == b for a, b in zip(ours16, ours32)) / len(ids_list)
     agree_hf = sum(a == b for a, b in zip(hf16, ref32)) / len(ids_list)
     print(f"\nbf16 vs fp32 identical 32-token continuations: pdserve {agree_ours:.2f}, transformers {agree_hf:.2f}")
