@@ -1,6 +1,7 @@
 """Engine behaviour: block accounting, preemption, sampling, stops, detokenization, bad input, loading."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -196,8 +197,10 @@ def test_cli_errors_are_clear(tmp_path):
         (["generate", "hi", "--model", str(bad_gguf)], 3, "corrupt"),
         (["generate", "hi", "--model", str(hf)], 3, "corrupt"),
     ]
-    for args, code, msg in cases:
-        r = _cli(*args)
+    # independent processes, most of whose time is importing torch: side by side
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda case: _cli(*case[0]), cases))
+    for (args, code, msg), r in zip(cases, results):
         assert r.returncode == code, (args, r.returncode, r.stderr[-2000:])
         assert msg in r.stderr, (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr, (args, r.stderr[-2000:])
