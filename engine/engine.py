@@ -433,10 +433,7 @@ class LLMEngine:
             if tokens is not None:
                 step.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
                 step.host.copy_(tokens, non_blocking=True)
-            # blocking: the engine thread sleeps in _finish's wait instead of spinning a host core for the whole
-            # device step (one core per GPU worker); the wake-up's tens of microseconds are hidden under the
-            # next step, which is already queued on the device when the wait ends
-            step.done = torch.cuda.Event(blocking=True)
+            step.done = torch.cuda.Event()
             step.done.record()
         return step
 
