@@ -18,11 +18,15 @@ def address(host: str, port: int) -> str:
 
 
 def tcp_socket(host: str, port: int, key: str) -> socket.socket:
-    """A TCP socket bound to host:port (an HTTP server listens on it later)."""
+    """A TCP socket bound to host:port and listening (an HTTP server accepts on it later)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
     try:
         sock.bind((host, port))
+        # listening now, not when the HTTP server starts after the pools: a socket only bound with SO_REUSEADDR
+        # does not keep another process (a Ray worker's port, say) from binding and listening on the same port
+        # meanwhile, and the HTTP server then failed with EADDRINUSE and a traceback
+        sock.listen(socket.SOMAXCONN)
     except OSError as e:
         sock.close()
         raise ConfigError(_unavailable(key, host, port, e)) from None

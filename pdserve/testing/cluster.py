@@ -20,7 +20,10 @@ NEUTRAL_CWD = tempfile.gettempdir()
 # written): most of those were Ray's GCS or raylet aborting between fork and exec under gRPC's fork handlers, which
 # `pdserve` now turns off (GRPC_ENABLE_FORK_SUPPORT, pdserve/cli.py). Should the node still miss its waits on a
 # loaded box, the server exits with that error; the harness starts it once more, as a pod's restart policy would.
-RAY_START_FAILURES = ("The current node timed out during startup", "Timed out waiting for file")
+# The same for a port free_port() picked that another process (a Ray worker's) took before the server claimed it:
+# the server exits 2 with "cannot listen on", and the second start gets fresh ports.
+RETRYABLE_START_FAILURES = ("The current node timed out during startup", "Timed out waiting for file",
+                            "cannot listen on")
 
 
 def free_port() -> int:
@@ -32,19 +35,9 @@ def free_port() -> int:
 class Server:
     def __init__(self, config: dict, tmp: Path, timeout: float = 240, args: tuple = ()):
         """`args`: more `pdserve serve` arguments (a MODEL, flags), after --config."""
-        config = dict(config)
         self.args = list(args)
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.http_port = free_port()
-        config.setdefault("router", {})
-        config["router"] = {**config["router"], "host": "127.0.0.1", "port": self.port,
-                            "metrics_port": self.metrics_port, "http_port": self.http_port}
-        self.config_path = tmp / f"pdserve-{self.port}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.address = f"127.0.0.1:{self.port}"
-        self.http_url = f"http://127.0.0.1:{self.http_port}"
         for attempt in (1, 2):
+            self._configure(dict(config), tmp)
             self.log_path = tmp / f"pdserve-{self.port}-{attempt}.log"
             self._launch()
             deadline = time.time() + timeout
@@ -52,12 +45,23 @@ class Server:
                 if exit_status(self.proc) is not None or time.time() > deadline:
                     self.stop()
                     log = self.log_path.read_text()
-                    if attempt == 1 and any(m in log for m in RAY_START_FAILURES):
+                    if attempt == 1 and any(m in log for m in RETRYABLE_START_FAILURES):
                         break  # the server exited as it should; a supervisor would start it again
                     raise RuntimeError(f"server did not start:\n{log[-4000:]}")
                 time.sleep(0.5)
             else:
                 return
+
+    def _configure(self, config: dict, tmp: Path) -> None:
+        """Free ports (new ones for a second attempt: one of the first's may have been taken meanwhile) and the
+        config file that names them."""
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        config["router"] = {**config.get("router", {}), "host": "127.0.0.1", "port": self.port,
+                            "metrics_port": self.metrics_port, "http_port": self.http_port}
+        self.config_path = tmp / f"pdserve-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.address = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
 
     def _launch(self) -> None:
         self.log = open(self.log_path, "w")
