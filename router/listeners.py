@@ -23,9 +23,9 @@ def tcp_socket(host: str, port: int, key: str) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
     try:
         sock.bind((host, port))
-        # listening now, not when the HTTP server starts after the pools: a socket only bound with SO_REUSEADDR
-        # does not keep another process (a Ray worker's port, say) from binding and listening on the same port
-        # meanwhile, and the HTTP server then failed with EADDRINUSE and a traceback
+        # listening now, not when uvicorn starts: a socket only bound with SO_REUSEADDR does not keep another
+        # process's socket with SO_REUSEADDR (an ephemeral port of some Ray process, say) from binding the same port
+        # and listening first, and uvicorn's listen then failed with EADDRINUSE and a traceback
         sock.listen(socket.SOMAXCONN)
     except OSError as e:
         sock.close()
