@@ -11,9 +11,9 @@ from pdserve.router.listeners import tcp_socket
 
 
 def test_a_claimed_port_cannot_be_taken_before_its_server_starts():
-    # CI, 2026-12-06: the HTTP port was bound (SO_REUSEADDR) at start-up but listened on only once the pools had
-    # loaded; meanwhile another process bound and listened on it (SO_REUSEADDR lets two unlistened sockets share a
-    # port), and uvicorn's listen failed with EADDRINUSE and a traceback. Claimed sockets now listen at once.
+    # CI, 2026-12-06: the HTTP port was bound (SO_REUSEADDR) at start-up but listened on only when uvicorn started;
+    # in between another socket with SO_REUSEADDR bound it (two unlistened ones may share a port) and listened
+    # first, and uvicorn's listen failed with EADDRINUSE and a traceback. Claimed sockets now listen at once.
     claimed = tcp_socket("127.0.0.1", 0, "http_port")
     try:
         port = claimed.getsockname()[1]
