@@ -22,28 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timeline import analyse_row, load_steps  # noqa: E402
+from step_timeline import timeline_rows  # noqa: E402
 
 CHART_ENGINE = {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "prefill_max_num_batched_tokens": 8192,
                 "prefill_max_num_seqs": 256}
-
-
-def rows_of(root: Path, tag: str) -> list[dict]:
-    out = []
-    for b in json.loads((root / f"cluster_bench{tag}.json").read_text()):
-        name, c = b["deployment"], b["concurrency"]
-        reqs = [json.loads(line) for line in
-                (root / f"requests{tag}" / f"{name}-c{c}-{b['input_len']}.jsonl").read_text().splitlines()]
-        reqs = [r for r in reqs if r["status"] == "OK" and r.get("sent_clock") is not None]
-        roles = load_steps(root / f"steps{tag}" / name)
-        out.append({"deployment": name, "concurrency": c, "input_len": b["input_len"], "ttft_p50_ms": b["ttft_p50_ms"],
-                    **analyse_row(reqs, roles, None, {})})
-    return out
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -98,13 +83,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     measured = json.loads(Path(args.measured).read_text())
-    root = Path(args.results)
-    if root.suffix == ".tgz":
-        with tempfile.TemporaryDirectory(prefix="overheads-") as tmp, tarfile.open(root) as tar:
-            tar.extractall(tmp, filter="data")
-            rows = rows_of(Path(tmp), args.tag)
-    else:
-        rows = rows_of(root, args.tag)
+    rows = timeline_rows(args.results, args.tag)
     prof = derive(measured, rows, args.results)
     Path(args.out).write_text(json.dumps(prof, indent=1) + "\n")
     print(json.dumps({"overheads": prof["overheads"], "derivation": {k: prof["derivation"][k] for k in

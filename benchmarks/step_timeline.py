@@ -131,6 +131,28 @@ def analyse_row(reqs: list[dict], roles: dict[str, list[dict]], prof, precisions
     return out
 
 
+def timeline_rows(results: str, tag: str = "", prof=None) -> list[dict]:
+    """analyse_row of every row of a bench part's results (a folder, or a .tgz of one), with the bench row's
+    deployment, concurrency, input_len, ttft_p50_ms and overlap_schedule."""
+    root = Path(results)
+    if root.suffix == ".tgz":
+        with tempfile.TemporaryDirectory(prefix="step-timeline-") as tmp, tarfile.open(root) as tar:
+            tar.extractall(tmp, filter="data")
+            return timeline_rows(tmp, tag, prof)
+    rows = []
+    for b in json.loads((root / f"cluster_bench{tag}.json").read_text()):
+        name, c = b["deployment"], b["concurrency"]
+        reqs = [json.loads(line) for line in
+                (root / f"requests{tag}" / f"{name}-c{c}-{b['input_len']}.jsonl").read_text().splitlines()]
+        reqs = [r for r in reqs if r["status"] == "OK" and r.get("sent_clock") is not None]
+        roles = load_steps(root / f"steps{tag}" / name)
+        precisions = {"prefill": "fp8" if "fp8" in name else "bf16"}
+        rows.append({"deployment": name, "concurrency": c, "input_len": b["input_len"],
+                     "ttft_p50_ms": b.get("ttft_p50_ms"), "overlap_schedule": b.get("overlap_schedule", True),
+                     **analyse_row(reqs, roles, prof, precisions)})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", help="folder (or .tgz of one) of a gpu_checks.sh bench part's results")
@@ -138,34 +160,16 @@ def main() -> int:
     ap.add_argument("--profile", default=None, help="a profile name or file to cost the steps with")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    root = Path(args.results)
-    if root.suffix == ".tgz":
-        with tempfile.TemporaryDirectory(prefix="step-timeline-") as tmp, tarfile.open(root) as tar:
-            tar.extractall(tmp, filter="data")
-            return report(Path(tmp), args)
-    return report(root, args)
-
-
-def report(root: Path, args) -> int:
     prof = None
     if args.profile:
         from pdserve.planner import profile as profile_mod
         prof = profile_mod.resolve(args.profile)
-    bench = json.loads((root / f"cluster_bench{args.tag}.json").read_text())
-    rows = []
-    for b in bench:
-        name, c = b["deployment"], b["concurrency"]
-        reqs = [json.loads(line) for line in
-                (root / f"requests{args.tag}" / f"{name}-c{c}-{b['input_len']}.jsonl").read_text().splitlines()]
-        reqs = [r for r in reqs if r["status"] == "OK" and r.get("sent_clock") is not None]
-        roles = load_steps(root / f"steps{args.tag}" / name)
-        precisions = {"prefill": "fp8" if "fp8" in name else "bf16"}
-        row = {"deployment": name, "concurrency": c, "overlap_schedule": b.get("overlap_schedule", True),
-               **analyse_row(reqs, roles, prof, precisions)}
-        rows.append(row)
+    rows = timeline_rows(args.results, args.tag, prof)
+    for row in rows:
         pm = row["path_ms"]
         cells = " ".join(f"{k} {v['p50']:.1f}/{v['p90']:.1f}" for k, v in pm.items() if k != "admit_steps")
-        print(f"{name} c={c}: {cells}; admit steps p50 {pm['admit_steps']['p50']}", flush=True)
+        print(f"{row['deployment']} c={row['concurrency']}: {cells}; admit steps p50 {pm['admit_steps']['p50']}",
+              flush=True)
         for role, st in row["steps"].items():
             for kind in ("decode", "mixed"):
                 if kind in st:
